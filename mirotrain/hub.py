@@ -1,0 +1,318 @@
+"""Fetch model weights from the Hugging Face Hub, any fsspec URL or a local path, then verify them.
+
+One entry point, :func:`download`, serves `mirotrain download` and the pipeline's ``download_weights`` task,
+so a tiny checkpoint on ``file://`` or ``memory://`` goes through exactly the code a 32B Hub repo does.
+
+Design points:
+
+- **Resumable.** A file whose destination already has the expected size is skipped; an interrupted copy
+  is continued from its ``.partial`` file (fsspec sources) or by ``huggingface_hub`` itself (Hub sources,
+  which keeps its own per-file metadata under ``DIR/.cache/huggingface``).
+- **Verified.** Sizes against the source listing, every ``*.safetensors`` header parsed and its tensor
+  byte ranges checked against the file size, every ``*.safetensors.index.json`` checked for coverage
+  (each tensor it names exists in the shard it points to, each shard it names exists).
+- **Secret-safe.** The Hub token comes from the argument or ``HF_TOKEN`` and is never printed; error text
+  is scrubbed of it before it is raised.
+- **Recorded.** A successful run writes ``DIR/.mirotrain_download.json`` (source, revision, file sizes), which
+  the pipeline's cache check re-reads to decide whether a cached download is still on disk.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+RECORD_NAME = ".mirotrain_download.json"
+# Files a checkpoint never needs and that fsspec listings of git-backed sources may show.
+_SKIP_PARTS = {".git", ".cache", "__pycache__"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CHUNK = 8 << 20
+
+ProgressFn = Callable[[str], None]
+
+
+class DownloadError(RuntimeError):
+    """Raised when a source cannot be read or the downloaded files fail verification."""
+
+
+@dataclass
+class DownloadReport:
+    """What :func:`download` did; also the content of ``DIR/.mirotrain_download.json``."""
+
+    source: str
+    kind: str  # "hub" | "fsspec" | "local"
+    output_dir: str
+    revision: str | None = None
+    files: dict[str, int] = field(default_factory=dict)  # relative path -> size in bytes
+    downloaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def classify_source(source: str) -> str:
+    """Tell a Hub repo id from an fsspec URL from a local path.
+
+    A URL scheme (``s3://``, ``file://``, ``memory://``) means fsspec, except ``hf://`` which is the Hub. A
+    path that exists locally wins over a repo id, so ``./Qwen/Qwen3-8B`` is read from disk; otherwise a
+    string shaped like ``org/name`` is a Hub repo.
+    """
+    if source.startswith("hf://"):
+        return "hub"
+    if "://" in source:
+        return "fsspec"
+    if Path(source).expanduser().exists():
+        return "local"
+    if _REPO_ID.match(source):
+        return "hub"
+    raise DownloadError(f"source {source!r} is not an existing path, a URL or an 'org/name' Hub repo id")
+
+
+def _redact(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _wanted(rel: str, include: Iterable[str] | None) -> bool:
+    if any(part in _SKIP_PARTS for part in Path(rel).parts):
+        return False
+    patterns = list(include or [])
+    return not patterns or any(fnmatch.fnmatch(rel, p) for p in patterns)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Verification
+
+
+def read_safetensors_header(path: str | Path) -> dict:
+    """Parse a safetensors header and check every tensor's byte range lies inside the file.
+
+    A truncated download usually still has an intact header, so the byte ranges (not just the JSON) are
+    what catch it.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise DownloadError(f"{path}: shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100 << 20:
+            raise DownloadError(f"{path}: header length {n} does not fit in a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DownloadError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    data_len = size - 8 - n
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = info.get("data_offsets", (None, None))
+        if start is None or not (0 <= start <= stop <= data_len):
+            raise DownloadError(f"{path}: tensor {name!r} data_offsets {info.get('data_offsets')} outside the {data_len}-byte data area")
+        end = max(end, stop)
+    if end != data_len:
+        raise DownloadError(f"{path}: tensors end at byte {end} of a {data_len}-byte data area (truncated or padded file)")
+    return header
+
+
+def verify_dir(root: str | Path, expected_sizes: dict[str, int] | None = None) -> list[str]:
+    """Return a list of problems with a downloaded checkpoint directory (empty = good).
+
+    Checks sizes against ``expected_sizes``, every safetensors header, and every index's coverage.
+    """
+    root = Path(root)
+    problems: list[str] = []
+    for rel, size in (expected_sizes or {}).items():
+        p = root / rel
+        if not p.is_file():
+            problems.append(f"missing file {rel}")
+        elif size >= 0 and p.stat().st_size != size:
+            problems.append(f"{rel}: size {p.stat().st_size} != expected {size}")
+    headers: dict[str, dict] = {}
+    for p in sorted(root.rglob("*.safetensors")):
+        if any(part in _SKIP_PARTS for part in p.relative_to(root).parts):
+            continue
+        try:
+            headers[str(p.relative_to(root))] = read_safetensors_header(p)
+        except DownloadError as exc:
+            problems.append(str(exc))
+    for idx in sorted(root.rglob("*.safetensors.index.json")):
+        if any(part in _SKIP_PARTS for part in idx.relative_to(root).parts):
+            continue
+        try:
+            weight_map: dict[str, str] = json.loads(idx.read_text())["weight_map"]
+        except (KeyError, json.JSONDecodeError) as exc:
+            problems.append(f"{idx.name}: not a safetensors index ({exc})")
+            continue
+        base = idx.parent.relative_to(root)
+        for tensor, shard in weight_map.items():
+            rel = str(base / shard) if str(base) != "." else shard
+            if rel not in headers:
+                problems.append(f"{idx.name}: tensor {tensor!r} points at missing or unreadable shard {shard}")
+            elif tensor not in headers[rel]:
+                problems.append(f"{idx.name}: tensor {tensor!r} is not in shard {shard}")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Copying
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _copy_fsspec(fs, src_root: str, files: dict[str, int], out: Path, report: DownloadReport, progress: ProgressFn) -> None:
+    """Copy files from an fsspec filesystem, skipping complete ones and continuing ``.partial`` ones."""
+    total = sum(files.values())
+    done = 0
+    for i, (rel, size) in enumerate(sorted(files.items()), 1):
+        dest = out / rel
+        if dest.is_file() and dest.stat().st_size == size:
+            report.skipped.append(rel)
+            done += size
+            progress(f"[download] {i}/{len(files)} {rel}: already complete ({_human(size)})")
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".partial")
+        have = part.stat().st_size if part.is_file() else 0
+        if have > size:  # the source changed under us; start over
+            part.unlink()
+            have = 0
+        src = f"{src_root.rstrip('/')}/{rel}"
+        with fs.open(src, "rb") as fin, open(part, "ab") as fout:
+            if have:
+                fin.seek(have)
+                progress(f"[download] {rel}: resuming at {_human(have)}")
+            last = time.monotonic()
+            copied = have
+            while chunk := fin.read(_CHUNK):
+                fout.write(chunk)
+                copied += len(chunk)
+                if time.monotonic() - last > 5:
+                    progress(f"[download] {rel}: {_human(copied)}/{_human(size)}")
+                    last = time.monotonic()
+        if part.stat().st_size != size:
+            raise DownloadError(f"{rel}: copied {part.stat().st_size} bytes, source listing says {size}")
+        os.replace(part, dest)
+        report.downloaded.append(rel)
+        done += size
+        progress(f"[download] {i}/{len(files)} {rel}: {_human(size)} ({_human(done)}/{_human(total)})")
+
+
+def _list_fsspec(source: str, kind: str) -> tuple[object, str, dict[str, int]]:
+    import fsspec
+
+    if kind == "local":
+        source = str(Path(source).expanduser().resolve())
+    fs, root = fsspec.core.url_to_fs(source)
+    if not fs.exists(root):
+        raise DownloadError(f"source {source!r} does not exist")
+    if fs.isfile(root):
+        info = fs.info(root)
+        return fs, root.rsplit("/", 1)[0], {root.rsplit("/", 1)[-1]: int(info["size"])}
+    listing = fs.find(root, detail=True)
+    root_s = root.rstrip("/")
+    files: dict[str, int] = {}
+    for path, info in listing.items():
+        if info.get("type", "file") != "file":
+            continue
+        rel = path[len(root_s) :].lstrip("/")
+        files[rel] = int(info.get("size") or 0)
+    return fs, root_s, files
+
+
+def _download_hub(repo: str, out: Path, token: str | None, revision: str | None, include: list[str] | None,
+                  report: DownloadReport, progress: ProgressFn) -> None:
+    """Hub download through ``snapshot_download`` (resumable by design), sizes from the repo listing."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    repo = repo.removeprefix("hf://")
+    try:
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True, token=token)
+        expected = {s.rfilename: int(s.size) if s.size is not None else -1 for s in (info.siblings or [])}
+        expected = {k: v for k, v in expected.items() if _wanted(k, include)}
+        report.revision = info.sha or revision
+        for rel, size in expected.items():
+            p = out / rel
+            if p.is_file() and p.stat().st_size == size:
+                report.skipped.append(rel)
+        progress(f"[download] {repo}@{report.revision}: {len(expected)} files, {_human(sum(max(v, 0) for v in expected.values()))}, "
+                 f"{len(report.skipped)} already complete")
+        snapshot_download(repo, revision=report.revision, local_dir=str(out), token=token,
+                          allow_patterns=include or None)
+    except DownloadError:
+        raise
+    except Exception as exc:  # network / auth / missing repo: keep the type in the text, never the token
+        raise DownloadError(_redact(f"hub download of {repo!r} failed: {type(exc).__name__}: {exc}", token)) from None
+    report.files = expected
+    report.downloaded = [k for k in expected if k not in report.skipped]
+
+
+def download(source: str, output_dir: str | Path, *, token: str | None = None, revision: str | None = None,
+             include: list[str] | None = None, verify: bool = True,
+             progress: ProgressFn | None = None) -> DownloadReport:
+    """Download ``source`` into ``output_dir``, resuming earlier partial runs, and verify the result.
+
+    Args:
+        source: Hub repo id (``Qwen/Qwen3-8B`` or ``hf://Qwen/Qwen3-8B``), fsspec URL or local path.
+        output_dir: Destination directory; created if missing.
+        token: Hub token; defaults to ``HF_TOKEN``. Only used for Hub sources and never printed.
+        revision: Hub branch, tag or commit (ignored for other sources).
+        include: Optional glob patterns (relative paths) restricting which files are fetched.
+        verify: Check sizes, safetensors headers and index coverage; raise :class:`DownloadError` on a problem.
+        progress: Receives one human-readable line per event; defaults to printing to stdout.
+    """
+    progress = progress or (lambda line: print(line, flush=True))
+    token = token or os.environ.get("HF_TOKEN") or None
+    kind = classify_source(source)
+    out = Path(output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    report = DownloadReport(source=source, kind=kind, output_dir=str(out), revision=revision if kind == "hub" else None)
+    t0 = time.monotonic()
+    if kind == "hub":
+        _download_hub(source, out, token, revision, include, report, progress)
+    else:
+        fs, root, files = _list_fsspec(source, kind)
+        files = {k: v for k, v in files.items() if _wanted(k, include)}
+        if not files:
+            raise DownloadError(f"source {source!r} has no files to download")
+        progress(f"[download] {source}: {len(files)} files, {_human(sum(files.values()))}")
+        report.files = files
+        _copy_fsspec(fs, root, files, out, report, progress)
+    report.total_bytes = sum(max(v, 0) for v in report.files.values())
+    if verify:
+        problems = verify_dir(out, report.files)
+        if problems:
+            raise DownloadError("verification failed:\n  " + "\n  ".join(problems))
+        progress(f"[download] verified {len(report.files)} files (sizes, safetensors headers, index coverage)")
+    report.seconds = round(time.monotonic() - t0, 3)
+    (out / RECORD_NAME).write_text(report.to_json())
+    progress(f"[download] done: {len(report.downloaded)} fetched, {len(report.skipped)} already complete, "
+             f"{_human(report.total_bytes)} in {report.seconds:.1f}s -> {out}")
+    return report
+
+
+def read_record(output_dir: str | Path) -> dict | None:
+    """The record a completed :func:`download` left in ``output_dir``, or None if there is none."""
+    p = Path(output_dir) / RECORD_NAME
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+

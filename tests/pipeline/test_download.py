@@ -1,0 +1,82 @@
+"""`mirotrain download` on local paths and fsspec URLs: copy, resume, verify (no network, no Prefect)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mirotrain.hub import RECORD_NAME, DownloadError, classify_source, download, read_record, verify_dir
+
+
+def _make_checkpoint(root: Path) -> Path:
+    """Two safetensors shards plus an index and a config: the shape of a real sharded HF checkpoint."""
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({"a.weight": torch.arange(64, dtype=torch.float32).reshape(8, 8)}, root / "model-00001-of-00002.safetensors")
+    save_file({"b.weight": torch.ones(4, 4)}, root / "model-00002-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                                            "b.weight": "model-00002-of-00002.safetensors"}}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    (root / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    return root
+
+
+def test_classify_source(tmp_path: Path) -> None:
+    assert classify_source("Qwen/Qwen3-32B") == "hub"
+    assert classify_source("hf://Qwen/Qwen3-32B") == "hub"
+    assert classify_source("s3://bucket/model") == "fsspec"
+    assert classify_source(str(tmp_path)) == "local"
+    with pytest.raises(DownloadError):
+        classify_source("no-such-thing")
+
+
+@pytest.mark.parametrize("as_url", [False, True])
+def test_download_local_and_fsspec_then_resume(tmp_path: Path, as_url: bool) -> None:
+    src = _make_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    source = src.as_uri() if as_url else str(src)
+    lines: list[str] = []
+    rep = download(source, out, progress=lines.append)
+    assert rep.kind == ("fsspec" if as_url else "local")
+    assert sorted(rep.downloaded) == sorted(p.name for p in src.iterdir())
+    assert verify_dir(out, rep.files) == []
+    assert read_record(out)["files"] == rep.files
+    # A second run skips complete files; a half-copied file is continued from its .partial.
+    shard = out / "model-00001-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.unlink()
+    (out / (shard.name + ".partial")).write_bytes(data[:100])
+    rep2 = download(source, out, progress=lines.append)
+    assert rep2.downloaded == [shard.name]
+    assert shard.read_bytes() == data
+    assert any("resuming" in line for line in lines)
+
+
+def test_verify_catches_truncation_and_index_gaps(tmp_path: Path) -> None:
+    root = _make_checkpoint(tmp_path / "m")
+    shard = root / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-4])
+    problems = verify_dir(root)
+    assert any("model-00002" in p for p in problems)
+    index = json.loads((root / "model.safetensors.index.json").read_text())
+    index["weight_map"]["c.weight"] = "model-00001-of-00002.safetensors"
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert any("'c.weight'" in p for p in verify_dir(root))
+
+
+def test_download_cli(tmp_path: Path) -> None:
+    src = _make_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "mirotrain", "download", src.as_uri(), "--output-dir", str(out),
+                        "--hf-token", "hf_SECRET_never_logged"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (out / RECORD_NAME).is_file()
+    assert "hf_SECRET" not in r.stdout + r.stderr + (out / RECORD_NAME).read_text()
+    bad = subprocess.run([sys.executable, "-m", "mirotrain", "download", str(tmp_path / "missing"), "--output-dir",
+                          str(out)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "mirotrain download:" in bad.stderr
