@@ -1,0 +1,106 @@
+"""Cache policies for steps whose result is a directory on disk (downloaded weights, packed shards).
+
+Prefect's ``INPUTS + TASK_SOURCE`` key says "same arguments, same code" but not "the output is still there":
+a cached record pointing at a deleted or half-rewritten directory would hand a missing path to training
+(prefect-notes P10). Two additions fix that:
+
+- :class:`FileContents` folds the *contents* of file arguments (the YAML config) into the key, so editing
+  the config is a cache miss even though its path did not change;
+- :class:`ValidatedCache` reads the record stored under the key and asks a validator whether its output
+  still exists and matches what was recorded (sizes, manifest digest). If not, the key moves one step along
+  a deterministic chain (``K -> H(K, "stale")``), which is a miss: the task runs again and stores its fresh
+  result under the new key, where the next run finds it. Nothing is deleted from result storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+
+_MAX_CHAIN = 64
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dir_listing(root: str | Path) -> dict[str, int]:
+    """Relative path -> size for every file under ``root``: what a validator compares later."""
+    root = Path(root)
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def listing_matches(root: str | Path, files: dict[str, int]) -> bool:
+    """True if every recorded file is still under ``root`` with its recorded size."""
+    root = Path(root)
+    if not root.is_dir() or not files:
+        return False
+    for rel, size in files.items():
+        p = root / rel
+        if not p.is_file() or p.stat().st_size != size:
+            return False
+    return True
+
+
+@dataclass
+class FileContents(CachePolicy):
+    """Key on the bytes of the files named by the given arguments (a missing file hashes as ``<missing>``)."""
+
+    arg_names: list[str] = field(default_factory=list)
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> Optional[str]:
+        parts = {}
+        for name in self.arg_names:
+            value = inputs.get(name)
+            if isinstance(value, (str, Path)) and Path(value).is_file():
+                parts[name] = file_digest(value)
+            else:
+                parts[name] = "<missing>"
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class ValidatedCache(CachePolicy):
+    """Wrap ``base`` so a cached result is only reused if ``validator(result)`` says its outputs are intact."""
+
+    base: CachePolicy = field(default_factory=lambda: INPUTS + TASK_SOURCE)
+    validator: Callable[[Any], bool] = field(default=lambda result: True)
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> Optional[str]:
+        key = self.base.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters=flow_parameters, **kwargs)
+        if key is None:
+            return None
+        store = task_ctx.result_store
+        for _ in range(_MAX_CHAIN):
+            if not store.exists(key):
+                return key  # miss: the task runs and stores under this key
+            try:
+                result = store.read(key).result
+                valid = bool(self.validator(result))
+            except Exception:  # noqa: BLE001 - unreadable record (other serializer, corrupted): treat as stale
+                valid = False
+            if valid:
+                return key  # hit
+            key = hashlib.sha256(f"{key}:stale".encode()).hexdigest()
+        return key
+
+
+def output_cache(validator: Callable[[Any], bool], file_args: list[str] | None = None) -> CachePolicy:
+    """``INPUTS + TASK_SOURCE`` (+ contents of ``file_args``), reused only while ``validator`` accepts the result."""
+    base = INPUTS + TASK_SOURCE
+    if file_args:
+        base = base + FileContents(arg_names=file_args)
+    return ValidatedCache(base=base, validator=validator)

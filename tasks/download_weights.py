@@ -1,0 +1,81 @@
+"""Task ``download_weights``: fetch and verify a checkpoint (Hub repo, fsspec URL or local path).
+
+Wraps :func:`mirotrain.hub.download` (the engine side of `mirotrain download`). Cached on its inputs and
+source code, and reused only while every recorded file is still on disk with its recorded size; otherwise
+it runs again, and the engine skips whatever is already complete.
+
+The Hub token is read from a Prefect Secret block (``hf_token_secret``) or ``HF_TOKEN``; it is never a
+parameter value, so it never lands in the run's stored parameters, logs or cache key.
+
+    python -m tasks.download_weights --source Qwen/Qwen3-8B --output-dir /data/qwen3-8b
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from pydantic import BaseModel
+
+from mirotrain.hub import DownloadError, download, read_record
+from tasks._cache import listing_matches, output_cache
+from tasks._runtime import run_logger
+
+
+class DownloadResult(BaseModel):
+    """Where the weights are, and the file sizes the cache check re-verifies."""
+
+    path: str
+    source: str
+    revision: str | None = None
+    files: dict[str, int]
+    total_bytes: int
+
+
+def _still_on_disk(result: Any) -> bool:
+    return isinstance(result, DownloadResult) and read_record(result.path) is not None and listing_matches(
+        result.path, {k: v for k, v in result.files.items() if v >= 0})
+
+
+def _resolve_token(secret_block: str | None) -> str | None:
+    if secret_block:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(secret_block).get()
+    return os.environ.get("HF_TOKEN") or None
+
+
+@task(name="download_weights", retries=3, retry_delay_seconds=[10, 30, 90], persist_result=True,
+      cache_policy=output_cache(_still_on_disk))
+def download_weights(source: str, output_dir: str, revision: str | None = None,
+                     include: list[str] | None = None, hf_token_secret: str | None = None) -> DownloadResult:
+    """Download model weights into ``output_dir``, resuming and verifying (sizes, safetensors headers, index).
+
+    Args:
+        source: Hub repo id (Qwen/Qwen3-8B), fsspec URL (s3://..., file://...) or local path.
+        output_dir: Destination directory; a re-run resumes into it.
+        revision: Hub branch, tag or commit.
+        include: Glob patterns restricting which files are fetched.
+        hf_token_secret: Name of a Prefect Secret block holding the Hub token (default: $HF_TOKEN).
+    """
+    logger = run_logger()
+    token = _resolve_token(hf_token_secret)
+    try:
+        report = download(source, output_dir, token=token, revision=revision, include=include or None,
+                          progress=logger.info)
+    except DownloadError as exc:
+        raise RuntimeError(str(exc)) from None  # a plain failure: Prefect retries it
+    return DownloadResult(path=str(Path(report.output_dir)), source=source, revision=report.revision,
+                          files=report.files, total_bytes=report.total_bytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tasks._cli import run_task_cli
+
+    return run_task_cli(download_weights, argv, module="download_weights")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

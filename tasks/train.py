@@ -1,0 +1,184 @@
+"""Task ``train``: run `mirotrain sft|dpo` under torchrun as a supervised child process tree.
+
+What the task adds around the engine:
+
+- rendezvous from parameters, else the Kubernetes (WORKER_0_HOST, WORKER_0_PORT, WORKER_NUM, ROLE_INDEX,
+  WORKER_GPU) or Slurm variables (``tasks/_rendezvous.py``);
+- ``auto_resume=True`` appended after the user's overrides, so every retry -- task retry, flow retry, or a
+  manual ``prefect flow-run retry`` after a crash -- continues from the newest complete step checkpoint and
+  recomputes at most one checkpoint interval;
+- output streamed line by line into the Prefect run log, a progress artifact updated as steps go by;
+- the whole process group killed on cancellation, timeout or flow-process death (``tasks/_subprocess.py``);
+- a non-zero exit is a task failure, retried with a delay (``retries``/``retry_delay_seconds``, override
+  with ``train.with_options(...)``).
+
+Never cached: training is not idempotent in cost, and resume is the engine's job.
+
+    python -m tasks.train --recipe sft --config mirotrain/configs/tiny/sft.yaml --overrides max_steps=20
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from tasks._rendezvous import engine_command, resolve_rendezvous
+from tasks._runtime import in_run, run_logger
+from tasks._subprocess import run_streaming
+
+# "step 12/40", "step=12/40", "[step 12 / 40]": the engine's progress lines; total may be absent.
+_STEP = re.compile(r"\bstep[\s=:]+(\d+)\s*(?:/\s*(\d+))?", re.IGNORECASE)
+
+
+class TrainResult(BaseModel):
+    """Where the run wrote its outputs (see docs/contracts.md: output directory layout)."""
+
+    recipe: str
+    output_dir: str
+    hf_dir: str | None
+    steps: int | None
+    final_loss: float | None
+    checkpoints: list[str]
+    summary: dict[str, Any]
+
+
+def newest_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """``output_dir/checkpoints/step_N`` with the largest N that has its ``COMPLETE`` marker."""
+    root = Path(output_dir) / "checkpoints"
+    done = [p for p in root.glob("step_*") if (p / "COMPLETE").exists() and p.name[5:].isdigit()]
+    return str(max(done, key=lambda p: int(p.name[5:]))) if done else None
+
+
+def resolve_output_dir(config: str, overrides: list[str]) -> str:
+    """The run's ``output_dir`` after overrides and interpolation, exactly as the engine will see it."""
+    from mirotrain.config import load_config
+
+    cfg = load_config(config, overrides)
+    out = cfg.get("output_dir")
+    if not out:
+        raise ValueError(f"{config}: no output_dir (set it in the config or pass output_dir=...)")
+    return str(out)
+
+
+class _Progress:
+    """Turns step lines into a Prefect progress artifact (0-100), updated at most every ``every_s`` seconds."""
+
+    def __init__(self, key: str, description: str, total: int | None, every_s: float = 2.0):
+        self.total = total
+        self.every_s = every_s
+        self.last_update = 0.0
+        self.step = 0
+        self.artifact_id = None
+        if in_run():
+            from prefect.artifacts import create_progress_artifact
+
+            self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+
+    def on_line(self, line: str) -> None:
+        m = _STEP.search(line)
+        if not m:
+            return
+        self.step = int(m.group(1))
+        if m.group(2):
+            self.total = int(m.group(2))
+        if self.artifact_id and self.total and time.monotonic() - self.last_update > self.every_s:
+            self.push()
+
+    def push(self, value: float | None = None) -> None:
+        if not self.artifact_id:
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        pct = value if value is not None else (100.0 * min(self.step, self.total) / self.total if self.total else 0.0)
+        update_progress_artifact(artifact_id=self.artifact_id, progress=round(pct, 1))
+        self.last_update = time.monotonic()
+
+
+def _read_summary(output_dir: str) -> dict[str, Any]:
+    p = Path(output_dir) / "summary.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def run_engine(args: list[str], *, nproc_per_node: int | None, nnodes: int | None, node_rank: int | None,
+               master_addr: str | None, master_port: int | None, launcher: str, timeout_s: float | None,
+               env: dict[str, str] | None, on_line: Any = None) -> None:
+    """Resolve the rendezvous, build the launch command and run it under :func:`run_streaming`."""
+    logger = run_logger()
+    rdzv = resolve_rendezvous(nproc_per_node, nnodes, node_rank, master_addr, master_port)
+    cmd = engine_command(args, rdzv, launcher)
+    logger.info(f"rendezvous ({rdzv.source}): nnodes={rdzv.nnodes} node_rank={rdzv.node_rank} "
+                f"nproc_per_node={rdzv.nproc_per_node} master={rdzv.master_addr}:{rdzv.master_port}")
+    logger.info("launch: " + " ".join(cmd))
+    run_streaming(cmd, env=env, log=logger.info, on_line=on_line, timeout_s=timeout_s,
+                  on_start=lambda pid: logger.info(f"engine process group {pid}"))
+
+
+@task(name="train", retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE, persist_result=True)
+def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | None = None,
+          output_dir: str | None = None, nproc_per_node: int | None = None, nnodes: int | None = None,
+          node_rank: int | None = None, master_addr: str | None = None, master_port: int | None = None,
+          launcher: Literal["auto", "torchrun", "python"] = "auto", timeout_s: float | None = None,
+          env: dict[str, str] | None = None) -> TrainResult:
+    """Train with `mirotrain sft|dpo` under torchrun; resumes from the newest complete step checkpoint.
+
+    Args:
+        recipe: sft or dpo.
+        config: Training config YAML.
+        overrides: key=value config overrides (auto_resume=True is always appended).
+        output_dir: Overrides the config's output_dir.
+        nproc_per_node: Processes (GPUs) per node; default from WORKER_GPU / Slurm / visible GPUs / 1.
+        nnodes: Number of nodes; default from WORKER_NUM / SLURM_NNODES / 1.
+        node_rank: This node's rank; default from ROLE_INDEX / SLURM_NODEID / 0.
+        master_addr: Rendezvous host; default from WORKER_0_HOST / the first Slurm node / 127.0.0.1.
+        master_port: Rendezvous port; default from WORKER_0_PORT / MASTER_PORT / 29500.
+        launcher: auto (torchrun when more than one process), torchrun, or python (one process).
+        timeout_s: Wall-clock limit; the process group is killed when it is reached.
+        env: Extra environment variables for the engine (e.g. NCCL settings).
+    """
+    logger = run_logger()
+    overrides = list(overrides or [])
+    if output_dir:
+        overrides.append(f"output_dir={output_dir}")
+    overrides.append("auto_resume=True")
+    out = resolve_output_dir(config, overrides)
+    resume_from = newest_complete_checkpoint(out)
+    logger.info(f"{recipe}: output_dir={out}; " + (f"will resume from {resume_from}" if resume_from else "fresh start"))
+    total = None
+    try:
+        from mirotrain.config import load_config
+
+        total = load_config(config, overrides).get("max_steps") or None
+    except Exception:  # noqa: BLE001 - progress is best-effort; the engine validates the config
+        pass
+    progress = _Progress(key=f"{recipe}-progress", description=f"{recipe} steps ({out})",
+                         total=int(total) if isinstance(total, int) and total > 0 else None)
+    run_engine([recipe, "--config", config, *overrides], nproc_per_node=nproc_per_node, nnodes=nnodes,
+               node_rank=node_rank, master_addr=master_addr, master_port=master_port, launcher=launcher,
+               timeout_s=timeout_s, env=env, on_line=progress.on_line)
+    progress.push(100.0)
+    summary = _read_summary(out)
+    hf_dir = summary.get("hf_dir") or (str(Path(out) / "hf" / "final") if (Path(out) / "hf" / "final").is_dir() else None)
+    ckpts = sorted((str(p) for p in (Path(out) / "checkpoints").glob("step_*") if (p / "COMPLETE").exists()),
+                   key=lambda s: int(s.rsplit("_", 1)[-1]))
+    return TrainResult(recipe=recipe, output_dir=out, hf_dir=hf_dir, steps=summary.get("steps"),
+                       final_loss=summary.get("final_loss"), checkpoints=ckpts, summary=summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tasks._cli import run_task_cli
+
+    return run_task_cli(train, argv, module="train")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
