@@ -141,9 +141,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError("", f"invalid YAML at{line}: {getattr(exc, 'problem', exc)}", source=str(path)) from None
+        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        if context is not None and (mark is None or context.line != mark.line):
+            where += f" ({getattr(exc, 'context', 'started')} at line {context.line + 1})"
+        raise ConfigError("", f"invalid YAML{where}: {getattr(exc, 'problem', exc)}", source=str(path)) from None
     if not isinstance(raw, dict):
         raise ConfigError("", "the top level must be a mapping of keys to values", source=str(path))
     cfg = apply_overrides(_fix_scientific(raw), list(overrides))

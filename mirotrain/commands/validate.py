@@ -1,0 +1,91 @@
+"""`mirotrain validate --config X [k=v ...] [--world-size N]`: check a config without touching data or weights.
+
+Builds the model on the meta device, prints the parameter count, the parallel layout and a per-GPU
+memory estimate, and lists every config error with its key path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from mirotrain.config import ConfigError, instantiate, load_config
+from mirotrain.config.validation import validate_config
+
+GIB = 2**30
+
+
+def estimate_memory(model: torch.nn.Module, cfg: dict, world_size: int) -> dict[str, float]:
+    """Per-GPU memory estimate (GiB) for FSDP2 full sharding with bf16 compute and fp32 master weights.
+
+    Sharded state: fp32 params + fp32 grads + AdamW (2 × fp32) = 16 bytes/param / world (0 on GPU with
+    fsdp_cpu_offload). Transient: one layer's bf16 parameters gathered (×2 with prefetch). Activations with
+    full checkpointing: the layer inputs (T·D bf16 per layer) plus one layer's recomputed activations.
+    """
+    args = model.args
+    n_params = sum(p.numel() for p in model.parameters())
+    layer_params = sum(p.numel() for p in model.layers[0].parameters())
+    sp = cfg.get("ulysses_sequence_parallel_size", 1)
+    dataset = cfg.get("dataset") or {}
+    tokens = dataset.get("packed_seq_len") or (cfg.get("tokenizer") or {}).get("max_seq_len") or 4096
+    tokens = tokens * cfg.get("batch_size", 1) // sp
+    offload = cfg.get("fsdp_cpu_offload", False)
+    state = 0.0 if offload else 16 * n_params / world_size
+    gathered = 2 * 2 * layer_params
+    ac = cfg.get("enable_activation_checkpointing", True)
+    ffn = args.moe_hidden_dim * args.num_experts_per_tok if args.is_moe else args.hidden_dim
+    per_layer_full = tokens * (12 * args.dim + 3 * args.n_heads * args.head_dim * 2 + 4 * ffn) * 2
+    activations = (args.n_layers * tokens * args.dim * 2 + per_layer_full) if ac else args.n_layers * per_layer_full
+    loss_chunk = 2 * 1024 * args.vocab_size * 4  # chunked linear CE: ~1K-token fp32 logits chunk + grad
+    total = state + gathered + activations + loss_chunk
+    return {"sharded_state": state / GIB, "gathered_params": gathered / GIB, "activations": activations / GIB,
+            "loss": loss_chunk / GIB, "total": total / GIB, "tokens_per_gpu": tokens, "params": n_params}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mirotrain validate", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--no-file-check", action="store_true", help="do not require local paths to exist")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    ns = parser.parse_args(argv)
+    try:
+        cfg = load_config(ns.config, ns.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    errors = validate_config(cfg, ns.world_size, check_files=not ns.no_file_check)
+    model = None
+    if "model" in cfg and not any(e.key.startswith("model") for e in errors):
+        try:
+            with torch.device("meta"):
+                model = instantiate(cfg["model"])
+        except (TypeError, ValueError, KeyError) as exc:
+            errors.append(ConfigError("model", f"{type(exc).__name__}: {exc}"))
+    if model is not None:
+        args = model.args
+        sp, ep = cfg.get("ulysses_sequence_parallel_size", 1), cfg.get("moe_expert_parallel_size", 1)
+        if isinstance(sp, int) and sp > 1 and args.n_heads % sp:
+            errors.append(ConfigError("ulysses_sequence_parallel_size", f"({sp}) must divide the number of attention heads ({args.n_heads})"))
+        if isinstance(ep, int) and ep > 1 and (not args.is_moe or args.num_experts % ep):
+            errors.append(ConfigError("moe_expert_parallel_size", f"({ep}) must divide the number of experts ({args.num_experts})"))
+        mem = estimate_memory(model, cfg, ns.world_size)
+        dp = ns.world_size // sp if isinstance(sp, int) and sp > 0 else ns.world_size
+        print(f"config:      {ns.config}")
+        print(f"model:       {cfg['model'].get('_component_')}  {mem['params']:,} parameters "
+              f"({args.n_layers} layers, dim {args.dim}, {args.n_heads}/{args.n_kv_heads} heads"
+              f"{f', {args.num_experts} experts top-{args.num_experts_per_tok}' if args.is_moe else ''})")
+        print(f"layout:      world {ns.world_size} = data-parallel {dp} × sequence-parallel {sp}; "
+              f"expert-parallel {ep}; FSDP2 full shard over {ns.world_size} ranks")
+        print(f"tokens/GPU:  {mem['tokens_per_gpu']:,} per micro-batch")
+        print("memory/GPU:  ~{total:.1f} GiB (sharded state {sharded_state:.1f}, gathered params {gathered_params:.1f}, "
+              "activations {activations:.1f}, loss {loss:.1f})".format(**mem))
+    for err in errors:
+        print(f"error: {err}", file=sys.stderr)
+    if errors:
+        print(f"{len(errors)} error(s) in {ns.config}", file=sys.stderr)
+        return 1
+    print("config is valid")
+    return 0
