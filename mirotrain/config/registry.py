@@ -26,8 +26,8 @@ ALIASES: dict[str, str] = {
     "torchtune.modules.loss.CEWithChunkedOutputLoss": "mirotrain.modules.loss:LinearCrossEntropyLoss",
     "mirotrain.modules.loss.LinearCrossEntropyLoss": "mirotrain.modules.loss:LinearCrossEntropyLoss",
     "mirotrain.modules.loss.LigerLinearCrossEntropyLoss": "mirotrain.modules.loss:LigerLinearCrossEntropyLoss",
-    "mirotrain.modules.loss.DPOLoss": "mirotrain.modules.loss:DPOLoss",
-    "torchtune.rlhf.loss.DPOLoss": "mirotrain.modules.loss:DPOLoss",
+    "mirotrain.modules.loss.DPOLoss": "mirotrain.modules.loss.dpo:DPOLoss",
+    "torchtune.rlhf.loss.DPOLoss": "mirotrain.modules.loss.dpo:DPOLoss",
     # checkpointing / logging
     "torchtune.training.FullModelHFCheckpointer": "mirotrain.checkpoint.hf_checkpointer:FullModelHFCheckpointer",
     "mirotrain.training.FullModelHFCheckpointer": "mirotrain.checkpoint.hf_checkpointer:FullModelHFCheckpointer",
