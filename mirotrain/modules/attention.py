@@ -9,7 +9,10 @@ a packed row's documents are delimited by ``cu_seqlens``. Backends:
   the reference and the CPU path). Without ``cu_seqlens`` it is plain causal SDPA, which lets CUDA pick
   its fastest kernel (cuDNN / flash) for rows holding a single document.
 
-``auto`` picks flash > varlen > sdpa for packed rows on CUDA and sdpa otherwise.
+``auto`` picks flash > varlen > sdpa for packed rows on CUDA and sdpa otherwise. A row that holds a
+single document (``max_seqlen`` equals the row length, known on the host without a sync) needs no
+document mask, so on CUDA it goes to dense causal SDPA with cuDNN attention first: on Hopper that kernel
+is ~1.8× FlashAttention-2 (docs/perf-notes.md).
 """
 
 from __future__ import annotations
@@ -79,6 +82,26 @@ def document_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return (doc[:, None] == doc[None, :]) & causal
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_dense_backends():
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
+def _dense_causal_cuda(q, k, v, scale):
+    """One causal document per row on CUDA: cuDNN attention when it accepts the inputs, else flash."""
+    from torch.nn.attention import sdpa_kernel
+
+    if q.shape[2] != k.shape[2]:  # cuDNN SDPA takes no GQA: expand kv heads (transient, one layer)
+        rep = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    with sdpa_kernel(_cuda_dense_backends(), set_priority=True):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out.transpose(1, 2)
+
+
 def _sdpa(q, k, v, cu_seqlens, scale):
     # SDPA wants [B, H, T, D]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -127,8 +150,11 @@ def attention(
 ) -> torch.Tensor:
     """Causal (per-document) attention. q: [B, T, H, D]; k, v: [B, T, KV, D] -> [B, T, H, D]."""
     name = resolve_backend(backend, q.device)
-    if cu_seqlens is None or name == "sdpa":
-        return _sdpa(q, k, v, cu_seqlens, scale)
+    single_document = cu_seqlens is None or (max_seqlen is not None and max_seqlen == q.shape[1])
+    if q.is_cuda and single_document and name != "sdpa":
+        return _dense_causal_cuda(q, k, v, scale)
+    if name == "sdpa":
+        return _sdpa(q, k, v, None if single_document and cu_seqlens is None else cu_seqlens, scale)
     if q.shape[0] != 1:
         raise ValueError("packed attention (cu_seqlens) needs batch size 1")
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
