@@ -67,6 +67,14 @@ def pack_dataset(config: str, overrides: list[str] | None = None,
                       files=dir_listing(path), manifest=small)
 
 
+def dataset_sections(config: str, overrides: list[str] | None = None) -> list[str]:
+    """The dataset sections a config defines (``dataset`` always; ``dataset_val`` when present)."""
+    from mirotrain.config import load_config
+
+    cfg = load_config(config, list(overrides or []))
+    return [s for s in ("dataset", "dataset_val") if cfg.get(s)]
+
+
 def main(argv: list[str] | None = None) -> int:
     from tasks._cli import run_task_cli
 
@@ -75,3 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+

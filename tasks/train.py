@@ -101,6 +101,18 @@ class _Progress:
         self.last_update = time.monotonic()
 
 
+def planned_steps(config: str, overrides: list[str]) -> int | None:
+    """epochs x max_steps_per_epoch when the config caps the epoch; else None (the engine's step lines say)."""
+    from mirotrain.config import load_config
+
+    try:
+        cfg = load_config(config, overrides)
+    except Exception:  # noqa: BLE001 - progress is best-effort; the engine reports config errors itself
+        return None
+    per_epoch, epochs = cfg.get("max_steps_per_epoch"), cfg.get("epochs", 1)
+    return per_epoch * epochs if isinstance(per_epoch, int) and isinstance(epochs, int) and per_epoch > 0 else None
+
+
 def _read_summary(output_dir: str) -> dict[str, Any]:
     p = Path(output_dir) / "summary.json"
     try:
@@ -153,15 +165,8 @@ def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | Non
     out = resolve_output_dir(config, overrides)
     resume_from = newest_complete_checkpoint(out)
     logger.info(f"{recipe}: output_dir={out}; " + (f"will resume from {resume_from}" if resume_from else "fresh start"))
-    total = None
-    try:
-        from mirotrain.config import load_config
-
-        total = load_config(config, overrides).get("max_steps") or None
-    except Exception:  # noqa: BLE001 - progress is best-effort; the engine validates the config
-        pass
     progress = _Progress(key=f"{recipe}-progress", description=f"{recipe} steps ({out})",
-                         total=int(total) if isinstance(total, int) and total > 0 else None)
+                         total=planned_steps(config, overrides))
     run_engine([recipe, "--config", config, *overrides], nproc_per_node=nproc_per_node, nnodes=nnodes,
                node_rank=node_rank, master_addr=master_addr, master_port=master_port, launcher=launcher,
                timeout_s=timeout_s, env=env, on_line=progress.on_line)

@@ -8,22 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
-
 from mirotrain.hub import RECORD_NAME, DownloadError, classify_source, download, read_record, verify_dir
-
-
-def _make_checkpoint(root: Path) -> Path:
-    """Two safetensors shards plus an index and a config: the shape of a real sharded HF checkpoint."""
-    root.mkdir(parents=True, exist_ok=True)
-    save_file({"a.weight": torch.arange(64, dtype=torch.float32).reshape(8, 8)}, root / "model-00001-of-00002.safetensors")
-    save_file({"b.weight": torch.ones(4, 4)}, root / "model-00002-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
-                                            "b.weight": "model-00002-of-00002.safetensors"}}
-    (root / "model.safetensors.index.json").write_text(json.dumps(index))
-    (root / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
-    return root
 
 
 def test_classify_source(tmp_path: Path) -> None:
@@ -36,8 +21,8 @@ def test_classify_source(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("as_url", [False, True])
-def test_download_local_and_fsspec_then_resume(tmp_path: Path, as_url: bool) -> None:
-    src = _make_checkpoint(tmp_path / "src")
+def test_download_local_and_fsspec_then_resume(tmp_path: Path, as_url: bool, make_checkpoint) -> None:
+    src = make_checkpoint(tmp_path / "src")
     out = tmp_path / "out"
     source = src.as_uri() if as_url else str(src)
     lines: list[str] = []
@@ -57,8 +42,8 @@ def test_download_local_and_fsspec_then_resume(tmp_path: Path, as_url: bool) -> 
     assert any("resuming" in line for line in lines)
 
 
-def test_verify_catches_truncation_and_index_gaps(tmp_path: Path) -> None:
-    root = _make_checkpoint(tmp_path / "m")
+def test_verify_catches_truncation_and_index_gaps(tmp_path: Path, make_checkpoint) -> None:
+    root = make_checkpoint(tmp_path / "m")
     shard = root / "model-00002-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-4])
     problems = verify_dir(root)
@@ -69,8 +54,8 @@ def test_verify_catches_truncation_and_index_gaps(tmp_path: Path) -> None:
     assert any("'c.weight'" in p for p in verify_dir(root))
 
 
-def test_download_cli(tmp_path: Path) -> None:
-    src = _make_checkpoint(tmp_path / "src")
+def test_download_cli(tmp_path: Path, make_checkpoint) -> None:
+    src = make_checkpoint(tmp_path / "src")
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "mirotrain", "download", src.as_uri(), "--output-dir", str(out),
                         "--hf-token", "hf_SECRET_never_logged"], capture_output=True, text=True, timeout=120)

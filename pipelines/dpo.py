@@ -1,0 +1,43 @@
+"""Flow ``dpo``: [download weights] -> pack the preference data -> reference log-probs -> DPO train
+-> report [-> HF export]. In ``post_train`` the model is the SFT run's HF export."""
+
+from typing import Optional
+
+from prefect import flow
+
+from pipelines._common import StageOutcome, launch_kwargs, retry_options
+from pipelines.params import Launch, ModelSource, StageConfig, stage_overrides
+from tasks.convert_checkpoint import convert_checkpoint
+from tasks.download_weights import download_weights
+from tasks.pack_dataset import dataset_sections, pack_dataset
+from tasks.reference_logprobs import reference_logprobs
+from tasks.report_run import publish_summary, report_run
+from tasks.train import train as train_task
+
+
+@flow(name="dpo", persist_result=True, log_prints=True)
+def dpo(train: StageConfig, model: Optional[ModelSource] = None, model_dir: Optional[str] = None,
+        launch: Launch = Launch(), precompute_reference: bool = True,
+        export_dir: Optional[str] = None) -> StageOutcome:
+    """Direct preference optimisation starting from ``model`` (downloaded) or ``model_dir`` (local).
+
+    Steps: download_weights (if ``model``) -> pack_dataset -> reference_logprobs (if
+    ``precompute_reference``; the policy's starting weights are the reference) -> train -> report_run ->
+    convert_checkpoint (if ``export_dir``).
+    """
+    if model is not None:
+        model_dir = download_weights(model.source, model.output_dir, revision=model.revision,
+                                     hf_token_secret=model.hf_token_secret).path
+    overrides = stage_overrides(train, model_dir)
+    shards = [pack_dataset(train.config, overrides, section).path for section in dataset_sections(train.config, overrides)]
+    if precompute_reference:
+        reference_logprobs.with_options(**retry_options(launch))(train.config, overrides, **launch_kwargs(launch))
+    result = train_task.with_options(**retry_options(launch))("dpo", train.config, overrides, **launch_kwargs(launch))
+    report = report_run(result.output_dir, key="dpo")
+    export = convert_checkpoint(result.output_dir, export_dir, config=train.config).path if export_dir else None
+    outcome = StageOutcome(recipe="dpo", output_dir=result.output_dir, hf_dir=result.hf_dir, export_dir=export,
+                           steps=report.steps, final_loss=report.final_loss, first_loss=report.first_loss,
+                           shards=shards, model_dir=model_dir, loss_curve_png=report.loss_curve_png)
+    publish_summary("DPO run", "dpo", {"train": train.model_dump(), "model_dir": model_dir, "launch": launch.model_dump()},
+                    [report], {k: v for k, v in outcome.model_dump().items() if k.endswith("dir") and v})
+    return outcome

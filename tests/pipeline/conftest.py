@@ -1,0 +1,64 @@
+"""Pipeline test setup: an isolated PREFECT_HOME and offline Prefect settings, fixed before Prefect is imported.
+
+The ``prefect_api`` fixture starts one temporary Prefect API for the whole session (prefect_test_harness,
+about 20 s on 2 cores) and is only requested by tests that run flows, so the fast tests never pay for it.
+Child processes (task CLIs, the demo) reach the same API through ``PREFECT_API_URL`` in ``api_env``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import json
+
+import pytest
+
+_HOME = Path(tempfile.mkdtemp(prefix="mirotrain-prefect-home-"))
+os.environ["PREFECT_HOME"] = str(_HOME)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """URL of a session-wide temporary Prefect API (database in a temp file, results under PREFECT_HOME)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture()
+def api_env(prefect_api: str) -> dict[str, str]:
+    """Environment for a child process that must talk to the session's Prefect API."""
+    env = dict(os.environ)
+    env["PREFECT_API_URL"] = prefect_api
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def write_sharded_checkpoint(root: Path) -> Path:
+    """Two safetensors shards plus an index and a config: the file shape of a real sharded HF checkpoint."""
+    import torch
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({"a.weight": torch.arange(64, dtype=torch.float32).reshape(8, 8)}, root / "model-00001-of-00002.safetensors")
+    save_file({"b.weight": torch.ones(4, 4)}, root / "model-00002-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                                            "b.weight": "model-00002-of-00002.safetensors"}}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    (root / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    return root
+
+
+@pytest.fixture()
+def make_checkpoint():
+    """Factory fixture: ``make_checkpoint(dir)`` writes a small sharded safetensors checkpoint there."""
+    return write_sharded_checkpoint

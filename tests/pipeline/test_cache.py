@@ -1,0 +1,32 @@
+"""Download caching: a re-run is a cache hit, and a cache entry whose files vanished is refreshed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from tasks.download_weights import DownloadResult, download_weights
+
+
+@flow(name="test-download-twice")
+def _download_flow(source: str, out: str) -> list:
+    return [download_weights(source, out, return_state=True) for _ in range(2)]
+
+
+def test_download_cache_hit_then_refresh_when_files_vanish(prefect_api: str, tmp_path: Path, make_checkpoint) -> None:
+    src = make_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    first, second = _download_flow(src.as_uri(), str(out))
+    assert first.is_completed() and first.name == "Completed"
+    assert second.name == "Cached"
+    # A new flow run with the same inputs hits the cache too (key = inputs + task source, no run id).
+    (again, _) = _download_flow(src.as_uri(), str(out))
+    assert again.name == "Cached"
+    # Delete a shard: the cached record no longer matches the disk, so the task runs and re-fetches it.
+    (out / "model-00001-of-00002.safetensors").unlink()
+    (refreshed, cached_after) = _download_flow(src.as_uri(), str(out))
+    assert refreshed.name == "Completed"
+    result: DownloadResult = refreshed.result()
+    assert (out / "model-00001-of-00002.safetensors").stat().st_size == result.files["model-00001-of-00002.safetensors"]
+    assert cached_after.name == "Cached"
