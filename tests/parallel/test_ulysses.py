@@ -1,0 +1,212 @@
+"""Ulysses SP on CPU (gloo, fp32): SP=2/4 losses and gradients equal the single-process run within 1e-5.
+
+Every worker builds the same tiny Qwen3 twice: once plain (the SP=1 reference over every row of the step,
+computed locally) and once with ``apply_ulysses``. Packed rows have documents that cross shard boundaries
+and lengths that are not multiples of sp (so the padding segment is exercised). The SP loss is reduced
+with the helpers the trainer uses; gradients are averaged over the world, as FSDP2 would.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from mirotrain.models.qwen3 import qwen3
+from mirotrain.parallel.mesh import ParallelConfigError, ParallelDims
+from mirotrain.parallel.ulysses import (
+    IGNORE_INDEX,
+    apply_ulysses,
+    global_mean_loss,
+    global_token_count,
+    shard_batch_for_sp,
+    sp_loss_reduction,
+)
+
+VOCAB, DIM, HEAD_DIM, HIDDEN = 96, 32, 8, 48
+TOL = 1e-5
+
+
+def make_row(cu: list[int], seed: int) -> dict:
+    """A packed row: random tokens/targets, position ids restarting per document, first 2 labels of each
+    document ignored (like a masked prompt)."""
+    gen = torch.Generator().manual_seed(seed)
+    total = cu[-1]
+    input_ids = torch.randint(1, VOCAB, (1, total), generator=gen)
+    labels = torch.randint(0, VOCAB, (1, total), generator=gen)
+    position_ids = torch.cat([torch.arange(b - a) for a, b in zip(cu[:-1], cu[1:])])[None]
+    for start in cu[:-1]:
+        labels[0, start:start + 2] = IGNORE_INDEX
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    return dict(input_ids=input_ids, labels=labels, position_ids=position_ids, cu_seqlens=cu_t,
+                max_seqlen=int((cu_t[1:] - cu_t[:-1]).max()))
+
+
+def build_model(case: dict) -> torch.nn.Module:
+    extra = {}
+    if case.get("yarn"):  # small original context so yarn really changes the frequencies at these lengths
+        extra = dict(max_seq_len=64, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                    "original_max_position_embeddings": 16})
+    model = qwen3(vocab_size=VOCAB, dim=DIM, n_layers=2, n_heads=case["heads"], n_kv_heads=case["kv"],
+                  head_dim=HEAD_DIM, hidden_dim=HIDDEN, attention_backend="sdpa", **extra)
+    model.init_weights(seed=case["seed"])
+    return model
+
+
+def forward_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    logits = model(batch["input_ids"], batch["position_ids"], batch.get("cu_seqlens"), batch.get("max_seqlen"))
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, layer in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(layer)
+
+
+def run_case(case: dict, rank: int, world: int) -> None:
+    dims = ParallelDims(world, dp=case["dp"], sp=case["sp"])
+    meshes = dims.build_mesh("cpu")
+    rows = [make_row(cu, seed=100 * case["seed"] + i) for i, cu in enumerate(case["rows"])]
+    assert len(rows) == dims.dp_size and meshes.dp_rank == dims.dp_rank(rank)
+
+    # SP=1 reference: one process, every row of the step, loss = Σ token losses / N.
+    ref = build_model(case)
+    ref_sum = sum(forward_loss_sum(ref, row) for row in rows)
+    n_ref = sum(int((row["labels"] != IGNORE_INDEX).sum()) for row in rows)
+    (ref_sum / n_ref).backward()
+    ref_loss = (ref_sum / n_ref).item()
+
+    model = build_model(case)
+    assert apply_ulysses(model, meshes.sp_group) == 2
+    if case.get("ac"):
+        apply_activation_checkpointing(model)
+    local = shard_batch_for_sp(rows[meshes.dp_rank], meshes.sp_rank, dims.sp, pad_id=0)
+    loss_sum = forward_loss_sum(model, local)
+    n_global = global_token_count(local["labels"], group=meshes.fsdp_group)
+    assert int(n_global) == n_ref
+    sp_loss_reduction(loss_sum, n_global, grad_divide_factor=world).backward()
+    logged = global_mean_loss(loss_sum, n_global, group=meshes.fsdp_group)
+    assert abs(logged.item() - ref_loss) <= TOL, (case["name"], logged.item(), ref_loss)
+
+    ref_grads = dict(ref.named_parameters())
+    worst = 0.0
+    for name, p in model.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad, group=meshes.fsdp_group)
+        grad /= world  # FSDP2's default average over dp × sp
+        ref_grad = ref_grads[name.replace("_checkpoint_wrapped_module.", "")].grad
+        worst = max(worst, (grad - ref_grad).abs().max().item())
+        assert ref_grad.abs().max() > 0, name
+    assert worst <= TOL, (case["name"], worst)
+
+
+def check_errors(rank: int, world: int) -> None:
+    """apply_ulysses refuses a model whose heads the SP group cannot split (on every rank, before work)."""
+    group = dist.new_group(list(range(world)))
+    with pytest.raises(ParallelConfigError, match="must divide the number of attention heads"):
+        apply_ulysses(build_model(dict(heads=3 * world // 2, kv=world // 2, seed=0)), group)
+    model = build_model(dict(heads=4, kv=2, seed=0))
+    apply_ulysses(model, group)
+    with pytest.raises(ParallelConfigError, match="already applied"):
+        apply_ulysses(model, group)
+
+
+def worker(rank: int, world: int, port: int, cases: list[dict]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for case in cases:
+            run_case(case, rank, world)
+        check_errors(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world: int, cases: list[dict]) -> None:
+    mp.spawn(worker, args=(world, free_port(), cases), nprocs=world, join=True)
+
+
+# Documents straddle every shard boundary; totals are not multiples of sp (padding segment is used).
+CASES_2 = [
+    dict(name="sp2_kv2_yarn_ac", sp=2, dp=1, heads=4, kv=2, seed=1, yarn=True, ac=True, rows=[[0, 9, 23, 35]]),
+    dict(name="sp2_kv4", sp=2, dp=1, heads=8, kv=4, seed=2, rows=[[0, 17, 19, 40]]),
+]
+CASES_4 = [
+    dict(name="sp4_kv4", sp=4, dp=1, heads=8, kv=4, seed=3, rows=[[0, 5, 18, 30, 37]]),
+    dict(name="sp4_kv2_replicated", sp=4, dp=1, heads=8, kv=2, seed=4, yarn=True, rows=[[0, 13, 27, 42]]),
+    dict(name="sp4_h4_kv2_replicated", sp=4, dp=1, heads=4, kv=2, seed=5, rows=[[0, 21, 33]]),
+    dict(name="dp2_sp2", sp=2, dp=2, heads=4, kv=2, seed=6, ac=True, rows=[[0, 11, 25, 31], [0, 7, 8, 29]]),
+]
+
+
+def test_sp2_matches_single_process():
+    spawn(2, CASES_2)
+
+
+def test_sp4_and_dp2_sp2_match_single_process():
+    spawn(4, CASES_4)
+
+
+# ------------------------------------------------------------------------------------ single process
+def test_shard_batch_pads_with_an_ignored_segment_and_slices_columns():
+    row = make_row([0, 4, 11], seed=0)
+    shards = [shard_batch_for_sp(row, r, 4, pad_id=7) for r in range(4)]
+    for s in shards:
+        assert s["input_ids"].shape == (1, 3) and s["labels"].shape == (1, 3) and s["position_ids"].shape == (1, 3)
+        assert s["cu_seqlens"].tolist() == [0, 4, 11, 12] and s["cu_seqlens"].dtype == torch.int32
+        assert s["max_seqlen"] == 7
+    full = {k: torch.cat([s[k] for s in shards], dim=1) for k in ("input_ids", "labels", "position_ids")}
+    assert torch.equal(full["input_ids"][:, :11], row["input_ids"]) and full["input_ids"][0, 11] == 7
+    assert torch.equal(full["labels"][:, :11], row["labels"]) and full["labels"][0, 11] == IGNORE_INDEX
+    assert full["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 0]
+    assert row["cu_seqlens"].tolist() == [0, 4, 11]  # input untouched
+
+
+def test_shard_batch_aligned_row_is_only_sliced():
+    row = make_row([0, 3, 8], seed=1)
+    shard = shard_batch_for_sp(row, 1, 2, pad_id=0)
+    assert shard["cu_seqlens"] is row["cu_seqlens"] and shard["max_seqlen"] == row["max_seqlen"]
+    assert torch.equal(shard["input_ids"], row["input_ids"][:, 4:])
+
+
+def test_shard_batch_tail_after_last_document_becomes_its_own_segment():
+    row = make_row([0, 3, 8], seed=2)
+    row["cu_seqlens"] = row["cu_seqlens"][:2]  # cu_seqlens covers only the first 3 tokens
+    shard = shard_batch_for_sp(row, 0, 3, pad_id=0)
+    assert shard["cu_seqlens"].tolist() == [0, 3, 8, 9] and shard["max_seqlen"] == 5
+
+
+def test_shard_batch_unpacked_rows_and_missing_position_ids():
+    batch = dict(input_ids=torch.arange(10).view(2, 5), labels=torch.arange(10).view(2, 5))
+    shards = [shard_batch_for_sp(batch, r, 2, pad_id=0) for r in range(2)]
+    assert "cu_seqlens" not in shards[0]
+    assert shards[1]["position_ids"].tolist() == [[3, 4, 5], [3, 4, 5]]
+    assert shards[1]["labels"][:, -1].tolist() == [IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_shard_batch_rejects_bad_input():
+    row = make_row([0, 3, 8], seed=3)
+    with pytest.raises(ValueError, match="sp_rank"):
+        shard_batch_for_sp(row, 2, 2, pad_id=0)
+    row["cu_seqlens"] = torch.tensor([0, 3, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens ends at 9"):
+        shard_batch_for_sp(row, 0, 2, pad_id=0)
+
+
+def test_sp_loss_reduction_scaling():
+    loss_sum = torch.tensor(6.0, requires_grad=True)
+    assert sp_loss_reduction(loss_sum, torch.tensor(3), grad_divide_factor=4).item() == pytest.approx(8.0)
+    assert sp_loss_reduction(loss_sum, 0, grad_divide_factor=1).item() == pytest.approx(6.0)  # no NaN
