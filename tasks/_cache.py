@@ -26,10 +26,18 @@ from prefect.context import TaskRunContext
 _MAX_CHAIN = 64
 
 
+def _fs(path: str | Path):
+    """(filesystem, path) for a local path or any fsspec URL: packed shards may live on object storage."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(path))
+
+
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (streamed)."""
+    """sha256 of a file's bytes (streamed); local path or fsspec URL."""
+    fs, p = _fs(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open(p, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
@@ -37,20 +45,21 @@ def file_digest(path: str | Path) -> str:
 
 def dir_listing(root: str | Path) -> dict[str, int]:
     """Relative path -> size for every file under ``root``: what a validator compares later."""
-    root = Path(root)
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    fs, p = _fs(root)
+    base = p.rstrip("/")
+    return {k[len(base):].lstrip("/"): int(v.get("size") or 0)
+            for k, v in sorted(fs.find(base, detail=True).items()) if v.get("type", "file") == "file"}
 
 
 def listing_matches(root: str | Path, files: dict[str, int]) -> bool:
     """True if every recorded file is still under ``root`` with its recorded size."""
-    root = Path(root)
-    if not root.is_dir() or not files:
+    if not files:
         return False
-    for rel, size in files.items():
-        p = root / rel
-        if not p.is_file() or p.stat().st_size != size:
-            return False
-    return True
+    try:
+        current = dir_listing(root)
+    except (OSError, ValueError):
+        return False
+    return all(current.get(rel) == size for rel, size in files.items())
 
 
 @dataclass

@@ -12,7 +12,6 @@ rewritten shard directory is packed again.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import task
@@ -35,9 +34,11 @@ class PackResult(BaseModel):
 def _still_on_disk(result: Any) -> bool:
     if not isinstance(result, PackResult):
         return False
-    manifest = Path(result.path) / "manifest.json"
-    return manifest.is_file() and file_digest(manifest) == result.manifest_sha256 and listing_matches(
-        result.path, result.files)
+    try:
+        digest = file_digest(f"{result.path.rstrip('/')}/manifest.json")
+    except (OSError, ValueError):
+        return False
+    return digest == result.manifest_sha256 and listing_matches(result.path, result.files)
 
 
 @task(name="pack_dataset", retries=2, retry_delay_seconds=[5, 30], persist_result=True,
@@ -63,7 +64,7 @@ def pack_dataset(config: str, overrides: list[str] | None = None,
     manifest = manifest if isinstance(manifest, dict) else dict(getattr(manifest, "__dict__", {}))
     small = {k: v for k, v in manifest.items() if not isinstance(v, (list, dict)) or len(str(v)) < 2000}
     logger.info(f"packed {section} -> {path}: " + ", ".join(f"{k}={v}" for k, v in small.items() if not isinstance(v, (list, dict))))
-    return PackResult(path=path, section=section, manifest_sha256=file_digest(Path(path) / "manifest.json"),
+    return PackResult(path=path, section=section, manifest_sha256=file_digest(f"{path.rstrip('/')}/manifest.json"),
                       files=dir_listing(path), manifest=small)
 
 
