@@ -1,0 +1,131 @@
+"""Rows -> the batch dict the model eats (see docs/contracts.md "Data to the trainer").
+
+Packed rows (B = 1): ``input_ids``/``labels``/``position_ids`` ``[1, T]``, ``cu_seqlens`` int32 ``[n+1]``,
+``max_seqlen`` int. Rows are padded to a fixed ``T = packed_seq_len`` (constant shapes for compiled kernels)
+and the padding is its **own segment**: pad token = the tokenizer's pad id, labels -100, position ids
+restarting at 0 -- never merged into the last document's varlen segment (a bug of the system we replace),
+so no real token attends to padding and padded positions never exceed the RoPE range.
+Several packed rows given at once are concatenated into one ``[1, sum T]`` row (segments stay separate).
+
+Unpacked rows (B >= 1): right padded ``[B, T]`` with pad id / -100, no ``cu_seqlens``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _np(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _pack_arrays(rows: Sequence[Mapping[str, Any]], pad_id: int, packed_seq_len: int | None) -> dict[str, np.ndarray]:
+    ids, labels, pos, lens = [], [], [], []
+    for row in rows:
+        r_ids = _np(row["input_ids"]).astype(np.int64)
+        r_lens = _np(row["seq_lens"]).astype(np.int64)
+        ids.append(r_ids)
+        labels.append(_np(row["labels"]).astype(np.int64))
+        pos.append(_np(row["position_ids"]).astype(np.int64) if "position_ids" in row
+                   else np.concatenate([np.arange(n) for n in r_lens]) if len(r_lens) else np.zeros(0, np.int64))
+        lens.append(r_lens)
+        if int(r_lens.sum()) != len(r_ids):
+            raise ValueError(f"row seq_lens sum {int(r_lens.sum())} != {len(r_ids)} tokens")
+        if packed_seq_len is not None:
+            pad = packed_seq_len - len(r_ids)
+            if pad < 0:
+                raise ValueError(f"row of {len(r_ids)} tokens exceeds packed_seq_len={packed_seq_len}")
+            if pad:
+                ids.append(np.full(pad, pad_id, dtype=np.int64))
+                labels.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
+                pos.append(np.arange(pad, dtype=np.int64))
+                lens.append(np.asarray([pad], dtype=np.int64))
+    return {"input_ids": np.concatenate(ids), "labels": np.concatenate(labels), "position_ids": np.concatenate(pos),
+            "seq_lens": np.concatenate(lens)}
+
+
+def collate_packed(rows: Sequence[Mapping[str, Any]], pad_id: int = 151643, packed_seq_len: int | None = None) -> dict[str, Any]:
+    """Packed rows -> one ``[1, T]`` varlen batch with ``cu_seqlens``; padding is a separate segment."""
+    a = _pack_arrays(rows, pad_id, packed_seq_len)
+    lens = a["seq_lens"]
+    cu = np.zeros(len(lens) + 1, dtype=np.int32)
+    np.cumsum(lens, out=cu[1:])
+    return {
+        "input_ids": torch.from_numpy(a["input_ids"]).unsqueeze(0),
+        "labels": torch.from_numpy(a["labels"]).unsqueeze(0),
+        "position_ids": torch.from_numpy(a["position_ids"]).unsqueeze(0),
+        "cu_seqlens": torch.from_numpy(cu),
+        "max_seqlen": int(lens.max()) if len(lens) else 0,
+    }
+
+
+def padded_collate_sft(batch: Sequence[Mapping[str, Any]], pad_id: int = 151643, ignore_index: int = IGNORE_INDEX,
+                       pad_to_multiple_of: int = 1, padding_idx: int | None = None) -> dict[str, torch.Tensor]:
+    """Unpacked rows -> right-padded ``[B, T]``. Accepts ``input_ids`` or torchtune's ``tokens`` key.
+
+    ``labels`` must already be shifted (our rows are). ``pad_to_multiple_of`` pads only when not aligned.
+    """
+    if padding_idx is not None:
+        pad_id = padding_idx
+    ids = [_np(b["input_ids"] if "input_ids" in b else b["tokens"]).astype(np.int64) for b in batch]
+    labels = [_np(b["labels"]).astype(np.int64) for b in batch]
+    T = max(len(x) for x in ids)
+    if pad_to_multiple_of > 1 and T % pad_to_multiple_of:
+        T += pad_to_multiple_of - T % pad_to_multiple_of
+    out_ids = np.full((len(ids), T), pad_id, dtype=np.int64)
+    out_labels = np.full((len(ids), T), ignore_index, dtype=np.int64)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        out_ids[i, : len(x)] = x
+        out_labels[i, : len(y)] = y
+    pos = np.broadcast_to(np.arange(T, dtype=np.int64), (len(ids), T)).copy()
+    return {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_labels), "position_ids": torch.from_numpy(pos)}
+
+
+def padded_collate_dpo(batch: Sequence[Mapping[str, Any]], pad_id: int = 151643, packed_seq_len: int | None = None,
+                       extra_columns: Sequence[str] | None = None, **_: Any) -> dict[str, Any]:
+    """DPO rows (layout in :mod:`mirotrain.data.preference`) -> one varlen batch plus per-pair indices.
+
+    Adds ``chosen_index``/``rejected_index`` ``[P]`` (segment indices into ``cu_seqlens``, offset for
+    concatenated rows), ``pair_ids`` ``[P]`` and any extra per-pair columns as float64 ``[P]``.
+    """
+    out = collate_packed(batch, pad_id=pad_id, packed_seq_len=packed_seq_len)
+    chosen, rejected, pair_ids = [], [], []
+    extras: dict[str, list] = {}
+    names = list(extra_columns) if extra_columns is not None else None
+    seg_offset = 0
+    for row in batch:
+        chosen.append(_np(row["chosen_index"]).astype(np.int64) + seg_offset)
+        rejected.append(_np(row["rejected_index"]).astype(np.int64) + seg_offset)
+        pair_ids.append(_np(row["pair_ids"]).astype(np.int64))
+        cols = names if names is not None else [k for k in row if k.startswith("ref_")]
+        for k in cols:
+            extras.setdefault(k, []).append(_np(row[k]).astype(np.float64))
+        n_seg = len(_np(row["seq_lens"]))
+        pad = 0 if packed_seq_len is None else int(packed_seq_len - len(_np(row["input_ids"])))
+        seg_offset += n_seg + (1 if pad > 0 else 0)
+    out["chosen_index"] = torch.from_numpy(np.concatenate(chosen))
+    out["rejected_index"] = torch.from_numpy(np.concatenate(rejected))
+    out["pair_ids"] = torch.from_numpy(np.concatenate(pair_ids))
+    for k, v in extras.items():
+        out[k] = torch.from_numpy(np.concatenate(v))
+    return out
+
+
+def padding_row(pad_id: int, length: int = 1) -> dict[str, np.ndarray]:
+    """An all-padding row (no trained token) for ranks that ran out of real rows (see the loader)."""
+    return {"input_ids": np.full(length, pad_id, dtype=np.int32), "labels": np.full(length, IGNORE_INDEX, dtype=np.int32),
+            "position_ids": np.arange(length, dtype=np.int32), "seq_lens": np.asarray([length], dtype=np.int32)}
+
+
+def padding_dpo_row(pad_id: int, length: int = 1) -> dict[str, np.ndarray]:
+    """An all-padding DPO row: no pairs."""
+    row = padding_row(pad_id, length)
+    row.update({"pair_ids": np.zeros(0, np.int64), "chosen_index": np.zeros(0, np.int32), "rejected_index": np.zeros(0, np.int32)})
+    return row

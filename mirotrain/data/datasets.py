@@ -1,0 +1,360 @@
+"""Dataset builders named in configs (``mirotrain.datasets.odr_chat_dataset`` and the torchtune names).
+
+A builder returns a description of the data plus the code that turns one raw record into tokens
+(:meth:`SFTDataset.encode`); it does not read or tokenise anything up front. Packing
+(:func:`mirotrain.data.pack.pack_dataset`), streaming packing and the unpacked loader all drive the same
+``encode``, so every mode renders and masks samples identically. Packing keys of the ``dataset`` section
+(``packed``, ``streaming_pack``, ``packed_seq_len``, ``output_dir``, ...) are accepted here and kept in
+:attr:`SFTDataset.options`.
+
+Datasets are also map-style (``len``/``[i]`` -> ``{"input_ids", "labels"}``) for ad-hoc use; that path loads
+the raw records into memory on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from mirotrain.data.errors import ON_BAD_SAMPLE, DataError, SampleFormatError
+from mirotrain.data.formats import converter_for, preference_to_messages
+from mirotrain.data.sources import SourceSpec, iter_records
+from mirotrain.models.qwen3.tokenizer import MASKING_STRATEGIES, SampleTooLong
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DataOptions:
+    """Packing / loading options of a ``dataset`` config section."""
+
+    packed: bool = False
+    streaming_pack: bool = False
+    packed_seq_len: int | None = None
+    output_dir: str | None = None
+    on_bad_sample: str = "error"
+    num_workers: int | None = None  # tokenizer processes for `mirotrain pack` (None: all cores, max 16)
+    pack_seed: int = 0
+    rows_per_shard: int | None = None
+    shard_dir: str | None = None  # read this existing shard directory instead of packing
+
+    def __post_init__(self) -> None:
+        if self.on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {self.on_bad_sample!r}")
+        if self.packed and self.streaming_pack:
+            raise ValueError("dataset.packed and dataset.streaming_pack are mutually exclusive; set one of them to False")
+        if self.packed_seq_len is not None and int(self.packed_seq_len) < 2:
+            raise ValueError(f"packed_seq_len must be >= 2, got {self.packed_seq_len}")
+
+
+@dataclass
+class Encoded:
+    """One tokenised SFT document: ids and shifted labels (int32)."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class EncodedPair:
+    """A tokenised preference pair: two documents sharing a prompt."""
+
+    chosen: Encoded
+    rejected: Encoded
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+def shift_labels(ids: list[int], mask: list[bool]) -> np.ndarray:
+    """labels[t] = ids[t+1] if token t+1 is trained else -100; the last position has no target."""
+    ids_a = np.asarray(ids, dtype=np.int32)
+    m = np.asarray(mask, dtype=bool)
+    labels = np.full(len(ids_a), IGNORE_INDEX, dtype=np.int32)
+    if len(ids_a) > 1:
+        labels[:-1] = np.where(m[1:], ids_a[1:], IGNORE_INDEX)
+    return labels
+
+
+class Filtered(Exception):
+    """A sample removed by the user's ``filter_fn`` (counted as filtered, not as bad)."""
+
+
+class _BaseDataset:
+    kind = "base"
+
+    def __init__(self, tokenizer: Any, source: SourceSpec, options: DataOptions, hash_fields: dict):
+        self.tokenizer = tokenizer
+        self.source = source
+        self.options = options
+        self._hash_fields = hash_fields
+        self._records: list[tuple[Any, str]] | None = None
+        tok_limit = getattr(tokenizer, "max_seq_len", None)
+        if (options.packed or options.streaming_pack) and self.kind == "sft":
+            if options.packed_seq_len is None:
+                if tok_limit is None:
+                    raise ValueError("packing needs dataset.packed_seq_len (or tokenizer.max_seq_len)")
+                options.packed_seq_len = int(tok_limit)
+            if tok_limit is not None and int(options.packed_seq_len) < int(tok_limit):
+                raise ValueError(f"dataset.packed_seq_len ({options.packed_seq_len}) must be >= tokenizer.max_seq_len ({tok_limit})")
+
+    # -- limits -----------------------------------------------------------------------------------
+    def doc_limit(self) -> int | None:
+        """The longest document kept: ``min(tokenizer.max_seq_len, packed_seq_len)``."""
+        limits = [v for v in (getattr(self.tokenizer, "max_seq_len", None), self.options.packed_seq_len) if v]
+        return int(min(limits)) if limits else None
+
+    def fingerprint(self) -> str:
+        """Hash of inputs + tokenizer + every option that changes the packed output."""
+        h = hashlib.sha256()
+        h.update(json.dumps({"kind": self.kind, "fields": self._hash_fields, "pack_seed": self.options.pack_seed,
+                             "packed_seq_len": self.options.packed_seq_len, "packed": self.options.packed,
+                             "on_bad_sample": self.options.on_bad_sample}, sort_keys=True, default=str).encode())
+        h.update(self.source.fingerprint().encode())
+        h.update(self.tokenizer.fingerprint().encode())
+        return h.hexdigest()
+
+    def iter_records(self):
+        return iter_records(self.source)
+
+    def records(self) -> list[tuple[Any, str]]:
+        if self._records is None:
+            self._records = list(iter_records(self.source))
+        return self._records
+
+    def encode(self, record: Any, where: str) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encode_or_report(self, record: Any, where: str) -> tuple[str, Any]:
+        """``("ok", encoded)`` | ``("drop", reason)`` | ``("skip", message)`` | ``("filter", where)``.
+
+        Bad input raises :class:`DataError` (file and line) unless ``on_bad_sample: skip``.
+        """
+        try:
+            if isinstance(record, DataError):
+                raise record
+            return "ok", self.encode(record, where)
+        except SampleTooLong as exc:
+            return "drop", f"{where}: {exc}"
+        except Filtered:
+            return "filter", where
+        except DataError as exc:
+            if self.options.on_bad_sample == "skip":
+                return "skip", str(exc)
+            raise
+        except (SampleFormatError, ValueError, TypeError, KeyError) as exc:
+            err = DataError(where, str(exc) if not isinstance(exc, KeyError) else f"missing key {exc}")
+            if self.options.on_bad_sample == "skip":
+                return "skip", str(err)
+            raise err from None
+
+    def __len__(self) -> int:
+        return len(self.records())
+
+
+class SFTDataset(_BaseDataset):
+    """Conversations (agent traces, OpenAI, ShareGPT, Alpaca) for supervised fine-tuning."""
+
+    kind = "sft"
+
+    def __init__(self, tokenizer: Any, source: SourceSpec, options: DataOptions, convert: Callable[[dict], dict],
+                 masking_strategy: str, filter_fn: Callable | None, hash_fields: dict):
+        super().__init__(tokenizer, source, options, hash_fields)
+        if masking_strategy not in MASKING_STRATEGIES:
+            raise ValueError(f"masking_strategy must be one of {MASKING_STRATEGIES}, got {masking_strategy!r}")
+        self.convert = convert
+        self.masking_strategy = masking_strategy
+        self.filter_fn = filter_fn
+
+    def to_messages(self, record: Any) -> dict:
+        return self.convert(record)
+
+    def encode(self, record: Any, where: str) -> Encoded | None:
+        if self.filter_fn is not None and not self.filter_fn(record):
+            raise Filtered()
+        conv = self.convert(record)
+        ids, mask = self.tokenizer.tokenize_messages(conv["messages"], tools=conv.get("tools"),
+                                                     masking_strategy=self.masking_strategy, max_seq_len=sys.maxsize)
+        n = len(ids)
+        ids, mask = self.tokenizer.fit_length(ids, mask, self.doc_limit())
+        return Encoded(np.asarray(ids, dtype=np.int32), shift_labels(ids, mask), truncated=len(ids) < n)
+
+    def __getitem__(self, i: int) -> dict:
+        record, where = self.records()[i]
+        status, enc = self.encode_or_report(record, where)
+        if status != "ok":
+            raise DataError(where, f"sample not usable ({status}): {enc}")
+        return {"input_ids": enc.input_ids.tolist(), "labels": enc.labels.tolist()}
+
+
+class PreferenceDataset(_BaseDataset):
+    """Preference pairs for DPO: a shared prompt and chosen/rejected responses (trained = response turns)."""
+
+    kind = "dpo"
+
+    def __init__(self, tokenizer: Any, source: SourceSpec, options: DataOptions, columns: dict, new_system_prompt: str | None,
+                 hash_fields: dict):
+        super().__init__(tokenizer, source, options, hash_fields)
+        self.columns = columns
+        self.new_system_prompt = new_system_prompt
+
+    def to_messages(self, record: Any) -> dict:
+        return preference_to_messages(record, new_system_prompt=self.new_system_prompt, **self.columns)
+
+    def encode_doc(self, prompt: list, response: list, tools: list | None) -> Encoded:
+        msgs = prompt + response
+        ids, mask = self.tokenizer.tokenize_messages(msgs, tools=tools, train_from=len(prompt), max_seq_len=sys.maxsize)
+        n = len(ids)
+        ids, mask = self.tokenizer.fit_length(ids, mask, getattr(self.tokenizer, "max_seq_len", None))
+        return Encoded(np.asarray(ids, dtype=np.int32), shift_labels(ids, mask), truncated=len(ids) < n)
+
+    def encode(self, record: Any, where: str) -> EncodedPair:
+        pair = self.to_messages(record)
+        c = self.encode_doc(pair["prompt"], pair["chosen"], pair["tools"])
+        r = self.encode_doc(pair["prompt"], pair["rejected"], pair["tools"])
+        limit = self.options.packed_seq_len
+        if limit is not None and len(c) + len(r) > limit:
+            raise SampleTooLong(len(c) + len(r), limit)
+        return EncodedPair(c, r)
+
+    def __getitem__(self, i: int) -> dict:
+        record, where = self.records()[i]
+        status, enc = self.encode_or_report(record, where)
+        if status != "ok":
+            raise DataError(where, f"sample not usable ({status}): {enc}")
+        return {"chosen_input_ids": enc.chosen.input_ids.tolist(), "chosen_labels": enc.chosen.labels.tolist(),
+                "rejected_input_ids": enc.rejected.input_ids.tolist(), "rejected_labels": enc.rejected.labels.tolist()}
+
+
+# -- builders -----------------------------------------------------------------------------------------
+
+def _options(kw: dict) -> DataOptions:
+    names = set(DataOptions.__dataclass_fields__)
+    return DataOptions(**{k: kw.pop(k) for k in list(kw) if k in names})
+
+
+def _source(source: str, data_files: Any, split: str, kw: dict) -> SourceSpec:
+    fld = kw.pop("field", None)
+    if source in ("json", "jsonl", "parquet"):
+        if kw:
+            raise ValueError(f"unknown dataset option(s) {', '.join(sorted(kw))} for source {source!r}")
+        if data_files is None:
+            raise ValueError(f"source {source!r} needs data_files (a path, glob, list or fsspec URL)")
+    return SourceSpec(source=source, data_files=data_files, split=split, field=fld, load_kwargs=kw)
+
+
+def _strategy(masking_strategy: str | None, train_on_input: bool | None, default: str = "train_on_assistant") -> str:
+    if train_on_input:
+        return "train_on_all"
+    return masking_strategy or default
+
+
+def odr_chat_dataset(
+    tokenizer: Any,
+    *,
+    source: str = "json",
+    data_files: Any = None,
+    conversation_column: str | None = "messages",
+    conversation_style: str = "traces",
+    train_on_input: bool = False,
+    new_system_prompt: str | None = None,
+    filter_fn: Callable | None = None,
+    split: str = "train",
+    masking_strategy: str = "train_on_assistant",
+    **kwargs: Any,
+) -> SFTDataset:
+    """Agent traces (``{"messages": [...]}``), or OpenAI / ShareGPT conversations via ``conversation_style``."""
+    options = _options(kwargs)
+    spec = _source(source, data_files, split, kwargs)
+    strategy = _strategy(masking_strategy, train_on_input)
+    convert = converter_for(conversation_style, conversation_column, new_system_prompt)
+    fields = {"style": conversation_style, "column": conversation_column, "system": new_system_prompt,
+              "strategy": strategy, "filter": getattr(filter_fn, "__qualname__", None)}
+    return SFTDataset(tokenizer, spec, options, convert, strategy, filter_fn, fields)
+
+
+def chat_dataset(tokenizer: Any, *, source: str = "json", conversation_style: str = "openai",
+                 conversation_column: str | None = None, **kwargs: Any) -> SFTDataset:
+    """torchtune ``chat_dataset``: OpenAI or ShareGPT conversations."""
+    return odr_chat_dataset(tokenizer, source=source, conversation_style=conversation_style,
+                            conversation_column=conversation_column, **kwargs)
+
+
+def alpaca_dataset(
+    tokenizer: Any,
+    *,
+    source: str = "tatsu-lab/alpaca",
+    data_files: Any = None,
+    column_map: dict | None = None,
+    train_on_input: bool = True,
+    masking_strategy: str | None = None,
+    new_system_prompt: str | None = None,
+    filter_fn: Callable | None = None,
+    split: str = "train",
+    **kwargs: Any,
+) -> SFTDataset:
+    """Alpaca instruction data. ``train_on_input`` defaults to True as in torchtune's ``alpaca_dataset``."""
+    from mirotrain.data.formats import alpaca_to_messages
+
+    options = _options(kwargs)
+    spec = _source(source, data_files, split, kwargs)
+    strategy = masking_strategy or ("train_on_all" if train_on_input else "train_on_assistant")
+    convert = lambda r: alpaca_to_messages(r, new_system_prompt, column_map)  # noqa: E731
+    fields = {"style": "alpaca", "column_map": column_map, "system": new_system_prompt, "strategy": strategy,
+              "filter": getattr(filter_fn, "__qualname__", None)}
+    return SFTDataset(tokenizer, spec, options, convert, strategy, filter_fn, fields)
+
+
+def alpaca_cleaned_dataset(tokenizer: Any, *, source: str = "yahma/alpaca-cleaned", **kwargs: Any) -> SFTDataset:
+    """torchtune ``alpaca_cleaned_dataset``."""
+    return alpaca_dataset(tokenizer, source=source, **kwargs)
+
+
+def preference_dataset(
+    tokenizer: Any,
+    *,
+    source: str = "json",
+    data_files: Any = None,
+    prompt_column: str = "prompt",
+    chosen_column: str = "chosen",
+    rejected_column: str = "rejected",
+    new_system_prompt: str | None = None,
+    split: str = "train",
+    column_map: dict | None = None,
+    train_on_input: bool = False,
+    **kwargs: Any,
+) -> PreferenceDataset:
+    """Preference pairs for DPO. Pairs are always packed (see :mod:`mirotrain.data.preference`)."""
+    if train_on_input:
+        raise ValueError("preference_dataset trains only the responses; train_on_input=True is not supported")
+    if column_map:
+        prompt_column = column_map.get("prompt", prompt_column)
+        chosen_column = column_map.get("chosen", chosen_column)
+        rejected_column = column_map.get("rejected", rejected_column)
+    kwargs.setdefault("packed", True)
+    options = _options(kwargs)
+    if options.streaming_pack:
+        raise ValueError("streaming_pack is not supported for preference data; pairs are packed offline")
+    options.packed = True
+    if options.packed_seq_len is None:
+        limit = getattr(tokenizer, "max_seq_len", None)
+        if limit is None:
+            raise ValueError("preference_dataset needs dataset.packed_seq_len or tokenizer.max_seq_len")
+        options.packed_seq_len = 2 * int(limit)
+    spec = _source(source, data_files, split, kwargs)
+    columns = {"prompt_column": prompt_column, "chosen_column": chosen_column, "rejected_column": rejected_column}
+    fields = {"columns": columns, "system": new_system_prompt}
+    return PreferenceDataset(tokenizer, spec, options, columns, new_system_prompt, fields)
+
+
+__all__ = ["DataOptions", "Encoded", "EncodedPair", "PreferenceDataset", "SFTDataset", "alpaca_cleaned_dataset",
+           "alpaca_dataset", "chat_dataset", "odr_chat_dataset", "preference_dataset", "shift_labels"]
