@@ -118,6 +118,21 @@ def check_errors(rank: int, world: int) -> None:
         apply_ulysses(model, group)
 
 
+def check_meshes(rank: int, world: int) -> None:
+    """build_mesh: SP groups are contiguous ranks, dp groups stride by sp, FSDP spans everyone, EP mesh."""
+    dims = ParallelDims(world, sp=2, ep=2)
+    meshes = dims.build_mesh("cpu")
+    first = rank - rank % 2
+    assert dist.get_process_group_ranks(meshes.sp_group) == [first, first + 1]
+    assert dist.get_process_group_ranks(meshes.dp_group) == list(range(rank % 2, world, 2))
+    assert dist.get_process_group_ranks(meshes.fsdp_group) == list(range(world))
+    assert (meshes.dp_rank, meshes.sp_rank) == (dims.dp_rank(rank), dims.sp_rank(rank))
+    assert (meshes.dp_size, meshes.sp_size) == (world // 2, 2)
+    assert meshes.ep_mesh is not None and meshes.ep_mesh["ep"].size() == 2
+    with pytest.raises(ParallelConfigError, match="process group has"):
+        ParallelDims(2 * world, sp=2).build_mesh("cpu")
+
+
 def worker(rank: int, world: int, port: int, cases: list[dict]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -125,6 +140,7 @@ def worker(rank: int, world: int, port: int, cases: list[dict]) -> None:
         for case in cases:
             run_case(case, rank, world)
         check_errors(rank, world)
+        check_meshes(rank, world)
     finally:
         dist.destroy_process_group()
 
