@@ -1,6 +1,6 @@
 """Task ``pack_dataset``: tokenize and pack a config's dataset section into Arrow shards (`mirotrain pack`).
 
-Calls the engine's Python API (:func:`mirotrain.data.pack_dataset`, the function behind `mirotrain pack`) in
+Calls the engine's Python API (:func:`mirotrain.data.pack.pack_dataset`, the function behind `mirotrain pack`) in
 the task process: packing is single-process CPU work and the shard directory it returns is keyed by the
 engine on config + tokenizer hashes. The Prefect cache key adds the config file's *bytes* to the inputs and
 task source, and a cached result is reused only while ``manifest.json`` has the recorded digest and every
@@ -53,8 +53,9 @@ def pack_dataset(config: str, overrides: list[str] | None = None,
         section: Which dataset section to pack (dataset or dataset_val).
     """
     from mirotrain.config import load_config
-    from mirotrain.data import pack_dataset as engine_pack_dataset
-    from mirotrain.data import read_manifest
+    from mirotrain.data.pack import pack_dataset as engine_pack_dataset
+    from mirotrain.data.pack import summary_line
+    from mirotrain.data.shards import read_manifest
 
     logger = run_logger()
     cfg = load_config(config, list(overrides or []))
@@ -63,7 +64,7 @@ def pack_dataset(config: str, overrides: list[str] | None = None,
     manifest = read_manifest(path)
     manifest = manifest if isinstance(manifest, dict) else dict(getattr(manifest, "__dict__", {}))
     small = {k: v for k, v in manifest.items() if not isinstance(v, (list, dict)) or len(str(v)) < 2000}
-    logger.info(f"packed {section} -> {path}: " + ", ".join(f"{k}={v}" for k, v in small.items() if not isinstance(v, (list, dict))))
+    logger.info(f"packed {section} -> {path}: {summary_line(manifest)}")
     return PackResult(path=path, section=section, manifest_sha256=file_digest(f"{path.rstrip('/')}/manifest.json"),
                       files=dir_listing(path), manifest=small)
 
