@@ -3,8 +3,11 @@
 Pattern from ../shared/reference/prefect-notes.md section A.8, with a wall-clock limit added because a Prefect
 task timeout cannot interrupt a blocking read when the task runs in a worker thread (issue #15760):
 
-- the child starts in a new session, so its whole tree (torchrun + every rank) is one process group that we
-  signal with ``killpg`` -- the process worker's own group kill does not reach it;
+- the child starts in a new session, so it is one process group that we signal with ``killpg`` (the process
+  worker's own group kill does not reach it). torchrun in turn starts *each rank in a session of its own*,
+  so a group kill of torchrun does not reach the ranks: the runner keeps a snapshot of the child's whole
+  process tree (refreshed every few seconds) and, after SIGTERM and the grace period, SIGKILLs every
+  process and process group in it that is still alive -- checked by start time, so a reused pid is spared;
 - ``PR_SET_PDEATHSIG`` makes the child get SIGTERM if the thread that started it dies (flow process
   SIGKILLed, OOM), so a crashed flow does not leave ranks holding GPUs;
 - stdout+stderr are merged and forwarded line by line to the Prefect run logger (non-Python children only
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 PR_SET_PDEATHSIG = 1
@@ -51,23 +55,73 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def kill_process_group(pgid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM the group, give it ``grace_s`` to exit (torchrun forwards to its ranks), then SIGKILL."""
+def _proc_stat(pid: int) -> tuple[int, int, int, str] | None:
+    """(ppid, pgid, start time, state) of a process from ``/proc``, or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = text.rsplit(")", 1)[1].split()
+    return int(rest[1]), int(rest[2]), int(rest[19]), rest[0]
+
+
+def process_tree(root: int) -> dict[int, tuple[int, int]]:
+    """``pid -> (pgid, start time)`` for ``root`` and all its descendants (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, tuple[int, int]] = {}
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else []:
+        if entry.name.isdigit():
+            st = _proc_stat(int(entry.name))
+            if st:
+                children.setdefault(st[0], []).append(int(entry.name))
+                stats[int(entry.name)] = (st[1], st[2])
+    tree: dict[int, tuple[int, int]] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats and pid not in tree:
+            tree[pid] = stats[pid]
+            todo += children.get(pid, [])
+    return tree
+
+
+def _same_process(pid: int, start: int) -> bool:
+    st = _proc_stat(pid)
+    return st is not None and st[2] == start and st[3] != "Z"
+
+
+def kill_tree(tree: dict[int, tuple[int, int]], sig: int = signal.SIGKILL) -> None:
+    """Signal every still-living process of a :func:`process_tree` snapshot, and the groups they lead."""
+    for pid, (pgid, start) in tree.items():
+        if not _same_process(pid, start):
+            continue
+        try:
+            if pgid == pid:
+                os.killpg(pgid, sig)
+            else:
+                os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def kill_process_group(pgid: int, grace_s: float = 10.0, tree: dict[int, tuple[int, int]] | None = None) -> None:
+    """SIGTERM the group (torchrun forwards it to its ranks), wait up to ``grace_s``, then SIGKILL the group
+    and every process of ``tree`` (the snapshot that also covers ranks in their own sessions)."""
+    tree = {**(tree or {}), **process_tree(pgid)}
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
-        return
+        pass
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+        if not any(_same_process(pid, start) for pid, (_, start) in tree.items()):
             return
         time.sleep(0.1)
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    kill_tree(tree)
 
 
 def run_streaming(cmd: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
@@ -98,8 +152,13 @@ def run_streaming(cmd: Sequence[str], *, env: Mapping[str, str] | None = None, c
     reader.start()
     tail: list[str] = []
     deadline = time.monotonic() + timeout_s if timeout_s else None
+    tree: dict[int, tuple[int, int]] = {}
+    next_snapshot = 0.0
     try:
         while True:
+            if time.monotonic() > next_snapshot:  # keep knowing the ranks even if torchrun dies first
+                tree.update(process_tree(proc.pid))
+                next_snapshot = time.monotonic() + 3.0
             if deadline and time.monotonic() > deadline:
                 raise CommandTimedOut(f"command ran longer than {timeout_s:.0f}s and was killed: {' '.join(cmd[:6])}")
             try:
@@ -115,16 +174,17 @@ def run_streaming(cmd: Sequence[str], *, env: Mapping[str, str] | None = None, c
                 on_line(line)
         rc = proc.wait()
     except BaseException:
-        kill_process_group(proc.pid, grace_s)
+        kill_process_group(proc.pid, grace_s, tree)
         proc.wait()
         raise
     finally:
-        # Ranks may outlive torchrun's own exit (e.g. the launcher was SIGKILLed by the fault hook);
-        # nothing in the group may survive the task.
+        # Whatever the exit path, nothing the child started may outlive the task (a rank whose launcher
+        # was killed, a stray data-loader worker).
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        kill_tree(tree)
     if rc != 0:
         raise CommandFailed(rc, cmd, tail)
     return rc

@@ -53,9 +53,13 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
 
 
+# Like torchrun: the launcher starts its worker in a session of its own (out of reach of a group kill), and
+# with ignore_term it also ignores SIGTERM, so only the SIGKILL escalation over the tree snapshot works.
 _TREE = """
-import subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+import signal, subprocess, sys, time
+if "ignore_term" in sys.argv:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
 print("grandchild", child.pid, flush=True)
 for i in range(1, 1000):
     print(f"step {i}/1000", flush=True)
@@ -72,20 +76,20 @@ def test_run_streaming_streams_and_maps_exit_code() -> None:
     assert err.value.returncode == 3 and "boom" in str(err.value)
 
 
-@pytest.mark.parametrize("how", ["timeout", "exception"])
-def test_run_streaming_kills_whole_group(how: str) -> None:
+@pytest.mark.parametrize("how", ["timeout", "exception", "ignore_term"])
+def test_run_streaming_kills_whole_tree(how: str) -> None:
     """A timeout or an exception in the waiting thread (what Prefect's cancellation raises) kills the tree."""
     pids: list[int] = []
 
     def on_line(line: str) -> None:
         if line.startswith("grandchild"):
             pids.append(int(line.split()[1]))
-        if how == "exception" and line.startswith("step 3/"):
+        if how != "timeout" and line.startswith("step 3/"):
             raise KeyboardInterrupt  # stands in for prefect's TerminationSignal: any BaseException
 
     t0 = time.monotonic()
     with pytest.raises(CommandTimedOut if how == "timeout" else KeyboardInterrupt):
-        run_streaming([sys.executable, "-c", _TREE], log=lambda s: None, on_line=on_line,
+        run_streaming([sys.executable, "-c", _TREE, how], log=lambda s: None, on_line=on_line,
                       on_start=pids.append, timeout_s=2.0 if how == "timeout" else None, grace_s=2.0)
     assert time.monotonic() - t0 < 15
     leader, grandchild = pids[0], pids[1]
