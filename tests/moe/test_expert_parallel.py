@@ -1,0 +1,154 @@
+"""Expert parallelism on CPU (gloo, 2 processes, fp32): EP=2 equals EP=1 in logits, losses and gradients.
+
+Global objective (what data-parallel training minimises), for the W rows of all ranks together:
+    J = sum of token CE / global token count + coef * aux(global router statistics) (+ z)
+The single-process reference evaluates J on the stacked batch (B = W). Each rank r of the EP run sees
+only row r and minimises W * share_r (share_r = its CE sum / global count + its aux share), with
+gradients averaged over the W ranks (`average_gradients`, or FSDP2 via `fully_shard_moe`); both must
+reproduce grad J, expert rows included.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from mirotrain.models.qwen3_moe import qwen3_moe
+from mirotrain.parallel.expert_parallel import (
+    apply_expert_parallel, average_gradients, check_expert_parallel, fully_shard_moe, grad_norm,
+)
+
+WORLD = 2
+ARGS = dict(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
+            num_experts=8, num_experts_per_tok=2, moe_hidden_dim=16, mlp_only_layers=[],
+            router_aux_loss_coef=0.05, router_z_loss_coef=0.01, max_seq_len=256)
+TOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batch(seq: int = 24):
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, ARGS["vocab_size"], (WORLD, seq), generator=gen)
+    labels = torch.randint(0, ARGS["vocab_size"], (WORLD, seq), generator=gen)
+    labels[0, :5] = -100  # unequal trained-token counts per rank
+    return ids, labels
+
+
+def _reference():
+    torch.manual_seed(0)
+    model = qwen3_moe(**ARGS)
+    model.init_weights(seed=0)
+    ids, labels = _batch()
+    logits = model(ids)
+    n = (labels != -100).sum()
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum") / n
+    loss = loss + model.moe_aux_loss()
+    loss.backward()
+    return model, logits.detach(), loss.detach()
+
+
+def _rank_loss(model, rank: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, labels = _batch()
+    n_global = (labels != -100).sum()  # the trainer all-reduces this count; every rank has it here
+    logits = model(ids[rank:rank + 1])
+    ce = F.cross_entropy(logits.flatten(0, 1), labels[rank].flatten(), ignore_index=-100, reduction="sum")
+    share = ce / n_global + model.moe_aux_loss(group)
+    return logits.detach(), share
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _check_grads(model, ref, rank: int, label: str) -> None:
+    ref_grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        expected = ref_grads[name].grad
+        got = _full(p.grad)
+        assert got.shape == expected.shape, (label, name)
+        err = (got - expected).abs().max().item()
+        assert err <= TOL, f"{label}: grad of {name} differs by {err}"
+
+
+def _worker(rank: int, port: int, errors) -> None:
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        ref, ref_logits, ref_loss = _reference()
+        world = dist.group.WORLD
+
+        # EP=1 over 2 DP ranks (experts replicated) and EP=2 (experts sharded), unsharded otherwise
+        ep_mesh = init_device_mesh("cpu", (WORLD // 2, 2), mesh_dim_names=("edp", "ep"))
+        for ep in (1, 2):
+            model = copy.deepcopy(ref)
+            model.zero_grad(set_to_none=True)
+            if ep == 2:
+                apply_expert_parallel(model, ep_mesh["ep"])
+                local = model.layers[0].feed_forward.experts.w1.to_local()
+                assert local.shape[0] == ARGS["num_experts"] // 2
+            logits, share = _rank_loss(model, rank, world)
+            assert (logits[0] - ref_logits[rank]).abs().max().item() <= TOL
+            (WORLD * share).backward()
+            average_gradients(model, world, ep_mesh["edp"].get_group() if ep == 2 else None)
+            total = share.detach().clone()
+            dist.all_reduce(total)
+            assert abs(total.item() - ref_loss.item()) <= TOL, (ep, total.item(), ref_loss.item())
+            _check_grads(model, ref, rank, f"EP={ep}")
+            stats = model.expert_load_stats(world)
+            ref_stats = ref.expert_load_stats()
+            for key in ("moe/aux_loss", "moe/z_loss", "moe/layer_0/max_load"):
+                assert abs(stats[key] - ref_stats[key]) <= 1e-5, (key, stats[key], ref_stats[key])
+
+        # EP=2 + FSDP2 (experts over "edp" with divide factor W, blocks and root over the world)
+        model = copy.deepcopy(ref)
+        model.zero_grad(set_to_none=True)
+        apply_expert_parallel(model, ep_mesh["ep"])
+        fully_shard_moe(model, init_device_mesh("cpu", (WORLD,)), ep_mesh["edp"])
+        logits, share = _rank_loss(model, rank, world)
+        assert (logits[0] - ref_logits[rank]).abs().max().item() <= TOL
+        (WORLD * share).backward()
+        _check_grads(model, ref, rank, "EP=2+FSDP2")
+        ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
+        assert abs(grad_norm(model.parameters()).item() - ref_norm.item()) <= 1e-5
+        dist.barrier()
+    except BaseException:  # noqa: BLE001  (report any failure to the parent)
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ep2_equals_ep1_gloo():
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(_free_port(), errors), nprocs=WORLD, start_method="spawn", join=True)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert not failures, "\n".join(failures)
+
+
+def test_ep_divisibility_errors():
+    with pytest.raises(ValueError, match="must divide num_experts=128"):
+        check_expert_parallel(num_experts=128, world_size=12, ep=3)
+    with pytest.raises(ValueError, match=r"must divide the number of data-parallel ranks \(6\)"):
+        check_expert_parallel(num_experts=128, world_size=6, ep=4)
+    with pytest.raises(ValueError, match=">= 1"):
+        check_expert_parallel(num_experts=128, world_size=8, ep=0)
+    check_expert_parallel(num_experts=128, world_size=8, ep=4)
