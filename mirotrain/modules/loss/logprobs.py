@@ -113,6 +113,9 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     positions with ``ignore_index`` contribute nothing and never reach the LM head. ``segment_ids`` maps
     every trained position to its sequence in ``[0, num_segments)``. Returns ``(logp_sums [S] fp32,
     token_counts [S] int64)``; ``logp_sums`` is differentiable w.r.t. ``hidden`` and ``weight``.
+
+    The token selection runs where ``labels`` live: pass the loader's CPU labels and segment ids and the
+    selection costs no device-to-host sync (indices are copied to the device without blocking).
     """
     dim = hidden.shape[-1]
     flat_h = hidden.reshape(-1, dim)
@@ -123,20 +126,46 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
                          f"{tuple(segment_ids.shape)} must share their leading shape")
     trained = (flat_labels != ignore_index).nonzero().squeeze(1)
     seg = flat_seg.index_select(0, trained).long()
-    if seg.numel() and (int(seg.min()) < 0 or int(seg.max()) >= num_segments):
+    targets = flat_labels.index_select(0, trained).long()
+    if seg.device.type == "cpu" and seg.numel() and (int(seg.min()) < 0 or int(seg.max()) >= num_segments):
         raise ValueError(f"segment ids of trained tokens must lie in [0, {num_segments})")
-    logp = token_logprobs(flat_h.index_select(0, trained), weight, flat_labels.index_select(0, trained), chunk_size)
-    sums = torch.zeros(num_segments, dtype=torch.float32, device=hidden.device).index_add(0, seg, logp)
-    counts = torch.zeros(num_segments, dtype=torch.long, device=hidden.device).index_add_(
-        0, seg, torch.ones_like(seg))
+    device = hidden.device
+    trained, seg, targets = (t.to(device, non_blocking=True) for t in (trained, seg, targets))
+    logp = token_logprobs(flat_h.index_select(0, trained), weight, targets, chunk_size)
+    sums = torch.zeros(num_segments, dtype=torch.float32, device=device).index_add(0, seg, logp)
+    counts = torch.zeros(num_segments, dtype=torch.long, device=device).index_add_(0, seg, torch.ones_like(seg))
     return sums, counts
 
 
-def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Document index of every position of a packed row (``-1`` for padding after the last document)."""
+def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int, offset: int = 0) -> torch.Tensor:
+    """Document index of positions ``[offset, offset + total)`` of a packed row (``-1`` past the last document).
+
+    ``offset`` selects a sequence-parallel rank's columns of a row whose ``cu_seqlens`` stay global.
+    """
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
     ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
-    if ids.numel() < total:
-        ids = torch.cat([ids, ids.new_full((total - ids.numel(),), -1)])
-    return ids[:total]
+    end = offset + total
+    if ids.numel() < end:
+        ids = torch.cat([ids, ids.new_full((end - ids.numel(),), -1)])
+    return ids[offset:end]
+
+
+def pair_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor,
+                  chosen_index: torch.Tensor, rejected_index: torch.Tensor, *, token_offset: int = 0,
+                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, torch.Tensor]:
+    """Chosen/rejected log-prob sums and trained-token counts of the pairs packed in one row.
+
+    ``hidden [1, T, D]`` and ``labels [1, T]`` may be a sequence-parallel shard starting at column
+    ``token_offset`` of the row described by the global ``cu_seqlens``; the sums are then this shard's
+    partial sums (the caller reduces them over the SP group). ``chosen_index``/``rejected_index [P]`` are
+    segment indices into ``cu_seqlens`` (see :mod:`mirotrain.data.preference`).
+    """
+    num_segments = cu_seqlens.numel() - 1
+    seg = segment_ids_from_cu_seqlens(cu_seqlens.to(labels.device), labels.shape[-1], token_offset)
+    sums, counts = sequence_logprobs(hidden, weight, labels, seg.reshape(labels.shape), num_segments,
+                                     chunk_size=chunk_size)
+    ci = chosen_index.to(sums.device, non_blocking=True).long()
+    ri = rejected_index.to(sums.device, non_blocking=True).long()
+    return {"chosen_logps": sums[ci], "rejected_logps": sums[ri],
+            "chosen_tokens": counts[ci], "rejected_tokens": counts[ri]}
