@@ -30,7 +30,11 @@ def sft(train: StageConfig, model: Optional[ModelSource] = None, model_dir: Opti
         model_dir = download_weights(model.source, model.output_dir, revision=model.revision,
                                      hf_token_secret=model.hf_token_secret).path
     overrides = stage_overrides(train, model_dir)
-    shards = [pack_dataset(train.config, overrides, section).path for section in dataset_sections(train.config, overrides)]
+    packed = {section: pack_dataset(train.config, overrides, section).path
+              for section in dataset_sections(train.config, overrides)}
+    shards = list(packed.values())
+    # Train on exactly the shards just packed (and cached), never a second packing inside the trainer.
+    overrides = overrides + [f"{section}.shard_dir={path}" for section, path in packed.items()]
     result = train_task.with_options(**retry_options(launch))("sft", train.config, overrides, **launch_kwargs(launch))
     report = report_run(result.output_dir, key="sft")
     export = convert_checkpoint(result.output_dir, export_dir, config=train.config).path if export_dir else None

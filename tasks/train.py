@@ -20,6 +20,7 @@ Never cached: training is not idempotent in cost, and resume is the engine's job
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+import mirotrain
 from tasks._rendezvous import engine_command, resolve_rendezvous
 from tasks._runtime import in_run, run_logger
 from tasks._subprocess import run_streaming
@@ -131,6 +133,9 @@ def run_engine(args: list[str], *, nproc_per_node: int | None, nnodes: int | Non
     logger.info(f"rendezvous ({rdzv.source}): nnodes={rdzv.nnodes} node_rank={rdzv.node_rank} "
                 f"nproc_per_node={rdzv.nproc_per_node} master={rdzv.master_addr}:{rdzv.master_port}")
     logger.info("launch: " + " ".join(cmd))
+    # The children import the same engine as this process, whatever their working directory.
+    engine_root = str(Path(mirotrain.__file__).resolve().parents[1])
+    env = {**(env or {}), "PYTHONPATH": os.pathsep.join(p for p in (engine_root, os.environ.get("PYTHONPATH")) if p)}
     run_streaming(cmd, env=env, log=logger.info, on_line=on_line, timeout_s=timeout_s,
                   on_start=lambda pid: logger.info(f"engine process group {pid}"))
 

@@ -62,3 +62,28 @@ def write_sharded_checkpoint(root: Path) -> Path:
 def make_checkpoint():
     """Factory fixture: ``make_checkpoint(dir)`` writes a small sharded safetensors checkpoint there."""
     return write_sharded_checkpoint
+
+
+@pytest.fixture()
+def sft_pack_config(tmp_path: Path) -> Path:
+    """A minimal real SFT data config (bundled Qwen3 tokenizer, 40 generated agent traces, offline pack)."""
+    from mirotrain.data.demo import write_demo
+    from mirotrain.models.qwen3.tokenizer import bundled_tokenizer_dir
+
+    files = write_demo(str(tmp_path / "data"), num_samples=40)
+    cfg = tmp_path / "pack.yaml"
+    cfg.write_text(f"""\
+output_dir: {tmp_path / 'run'}
+tokenizer:
+  _component_: mirotrain.models.qwen3.qwen3_tokenizer_auto
+  path: {bundled_tokenizer_dir()}
+  max_seq_len: 512
+dataset:
+  _component_: mirotrain.datasets.odr_chat_dataset
+  data_files: {files['sft']}
+  packed: true
+  packed_seq_len: 1024
+  output_dir: {tmp_path / 'packed'}
+  num_workers: 1
+""")
+    return cfg

@@ -65,3 +65,14 @@ def test_download_cli(tmp_path: Path, make_checkpoint) -> None:
     bad = subprocess.run([sys.executable, "-m", "mirotrain", "download", str(tmp_path / "missing"), "--output-dir",
                           str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "mirotrain download:" in bad.stderr
+
+
+def test_download_weights_task_cli(api_env: dict, tmp_path: Path, make_checkpoint) -> None:
+    """`python -m tasks.download_weights` runs the task inside a flow against the Prefect API."""
+    src = make_checkpoint(tmp_path / "src")
+    r = subprocess.run([sys.executable, "-m", "tasks.download_weights", "--source", src.as_uri(), "--output-dir",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=api_env,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert out["files"]["config.json"] == (src / "config.json").stat().st_size
