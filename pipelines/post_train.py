@@ -47,6 +47,8 @@ def post_train(model: ModelSource, sft_stage: StageConfig, dpo_stage: StageConfi
     model_dir = download_weights(model.source, model.output_dir, revision=model.revision,
                                  hf_token_secret=model.hf_token_secret).path
     sft_out = sft(train=sft_stage, model_dir=model_dir, launch=launch)
+    if not sft_out.hf_dir:
+        raise RuntimeError(f"SFT finished without an HF export under {sft_out.output_dir}/hf; DPO has no start weights")
     dpo_out = dpo(train=dpo_stage, model_dir=sft_out.hf_dir, launch=launch, precompute_reference=precompute_reference)
     export = convert_checkpoint(dpo_out.output_dir, export_dir, config=dpo_stage.config)
     outcome = PostTrainOutcome(model_dir=model_dir, sft=sft_out, dpo=dpo_out, export_dir=export.path)

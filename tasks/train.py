@@ -35,8 +35,9 @@ from tasks._rendezvous import engine_command, resolve_rendezvous
 from tasks._runtime import in_run, run_logger
 from tasks._subprocess import run_streaming
 
-# "step 12/40", "step=12/40", "[step 12 / 40]": the engine's progress lines; total may be absent.
+# The engine's step lines ("Step 12 | loss=... | total_steps=40"; also "step 12/40"); the total may be absent.
 _STEP = re.compile(r"\bstep[\s=:]+(\d+)\s*(?:/\s*(\d+))?", re.IGNORECASE)
+_TOTAL = re.compile(r"\b(?:total_steps|max_steps)[=:\s]+(\d+)")
 
 
 class TrainResult(BaseModel):
@@ -48,6 +49,7 @@ class TrainResult(BaseModel):
     steps: int | None
     final_loss: float | None
     checkpoints: list[str]
+    resumed_from: str | None = None  # the step checkpoint the successful attempt started from
     summary: dict[str, Any]
 
 
@@ -88,8 +90,9 @@ class _Progress:
         if not m:
             return
         self.step = int(m.group(1))
-        if m.group(2):
-            self.total = int(m.group(2))
+        total = m.group(2) or (_TOTAL.search(line).group(1) if _TOTAL.search(line) else None)
+        if total:
+            self.total = int(total)
         if self.artifact_id and self.total and time.monotonic() - self.last_update > self.every_s:
             self.push()
 
@@ -181,7 +184,8 @@ def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | Non
     ckpts = sorted((str(p) for p in (Path(out) / "checkpoints").glob("step_*") if (p / "COMPLETE").exists()),
                    key=lambda s: int(s.rsplit("_", 1)[-1]))
     return TrainResult(recipe=recipe, output_dir=out, hf_dir=hf_dir, steps=summary.get("steps"),
-                       final_loss=summary.get("final_loss"), checkpoints=ckpts, summary=summary)
+                       final_loss=summary.get("final_loss"), checkpoints=ckpts, resumed_from=resume_from,
+                       summary=summary)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from pipeline_helpers import REPO
 
 
 @pytest.mark.timeout(900)
