@@ -1,0 +1,130 @@
+"""Step-checkpoint directories on disk: naming, the COMPLETE marker, integrity checks and retention.
+
+``{output_dir}/checkpoints/step_{N}/`` holds the DCP files (one ``*.distcp`` per rank + ``.metadata``), a
+``meta.json`` (step, epoch, seed, config hash, model args; readable before DCP loading) and, once every rank's
+data is persisted, ``COMPLETE``: a JSON manifest of every file and its size. A checkpoint counts only when its
+marker exists, every listed file has its recorded size, and every byte range the DCP metadata refers to lies
+inside its file, so a missing or truncated file is caught before resume rather than during it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+META = "meta.json"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+@dataclass(frozen=True)
+class StepDir:
+    step: int
+    path: Path
+
+
+def step_path(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step}"
+
+
+def list_step_dirs(root: Path) -> list[StepDir]:
+    """All ``step_N`` directories under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_RE.match(child.name)
+        if m and child.is_dir():
+            found.append(StepDir(int(m.group(1)), child))
+    return sorted(found, key=lambda d: d.step)
+
+
+def write_marker(path: Path) -> None:
+    """Write COMPLETE listing every file of the checkpoint with its size (atomically: tmp + rename)."""
+    path = Path(path)
+    files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file() and f.name != MARKER
+             and not f.name.endswith(".tmp")}
+    tmp = path / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    tmp.rename(path / MARKER)
+
+
+def _dcp_ranges_ok(path: Path) -> str | None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:  # unreadable or cut metadata
+        return f".metadata is unreadable ({type(exc).__name__}: {exc})"
+    sizes: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        rel = info.relative_path
+        if rel not in sizes:
+            f = path / rel
+            if not f.is_file():
+                return f"data file {rel} is missing"
+            sizes[rel] = f.stat().st_size
+        if info.offset + info.length > sizes[rel]:
+            return f"data file {rel} is truncated ({sizes[rel]} bytes, needs {info.offset + info.length})"
+    return None
+
+
+def check_step_dir(path: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else the reason it cannot be used."""
+    path = Path(path)
+    marker = path / MARKER
+    if not marker.is_file():
+        return "no COMPLETE marker (the save did not finish)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        return f"COMPLETE marker is unreadable ({exc})"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"file {name} is missing"
+        if f.stat().st_size != size:
+            return f"file {name} has {f.stat().st_size} bytes, expected {size}"
+    if ".metadata" not in files or META not in files:
+        return "COMPLETE lists no .metadata / meta.json"
+    return _dcp_ranges_ok(path)
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / META).read_text())
+
+
+def newest_valid(root: Path, remove_invalid_newer: bool = False) -> StepDir | None:
+    """The newest intact checkpoint; each unusable one newer than it is reported (and optionally removed)."""
+    for entry in reversed(list_step_dirs(root)):
+        reason = check_step_dir(entry.path)
+        if reason is None:
+            return entry
+        log.warning("Skipping step checkpoint %s: %s.%s", entry.path, reason,
+                    " Removing it (it will be written again)." if remove_invalid_newer else "")
+        if remove_invalid_newer:
+            shutil.rmtree(entry.path, ignore_errors=True)
+    return None
+
+
+def apply_retention(root: Path, keep_last_n: int, newest_complete_step: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep_last_n`` and incomplete ones older than the newest
+    complete one (leftovers of crashed saves). The newest complete one is never deleted. Returns what went."""
+    keep_last_n = max(1, keep_last_n)
+    entries = list_step_dirs(root)
+    complete = [e for e in entries if (e.path / MARKER).is_file() and e.step <= newest_complete_step]
+    keep = {e.step for e in complete[-keep_last_n:]} | {newest_complete_step}
+    removed = []
+    for e in entries:
+        if e.step in keep or e.step > newest_complete_step:
+            continue
+        shutil.rmtree(e.path, ignore_errors=True)
+        removed.append(e.path)
+    return removed

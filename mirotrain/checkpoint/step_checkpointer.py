@@ -1,0 +1,193 @@
+"""Asynchronous DCP step checkpoints for auto-resume (the same mechanism serves SFT and DPO).
+
+Save (every rank, at a step boundary): the state is staged to host memory — with pinned buffers and a
+background copy where the torch version has ``DefaultStager`` and CUDA is used, so a step is blocked only for
+the device-to-host copy — and written by a background thread through DCP on a dedicated gloo group (it must
+not interleave with the training collectives). When the write finished on every rank (DCP's final gather
+proves it on rank 0), rank 0 writes the ``COMPLETE`` manifest, logs
+``Step-based checkpoint is saved asynchronously to PATH successfully.`` and applies retention. A save that
+finds the previous one still running waits for it, with a warning.
+
+Load: rank 0 picks the newest intact checkpoint (incomplete or damaged ones are skipped with a warning naming
+them), every rank reads its shards through DCP, which also reshards model and optimizer state when the world
+size changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+from mirotrain.checkpoint.layout import (
+    META, StepDir, apply_retention, list_step_dirs, newest_valid, read_meta, step_path, write_marker,
+)
+
+log = logging.getLogger(__name__)
+
+SAVED_LINE = "Step-based checkpoint is saved asynchronously to {path} successfully."
+
+
+def _build_stager(device: torch.device):
+    """Pinned-memory, background-copy stager on CUDA where available; a blocking CPU copy otherwise."""
+    if device.type == "cuda":
+        try:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            return DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                                use_async_staging=True, use_non_blocking_copy=True))
+        except ImportError:  # older torch: pinned, cached, blocking copy
+            from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+            return BlockingAsyncStager(cache_staged_state_dict=True)
+    from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+    return BlockingAsyncStager(cache_staged_state_dict=False)
+
+
+class StepCheckpointer:
+    """Writes and finds ``{root}/step_{N}`` checkpoints.
+
+    Args:
+        root: ``{output_dir}/checkpoints``.
+        keep_last_n: complete checkpoints to keep (the newest complete one is never deleted).
+        async_save: write in the background (default) or block until written.
+        device: the training device (decides the staging strategy).
+    """
+
+    def __init__(self, root: str | Path, keep_last_n: int = 2, async_save: bool = True,
+                 device: torch.device = torch.device("cpu")):
+        self.root = Path(root)
+        self.keep_last_n = keep_last_n
+        self.async_save = async_save
+        self.device = device
+        self.rank = dist.get_rank()
+        # A gloo group of its own: the background writer's collectives must not interleave with training's.
+        self.group = dist.new_group(backend="gloo")
+        self._stager = _build_stager(device) if async_save else None
+        self._pending: Future | None = None
+        self._staging: Future | None = None
+        self._pending_path: Path | None = None
+        self._lock = threading.Lock()
+        self.last_error: BaseException | None = None
+        self.blocked_seconds: list[float] = []
+
+    # ------------------------------------------------------------------------------------------ find
+
+    def find_latest(self) -> StepDir | None:
+        """Newest intact checkpoint, agreed by all ranks (rank 0 looks; invalid newer ones are removed)."""
+        choice = None
+        if self.rank == 0:
+            found = newest_valid(self.root, remove_invalid_newer=True)
+            choice = None if found is None else (found.step, str(found.path))
+        holder = [choice]
+        dist.broadcast_object_list(holder, src=0, group=self.group)
+        return None if holder[0] is None else StepDir(holder[0][0], Path(holder[0][1]))
+
+    # ------------------------------------------------------------------------------------------ save
+
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Checkpoint ``state`` (a DCP state dict) as step ``step``; returns once staged (async) or written."""
+        self.wait(warn=True)
+        path = step_path(self.root, step)
+        start = time.perf_counter()
+        if self.rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+        writer = FileSystemWriter(str(path), single_file_per_rank=True, sync_files=True, overwrite=True)
+        if not self.async_save:
+            dcp.save(state, storage_writer=writer, process_group=self.group)
+            self._finish(step, path, asynchronous=False)
+            self.blocked_seconds.append(time.perf_counter() - start)
+            return
+        result = dcp.async_save(state, storage_writer=writer, process_group=self.group, async_stager=self._stager)
+        if hasattr(result, "upload_completion"):  # AsyncSaveResponse: staging runs in the background too
+            self._staging, upload = result.staging_completion, result.upload_completion
+        else:
+            self._staging, upload = None, result
+        self._pending, self._pending_path = upload, path
+        upload.add_done_callback(lambda fut, s=step, p=path: self._on_upload_done(fut, s, p))
+        self.blocked_seconds.append(time.perf_counter() - start)
+
+    def wait_staging(self) -> None:
+        """Block until the state of the last save is copied off the device (call before mutating it)."""
+        if self._staging is not None:
+            self._staging.result()
+            self._staging = None
+
+    def wait(self, warn: bool = False) -> None:
+        """Block until the pending save (if any) is persisted; re-raise its error."""
+        self.wait_staging()
+        pending = self._pending
+        if pending is None:
+            return
+        if warn and not pending.done():
+            log.warning("The previous step-based checkpoint (%s) has not finished; checkpointing frequency is too "
+                        "high for the storage. Waiting for it...", self._pending_path)
+        pending.result()
+        self._pending = None
+        if self.last_error is not None:
+            error, self.last_error = self.last_error, None
+            raise RuntimeError(f"step checkpoint {self._pending_path} failed") from error
+
+    def _on_upload_done(self, fut: Future, step: int, path: Path) -> None:
+        error = fut.exception()
+        if error is not None:
+            self.last_error = error
+            log.error("Rank %d: step-based checkpoint %s failed: %r", self.rank, path, error)
+            return
+        self._finish(step, path, asynchronous=True)
+
+    def _finish(self, step: int, path: Path, asynchronous: bool) -> None:
+        # DCP's save ends with a gather of every rank's write results on rank 0 before .metadata is written,
+        # so when rank 0 gets here all ranks' files are persisted.
+        if self.rank != 0:
+            return
+        with self._lock:
+            write_marker(path)
+            if asynchronous:
+                log.info(SAVED_LINE.format(path=path))
+            else:
+                log.info("Step-based checkpoint is saved to %s successfully.", path)
+            for removed in apply_retention(self.root, self.keep_last_n, step):
+                log.info("Removed old step checkpoint %s", removed)
+
+    # ------------------------------------------------------------------------------------------ load
+
+    def load(self, path: Path, state: dict[str, Any]) -> None:
+        """Fill ``state`` in place from checkpoint ``path`` (DTensors read only their shards)."""
+        dcp.load(state, storage_reader=FileSystemReader(str(path)), process_group=self.group)
+
+    @staticmethod
+    def tensor_sizes(path: Path, prefix: str) -> dict[str, list[int]]:
+        """Sizes of the plain tensors stored under keys starting with ``prefix`` (to allocate before load)."""
+        metadata = FileSystemReader(str(path)).read_metadata()
+        out = {}
+        for key, item in metadata.state_dict_metadata.items():
+            if key.startswith(prefix) and hasattr(item, "size"):
+                out[key] = list(item.size)
+        return out
+
+    @staticmethod
+    def read_meta(path: Path) -> dict[str, Any]:
+        return read_meta(path)
+
+    def existing_steps(self) -> list[int]:
+        return [d.step for d in list_step_dirs(self.root)]
+
+    def close(self) -> None:
+        """Wait for the pending save and release staging buffers."""
+        try:
+            self.wait()
+        finally:
+            if self._stager is not None and hasattr(self._stager, "close"):
+                self._stager.close()

@@ -1,0 +1,38 @@
+"""Test-only fault injection (docs/contracts.md): die like a lost node, right after optimizer step k.
+
+``MIROTRAIN_FAULT_AFTER_STEP=k`` makes every rank SIGKILL its own process group right after step k (torchrun
+starts each worker in its own session, so torchrun then sees all workers die and exits) — unless the file
+named by ``MIROTRAIN_FAULT_MARKER`` existed when the run started. The marker is created before dying, so the
+restarted run does not fault again. Whether a run is armed is decided once at start-up (rank 0 looks, all
+ranks agree), so every rank of the faulting run dies at the same step. Resume tests use this to kill a run at
+a chosen point, including while an asynchronous checkpoint is still being written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+
+def fault_step() -> int | None:
+    value = os.environ.get("MIROTRAIN_FAULT_AFTER_STEP")
+    return int(value) if value else None
+
+
+def fault_armed() -> bool:
+    """True when the hook is set and its marker does not exist yet (call once at start-up, on rank 0)."""
+    if fault_step() is None:
+        return False
+    marker = os.environ.get("MIROTRAIN_FAULT_MARKER")
+    return not (marker and Path(marker).exists())
+
+
+def inject_fault() -> None:
+    """Create the marker, then SIGKILL our process group (or only this process if it leads no group)."""
+    marker = os.environ.get("MIROTRAIN_FAULT_MARKER")
+    if marker:
+        Path(marker).touch()
+    if os.getpgid(0) == os.getpid():
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
