@@ -115,7 +115,10 @@ def validate_messages(messages: Any) -> list[dict]:
 def _apply_system(messages: list[dict], new_system_prompt: str | None) -> list[dict]:
     if new_system_prompt is None:
         return messages
-    return [{"role": "system", "content": new_system_prompt}] + [m for m in messages if m.get("role") != "system"]
+    def is_system(m: Any) -> bool:
+        return isinstance(m, dict) and _ROLE_ALIASES.get(m.get("role"), m.get("role")) == "system"
+
+    return [{"role": "system", "content": new_system_prompt}] + [m for m in messages if not is_system(m)]
 
 
 def _column(record: dict, column: str) -> Any:

@@ -32,6 +32,8 @@ def write_jsonl(path, rows):
 
 
 def base_cfg(tmp_path, data_files, **dataset):
+    if dataset.get("packed") or dataset.get("streaming_pack"):
+        dataset.setdefault("packed_seq_len", 1024)
     cfg = {
         "output_dir": str(tmp_path / "run"),
         "seed": 7,
@@ -42,3 +44,30 @@ def base_cfg(tmp_path, data_files, **dataset):
                     "conversation_column": "messages", "conversation_style": "traces", "num_workers": 0, **dataset},
     }
     return cfg
+
+
+IM_START, IM_END, ASSISTANT, NL = 151644, 151645, 77091, 198
+
+
+def reference_mask(ids):
+    """Independent trained-token mask: from each `<|im_start|>assistant\\n` to the next `<|im_end|>` inclusive."""
+    mask = [False] * len(ids)
+    i = 0
+    while i < len(ids) - 2:
+        if ids[i] == IM_START and ids[i + 1] == ASSISTANT and ids[i + 2] == NL:
+            j = i + 3
+            while ids[j] != IM_END:
+                mask[j] = True
+                j += 1
+            mask[j] = True
+            i = j
+        i += 1
+    return mask
+
+
+def split_docs(input_ids, seq_lens):
+    out, start = [], 0
+    for n in seq_lens:
+        out.append(input_ids[start:start + n])
+        start += n
+    return out
