@@ -18,13 +18,10 @@ Gradients. A rank's expert weights collect gradient from the tokens of all EP ra
 all-to-all backward brings it home), a non-expert weight only from the rank's own tokens. For both to
 be the mean over the W data-parallel ranks, expert grads are summed over "edp" and divided by W, not by
 the edp size W/EP (dividing by W/EP - what the system we replace did - makes them EP x too large).
-``fully_shard_moe`` sets this up for FSDP2; ``average_gradients`` does the same for unsharded models.
+``fully_shard_experts`` / ``fully_shard_moe`` set this up for FSDP2; ``average_gradients`` does the same for unsharded models.
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
-from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -145,24 +142,40 @@ def is_expert_param(name: str) -> bool:
     return ".experts." in f".{name}"
 
 
+def fully_shard_experts(model: nn.Module, edp_mesh: DeviceMesh, dp_size: int, **fsdp_kwargs) -> None:
+    """FSDP2 units for the experts of every MoE layer, over ``edp_mesh``; call before sharding the blocks.
+
+    The gradient divide factor is ``dp_size`` (all data-parallel ranks, SP ranks included), not the edp
+    size: see the module docstring. The blocks and the root must then be sharded over the dp mesh with the
+    same divide factor (e.g. ``mirotrain.parallel.fsdp.apply_fsdp(..., gradient_divide_factor=dp_size)``).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    # A divide factor != mesh size makes FSDP reduce with PREMUL_SUM, which gloo lacks: there, reduce with
+    # SUM and divide afterwards (a mesh of size 1 never communicates and already scales correctly).
+    gloo_sum = edp_mesh.size() > 1 and dist.get_backend(edp_mesh.get_group()) == "gloo"
+    for moe in _moe_layers(model):
+        fully_shard(moe.experts, mesh=edp_mesh, **fsdp_kwargs)
+        moe.experts.set_gradient_divide_factor(float(dp_size))
+        if gloo_sum:
+            moe.experts.set_force_sum_reduction_for_comms(True)
+
+
 def fully_shard_moe(model: nn.Module, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh | None = None,
                     **fsdp_kwargs) -> None:
     """FSDP2 for a (possibly expert-parallel) MoE model; call after ``apply_expert_parallel``.
 
-    Order: each layer's experts over ``edp_mesh`` (gradient divide factor = dp size, so expert grads are
-    the mean over all DP ranks, see the module docstring), then each transformer block over ``dp_mesh``,
-    then the root (embeddings, final norm, LM head) over ``dp_mesh`` - the root is always sharded, so its
-    grads are reduced like every other non-expert parameter. ``fsdp_kwargs`` go to ``fully_shard``
-    (mp_policy, reshard_after_forward, offload_policy). Without EP pass ``edp_mesh=None``.
+    Order: experts over ``edp_mesh`` (``fully_shard_experts``), then each transformer block over
+    ``dp_mesh``, then the root (embeddings, final norm, LM head) over ``dp_mesh`` - the root is always
+    sharded, so its grads are reduced like every other non-expert parameter (the system we replace left it
+    unsynchronised under EP). ``fsdp_kwargs`` go to ``fully_shard`` (mp_policy, reshard_after_forward,
+    offload_policy). Without EP pass ``edp_mesh=None``.
     """
     from torch.distributed.fsdp import fully_shard
 
-    dp_size = dp_mesh.size()
+    if edp_mesh is not None:
+        fully_shard_experts(model, edp_mesh, dp_mesh.size(), **fsdp_kwargs)
     for block in model.layers:
-        ff = block.feed_forward
-        if isinstance(ff, MoE) and edp_mesh is not None:
-            fully_shard(ff.experts, mesh=edp_mesh, **fsdp_kwargs)
-            ff.experts.set_gradient_divide_factor(float(dp_size))
         fully_shard(block, mesh=dp_mesh, **fsdp_kwargs)
     fully_shard(model, mesh=dp_mesh, **fsdp_kwargs)
 
@@ -183,37 +196,3 @@ def average_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None,
         if dist.get_world_size(group) > 1:
             dist.all_reduce(grad, group=group)
         grad.div_(world)
-
-
-def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """Global gradient norm over parameters that live on different meshes (dense vs expert).
-
-    Grads are grouped by (mesh, placements); each group's norm is a DTensor reduction over its own mesh
-    (one collective per group), and the groups combine as sqrt(sum of squares) - not the sum of norms.
-    """
-    from torch.distributed.tensor import DTensor
-
-    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
-    for p in parameters:
-        if p.grad is not None:
-            g = p.grad
-            key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
-            groups[key].append(g)
-    norms = []
-    for grads in groups.values():
-        n = torch.nn.utils.get_total_norm(grads, norm_type)
-        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
-    if not norms:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), norm_type)
-
-
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """Clip by the true global norm (``grad_norm``); returns the norm before clipping."""
-    params = [p for p in parameters if p.grad is not None]
-    total = grad_norm(params, norm_type)
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in params:
-        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-        g.mul_(coef.to(g.device, g.dtype))
-    return total

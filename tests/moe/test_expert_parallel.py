@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from mirotrain.models.qwen3_moe import qwen3_moe
 from mirotrain.parallel.expert_parallel import (
-    apply_expert_parallel, average_gradients, check_expert_parallel, fully_shard_moe, grad_norm,
+    apply_expert_parallel, average_gradients, check_expert_parallel, fully_shard_moe,
 )
+from mirotrain.training.grad_clip import global_grad_norm
 
 WORLD = 2
 ARGS = dict(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
@@ -39,19 +40,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _batch(seq: int = 24):
+def _batch(seq: int = 24, rows: int = WORLD):
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, ARGS["vocab_size"], (WORLD, seq), generator=gen)
-    labels = torch.randint(0, ARGS["vocab_size"], (WORLD, seq), generator=gen)
+    ids = torch.randint(0, ARGS["vocab_size"], (rows, seq), generator=gen)
+    labels = torch.randint(0, ARGS["vocab_size"], (rows, seq), generator=gen)
     labels[0, :5] = -100  # unequal trained-token counts per rank
     return ids, labels
 
 
-def _reference():
+def _reference(rows: int = WORLD):
     torch.manual_seed(0)
     model = qwen3_moe(**ARGS)
     model.init_weights(seed=0)
-    ids, labels = _batch()
+    ids, labels = _batch(rows=rows)
     logits = model(ids)
     n = (labels != -100).sum()
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum") / n
@@ -60,8 +61,8 @@ def _reference():
     return model, logits.detach(), loss.detach()
 
 
-def _rank_loss(model, rank: int, group) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, labels = _batch()
+def _rank_loss(model, rank: int, group, rows: int = WORLD) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, labels = _batch(rows=rows)
     n_global = (labels != -100).sum()  # the trainer all-reduces this count; every rank has it here
     logits = model(ids[rank:rank + 1])
     ce = F.cross_entropy(logits.flatten(0, 1), labels[rank].flatten(), ignore_index=-100, reduction="sum")
@@ -125,7 +126,8 @@ def _worker(rank: int, port: int, errors) -> None:
         (WORLD * share).backward()
         _check_grads(model, ref, rank, "EP=2+FSDP2")
         ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
-        assert abs(grad_norm(model.parameters()).item() - ref_norm.item()) <= 1e-5
+        # the trainer's global norm over the dense and expert meshes = the unsharded norm
+        assert abs(global_grad_norm([p.grad for p in model.parameters()]).item() - ref_norm.item()) <= 1e-5
         dist.barrier()
     except BaseException:  # noqa: BLE001  (report any failure to the parent)
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
@@ -134,14 +136,68 @@ def _worker(rank: int, port: int, errors) -> None:
             dist.destroy_process_group()
 
 
-def test_ep2_equals_ep1_gloo():
+def _sharded_load_worker(rank: int, port: int, errors, world: int, hf_dir: str) -> None:
+    """World 4 = edp 2 x ep 2: meta model -> EP -> FSDP2 -> load HF weights (own rows only) -> grads."""
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        from mirotrain.models import load_hf_weights
+
+        ref, _, _ = _reference(rows=world)
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("edp", "ep"))
+        with torch.device("meta"):
+            model = qwen3_moe(**ARGS)
+        apply_expert_parallel(model, mesh["ep"])
+        fully_shard_moe(model, init_device_mesh("cpu", (world,)), mesh["edp"])
+        model.to_empty(device="cpu")
+        model.rope.reset_parameters()
+        w1 = model.layers[1].feed_forward.experts.w1
+        assert w1.to_local().shape[0] == ARGS["num_experts"] // world  # 8 experts over 4 ranks
+        load_hf_weights(model, hf_dir)
+        expected = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            assert torch.equal(p.full_tensor(), expected[name].detach()), name
+        logits, share = _rank_loss(model, rank, dist.group.WORLD, rows=world)
+        (world * share).backward()
+        _check_grads(model, ref, rank, "edp2 x ep2 + FSDP2")
+        with implicit_replication():  # random init of a sharded model equals the unsharded init
+            model.init_weights(seed=0)
+        fresh = qwen3_moe(**ARGS)
+        fresh.init_weights(seed=0)
+        for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+            assert torch.equal(p.full_tensor(), q.detach()), name
+        dist.barrier()  # nobody tears down the group while a peer still reads from it
+    except BaseException:  # noqa: BLE001
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(fn, nprocs: int, *args) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(_free_port(), errors), nprocs=WORLD, start_method="spawn", join=True)
+    mp.start_processes(fn, args=(_free_port(), errors, *args), nprocs=nprocs, start_method="spawn", join=True)
     failures = []
     while not errors.empty():
         failures.append(errors.get())
     assert not failures, "\n".join(failures)
+
+
+def test_ep2_equals_ep1_gloo():
+    _spawn(_worker, WORLD)
+
+
+def test_ep_fsdp_sharded_hf_load_4_ranks(tmp_path):
+    from mirotrain.models import save_pretrained
+
+    ref, _, _ = _reference(rows=4)
+    save_pretrained(ref, tmp_path, dtype=torch.float32, max_shard_size=50_000)
+    _spawn(_sharded_load_worker, 4, 4, str(tmp_path))
 
 
 def test_ep_divisibility_errors():
