@@ -38,16 +38,18 @@ def _case(seed, n=97, d=24, v=301, segments=5, ignore_frac=0.3):
 def test_values_and_grads_match_full_logits(chunk_size):
     hidden, weight, labels, seg, s = _case(0)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    # the plain computation in float64: the fp32 fused path must agree with the exact value
+    h2, w2 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     sums, counts = sequence_logprobs(h1, w1, labels, seg, s, chunk_size=chunk_size)
     ref = naive_sequence_logprobs(h2, w2, labels, seg, s)
-    torch.testing.assert_close(sums, ref, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(sums.double(), ref, atol=1e-5, rtol=1e-6)
     assert counts.tolist() == [int(((seg[0] == i) & (labels[0] != -100)).sum()) for i in range(s)]
     upstream = torch.randn(s)
     (sums * upstream).sum().backward()
-    (ref * upstream).sum().backward()
-    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(w1.grad, w2.grad, atol=1e-5, rtol=1e-5)
+    (ref * upstream.double()).sum().backward()
+    # gradients are sums over the vocabulary/tokens of fp32 products: compare at fp32 accumulation accuracy
+    torch.testing.assert_close(h1.grad.double(), h2.grad, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(w1.grad.double(), w2.grad, atol=5e-5, rtol=1e-4)
 
 
 def test_gradcheck_float64():

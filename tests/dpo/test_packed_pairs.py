@@ -84,4 +84,4 @@ def test_packed_gradients_equal_unpacked():
             total = total + sign * w[k] * logp[m].gather(1, labels[m][:, None]).sum()
     total.backward()
     for n, p in model.named_parameters():
-        torch.testing.assert_close(packed[n], p.grad, atol=2e-5, rtol=1e-4, msg=n)
+        torch.testing.assert_close(packed[n], p.grad, atol=5e-5, rtol=1e-4, msg=n)

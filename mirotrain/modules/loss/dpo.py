@@ -11,7 +11,7 @@ and implicit rewards ``r_c = beta (pi_c - ref_c)``, ``r_r = beta (pi_r - ref_r)`
 * ``hinge`` — SLiC / RSO hinge on the normalised likelihood ratio: ``max(0, 1 - beta z)``.
 * ``bco_pair`` — BCO, Jung et al. 2024, on pairs: ``-log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta))``
   where ``delta`` is the running mean of every reward seen so far (chosen and rejected, all data-parallel
-  ranks, this batch included).
+  ranks, this batch included; in eval mode the mean is used but not updated).
 * ``sft`` — negative log-likelihood of the chosen response per token: ``-pi_c / n_c``.
 
 The total per pair is ``sum_k w_k loss_k`` over ``loss_config = {type: weight}``. Every term is a per-pair
@@ -157,7 +157,7 @@ class DPOLoss(nn.Module):
         stats = stats.to(self.bco_reward_sum.device)
         self.bco_reward_sum += stats[0]
         self.bco_reward_count += stats[1]
-        return (self.bco_reward_sum / self.bco_reward_count.clamp_min(1.0)).to(chosen_rewards.device)
+        return (self.bco_reward_sum / self.bco_reward_count.clamp_min(1.0)).to(chosen_rewards.device, torch.float32)
 
     def forward(self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                 reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
@@ -186,7 +186,12 @@ class DPOLoss(nn.Module):
             elif name == "hinge":
                 term = torch.relu(1.0 - beta * z)
             elif name == "bco_pair":
-                delta = self._update_bco_delta(chosen_rewards.detach(), rejected_rewards.detach())
+                if self.training:
+                    delta = self._update_bco_delta(chosen_rewards.detach(), rejected_rewards.detach())
+                elif bool(self.bco_reward_count > 0):  # evaluation: use the running mean, do not update it
+                    delta = (self.bco_reward_sum / self.bco_reward_count).to(chosen_rewards.device, torch.float32)
+                else:
+                    delta = torch.cat([chosen_rewards, rejected_rewards]).detach().mean()
                 term = -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
                 extras["bco/delta"] = float(delta)
             else:  # sft
