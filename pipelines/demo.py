@@ -49,9 +49,9 @@ def demo_parameters(workdir: str | os.PathLike, inputs: dict[str, str]) -> dict[
     return {
         "model": {"source": inputs["model_source"], "output_dir": str(work / "models" / "tiny-qwen3")},
         "sft_stage": {"config": str(TINY_CONFIGS / "sft.yaml"), "output_dir": str(work / "runs" / "sft"),
-                      "overrides": [f"dataset.source={inputs['sft_data']}", f"dataset.output_dir={packed}"]},
+                      "overrides": [f"dataset.data_files={inputs['sft_data']}", f"dataset.output_dir={packed}"]},
         "dpo_stage": {"config": str(TINY_CONFIGS / "dpo.yaml"), "output_dir": str(work / "runs" / "dpo"),
-                      "overrides": [f"dataset.source={inputs['preference_data']}", f"dataset.output_dir={packed}"]},
+                      "overrides": [f"dataset.data_files={inputs['preference_data']}", f"dataset.output_dir={packed}"]},
         "export_dir": str(work / "export"),
         "launch": {"nproc_per_node": 1, "retries": 2, "retry_delay_s": 2},
     }
