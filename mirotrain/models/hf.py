@@ -52,7 +52,8 @@ def args_from_hf_config(config: dict[str, Any], **overrides: Any) -> Qwen3Args:
     )
     if model_type == "qwen3_moe":
         fields.update(
-            num_experts=config["num_experts"], num_experts_per_tok=config["num_experts_per_tok"],
+            # published Qwen3-MoE configs say num_experts; transformers 5 writes num_local_experts
+            num_experts=config.get("num_experts") or config["num_local_experts"], num_experts_per_tok=config["num_experts_per_tok"],
             moe_hidden_dim=config["moe_intermediate_size"], norm_topk_prob=config.get("norm_topk_prob", True),
             decoder_sparse_step=config.get("decoder_sparse_step", 1), mlp_only_layers=list(config.get("mlp_only_layers") or []),
             router_aux_loss_coef=config.get("router_aux_loss_coef", 0.001),
