@@ -40,6 +40,8 @@ ALIASES: dict[str, str] = {
     # datasets
     "mirotrain.datasets.odr_chat_dataset": "mirotrain.data.datasets:odr_chat_dataset",
     "torchtune.datasets.chat_dataset": "mirotrain.data.datasets:chat_dataset",
+    "mirotrain.datasets.chat_dataset": "mirotrain.data.datasets:chat_dataset",
+    "mirotrain.datasets.alpaca_dataset": "mirotrain.data.datasets:alpaca_dataset",
     "torchtune.datasets.alpaca_dataset": "mirotrain.data.datasets:alpaca_dataset",
     "torchtune.datasets.alpaca_cleaned_dataset": "mirotrain.data.datasets:alpaca_cleaned_dataset",
     "torchtune.datasets.instruct_dataset": "mirotrain.data.datasets:alpaca_dataset",
