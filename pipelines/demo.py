@@ -25,6 +25,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIGS = REPO / "mirotrain" / "configs" / "tiny"
+# Step caps that keep the whole demo well inside 10 minutes on 2 shared CPU cores (a tiny-model step takes
+# 1-3 s there) while still showing the loss move and a checkpoint or two per stage.
+DEMO_SFT_STEPS = ["epochs=1", "max_steps_per_epoch=20", "checkpoint_steps_for_auto_resume=10"]
+DEMO_DPO_STEPS = ["epochs=1", "max_steps_per_epoch=12", "checkpoint_steps_for_auto_resume=6"]
 
 
 def prepare_demo_inputs(workdir: str | os.PathLike) -> dict[str, str]:
@@ -49,9 +53,11 @@ def demo_parameters(workdir: str | os.PathLike, inputs: dict[str, str]) -> dict[
     return {
         "model": {"source": inputs["model_source"], "output_dir": str(work / "models" / "tiny-qwen3")},
         "sft_stage": {"config": str(TINY_CONFIGS / "sft.yaml"), "output_dir": str(work / "runs" / "sft"),
-                      "overrides": [f"dataset.data_files={inputs['sft_data']}", f"dataset.output_dir={packed}"]},
+                      "overrides": [f"dataset.data_files={inputs['sft_data']}", f"dataset.output_dir={packed}",
+                                    *DEMO_SFT_STEPS]},
         "dpo_stage": {"config": str(TINY_CONFIGS / "dpo.yaml"), "output_dir": str(work / "runs" / "dpo"),
-                      "overrides": [f"dataset.data_files={inputs['preference_data']}", f"dataset.output_dir={packed}"]},
+                      "overrides": [f"dataset.data_files={inputs['preference_data']}", f"dataset.output_dir={packed}",
+                                    *DEMO_DPO_STEPS]},
         "export_dir": str(work / "export"),
         "launch": {"nproc_per_node": 1, "retries": 2, "retry_delay_s": 2},
     }
