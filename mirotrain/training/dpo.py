@@ -39,6 +39,7 @@ from mirotrain.modules.loss.logprobs import DEFAULT_CHUNK_SIZE
 from mirotrain.parallel.fsdp import fsdp_modules
 from mirotrain.training import reference as ref
 from mirotrain.training.builders import cfg_value
+from mirotrain.training.distributed import broadcast_object
 from mirotrain.training.trainer import Trainer
 
 log = logging.getLogger("mirotrain.dpo")
@@ -138,7 +139,8 @@ class DPOTrainer(Trainer):
 
         key = self._reference_key(loader.manifest)
         out_dir = ref.reference_shard_dir(loader.shard_dir, key)
-        if manifest_exists(out_dir):
+        # one decision for all ranks: the pass below is collective
+        if broadcast_object(manifest_exists(out_dir) if self.rank == 0 else None):
             log.info("Reference log-probs: cache hit %s", out_dir)
             return out_dir
         reuse_policy = same_weights_as_policy(self.cfg) and self.state_is_fresh()
