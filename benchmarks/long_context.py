@@ -142,7 +142,7 @@ def run_worker(ns: argparse.Namespace) -> None:
     local = shard_batch_for_sp(row, meshes.sp_rank, dims.sp, pad_id=0)
     batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in local.items()}
     batch["labels_cpu"] = local["labels"]  # the loss selects trained tokens on the host: no device sync
-    n_tokens = global_token_count(batch["labels"], group=meshes.fsdp_group)
+    n_tokens = global_token_count(local["labels"], group=meshes.fsdp_group, device=device)
     flops_per_gpu = step_flops(args, matmul_params(args), row) * dims.dp / world
 
     def train_step() -> None:

@@ -29,8 +29,8 @@ the ``dp × sp`` world and every accumulation micro-batch of the optimizer step.
 tokens, so nothing is divided by sp (the old recipe divided its counts by sp because its ranks duplicated
 them).
 
-1. ``N = global_token_count(labels of all micro-batches of the step, group=meshes.fsdp_group)`` —
-   one all-reduce per optimizer step, before the first backward (the labels are known up front).
+1. ``N = global_token_count(labels of all micro-batches of the step, group=meshes.fsdp_group, device=dev)``
+   — one all-reduce per optimizer step, before the first backward (the labels are known up front).
 2. Per micro-batch on each rank: ``loss_sum = CE(logits_local, labels_local, reduction="sum")`` on the local
    shard, then ``sp_loss_reduction(loss_sum, N, grad_divide_factor=F).backward()``.
 3. ``F`` is the factor the gradient reduction divides by. FSDP2 over the flattened ``dp_sp`` mesh
@@ -102,7 +102,6 @@ def shard_batch_for_sp(batch: dict[str, Any], sp_rank: int, sp_size: int, pad_id
         else:
             pad_pos = torch.arange(pad, device=dev)
         position_ids = right_pad(position_ids, pad_pos[None])
-        out["labels"] = labels
     else:
         labels = batch["labels"]
 
@@ -258,17 +257,23 @@ def count_trained_tokens(labels: torch.Tensor | list[torch.Tensor], ignore_index
     """Trained tokens (labels != ignore_index) in one shard or a list of micro-batch shards, as an int64 tensor."""
     if isinstance(labels, torch.Tensor):
         labels = [labels]
+    if not labels:
+        raise ValueError("count_trained_tokens needs at least one labels tensor")
     return sum((lab != ignore_index).sum() for lab in labels).to(torch.int64)
 
 
 def global_token_count(labels: torch.Tensor | list[torch.Tensor], group: dist.ProcessGroup | None = None,
-                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """N: trained tokens summed over ``group`` (all dp × sp ranks), kept on the labels' device (no host sync).
+                       ignore_index: int = IGNORE_INDEX, device: torch.device | str | None = None) -> torch.Tensor:
+    """N: trained tokens summed over ``group`` (all dp × sp ranks), as a tensor on ``device`` (no host sync).
 
     Pass the *local shards* (after :func:`shard_batch_for_sp`); SP ranks hold disjoint tokens, so the plain
-    sum is right. With gradient accumulation pass every micro-batch of the step.
+    sum is right. With gradient accumulation pass every micro-batch of the step. ``device`` (default: the
+    labels' device) must suit the group's backend: counting CPU labels and passing ``device="cuda"`` costs a
+    host count and one small non-blocking copy for NCCL.
     """
     n = count_trained_tokens(labels, ignore_index)
+    if device is not None:
+        n = n.to(device, non_blocking=True)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(n, op=dist.ReduceOp.SUM, group=group)
     return n

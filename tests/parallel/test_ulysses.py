@@ -89,7 +89,7 @@ def run_case(case: dict, rank: int, world: int) -> None:
         apply_activation_checkpointing(model)
     local = shard_batch_for_sp(rows[meshes.dp_rank], meshes.sp_rank, dims.sp, pad_id=0)
     loss_sum = forward_loss_sum(model, local)
-    n_global = global_token_count(local["labels"], group=meshes.fsdp_group)
+    n_global = global_token_count(local["labels"], group=meshes.fsdp_group, device="cpu")
     assert int(n_global) == n_ref
     sp_loss_reduction(loss_sum, n_global, grad_divide_factor=world).backward()
     logged = global_mean_loss(loss_sum, n_global, group=meshes.fsdp_group)
@@ -112,6 +112,10 @@ def check_errors(rank: int, world: int) -> None:
     group = dist.new_group(list(range(world)))
     with pytest.raises(ParallelConfigError, match="must divide the number of attention heads"):
         apply_ulysses(build_model(dict(heads=3 * world // 2, kv=world // 2, seed=0)), group)
+    varlen = qwen3(vocab_size=VOCAB, dim=DIM, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=HEAD_DIM,
+                   hidden_dim=HIDDEN, attention_backend="varlen")
+    with pytest.raises(ParallelConfigError, match="not available on cpu"):
+        apply_ulysses(varlen, group)
     model = build_model(dict(heads=4, kv=2, seed=0))
     apply_ulysses(model, group)
     with pytest.raises(ParallelConfigError, match="already applied"):
