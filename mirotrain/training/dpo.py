@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from typing import Any, Mapping
 
 import torch
@@ -73,6 +74,7 @@ class DPOTrainer(Trainer):
         self.chunk_size = int(cfg.get("unembed_chunk_size") or DEFAULT_CHUNK_SIZE)
         self.live_reference: ref.LiveReference | None = None
         self.reference_dirs: dict[str, str] = {}
+        self.reference_pass_seconds = 0.0
         if precompute_only:
             cfg = {**cfg, "auto_resume": False}  # the pass never needs training state
         super().__init__(cfg, **kwargs)
@@ -148,6 +150,7 @@ class DPOTrainer(Trainer):
         log.info("Reference log-probs: computing %s over %d rows with %s", out_dir, len(loader.reader),
                  "the starting policy weights" if reuse_policy else "a separate reference model")
         was_training = model.training
+        start = time.perf_counter()
         columns = ref.compute_reference_columns(
             model, self._reference_batches(loader), ref.num_pair_ids(loader.reader), self.device,
             chunk_size=self.chunk_size, sp_group=self.meshes.sp_group if self.sp_size > 1 else None,
@@ -160,6 +163,8 @@ class DPOTrainer(Trainer):
         if self.rank == 0:
             ref.write_reference_dir(loader.shard_dir, out_dir, columns, {"key": key})
         dist.barrier()
+        self.reference_pass_seconds += time.perf_counter() - start
+        log.info("Reference log-probs: pass over %d rows took %.1f s", len(loader.reader), self.reference_pass_seconds)
         return out_dir
 
     def state_is_fresh(self) -> bool:

@@ -27,17 +27,24 @@ def _logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``hidden @ weight.T`` with an fp32 result, without an fp32 copy of the (large) weight.
 
     fp32 inputs: a plain matmul. Low-precision inputs on CUDA: the matmul accumulates in fp32 anyway, so
-    asking for an fp32 output (``out_dtype``) keeps logits exact to fp32 at bf16 matmul speed. Elsewhere
-    (no such kernel) fall back to upcasting both operands of this chunk.
+    asking for an fp32 output (``out_dtype``) keeps logits exact to fp32 at bf16 matmul speed — no rounding of
+    the logits to bf16 before the log-sum-exp. Without that kernel (older torch): the compute-dtype matmul,
+    upcast (what fused CE kernels do), never an fp32 copy of the whole [vocab, dim] weight per chunk.
     """
+    global _OUT_DTYPE_MM
     if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
         return hidden @ weight.t()
-    if hidden.is_cuda:
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    if hidden.is_cuda and _OUT_DTYPE_MM:
         try:
             return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # older torch without the fp32-output matmul
-            pass
-    return hidden.float() @ weight.float().t()
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_MM = False
+    return (hidden @ weight.t()).float()
+
+
+_OUT_DTYPE_MM = True  # flipped off once if this torch has no fp32-output matmul
 
 
 class FusedLinearLogProb(torch.autograd.Function):
@@ -86,7 +93,7 @@ class FusedLinearLogProb(torch.autograd.Function):
             grad_logits.scatter_add_(1, targets[start:end, None], g)  # + g * onehot(target)
             grad_logits = grad_logits.to(weight.dtype)
             if need_h:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+                grad_hidden[start:end] = grad_logits @ weight
             if need_w:
                 grad_weight.addmm_(grad_logits.t(), h.to(weight.dtype))
             del grad_logits
