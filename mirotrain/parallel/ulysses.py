@@ -40,6 +40,7 @@ them).
    through the reverse all-to-alls, the part of the other SP ranks' losses that flows through its
    activations; summing those partial gradients over the SP group and the DP replicas gives the total.
 4. Logging: ``global_mean_loss(loss_sum.detach(), N, group=meshes.fsdp_group)``.
+Sequence-level losses (DPO) reduce per-sequence partial sums with :func:`sp_all_reduce_sum` instead.
 Gradient clipping then sees the true gradient (global L2 norm over the FSDP shards) with no extra scaling.
 """
 
@@ -290,6 +291,34 @@ def sp_loss_reduction(loss_sum: torch.Tensor, n_tokens_global: torch.Tensor | in
     """
     n = torch.as_tensor(n_tokens_global, device=loss_sum.device).clamp(min=1).to(loss_sum.dtype)
     return loss_sum * (grad_divide_factor / n)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce SUM forward, identity backward (see :func:`sp_all_reduce_sum`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def sp_all_reduce_sum(partial: torch.Tensor, group: dist.ProcessGroup | DeviceMesh) -> torch.Tensor:
+    """Sum per-sequence partials over the SP group, differentiably (e.g. DPO log-prob sums of a sharded row).
+
+    Sequence-level losses (DPO) need each sequence's total, but its tokens are spread over the SP ranks: each
+    rank sums its own tokens per sequence (segment ids offset by ``sp_rank · T_local``), this all-reduces them,
+    and every SP rank then computes the *same* loss. The backward is the identity, not a second all-reduce:
+    rank r's partial gradient is dL/dtotal · ∂partial_r/∂θ, and the gradient reduction over the SP group
+    sums those into dL/dθ exactly once. With FSDP2 averaging over dp × sp, backprop
+    ``replica_loss · world_size / dp_size`` (the replicated loss counted once per DP replica, then the mean
+    over replicas).
+    """
+    return _SumOverGroup.apply(partial, _as_group(group))
 
 
 def global_mean_loss(loss_sum: torch.Tensor, n_tokens_global: torch.Tensor | int,

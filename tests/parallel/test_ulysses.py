@@ -24,6 +24,7 @@ from mirotrain.parallel.ulysses import (
     global_mean_loss,
     global_token_count,
     shard_batch_for_sp,
+    sp_all_reduce_sum,
     sp_loss_reduction,
 )
 
@@ -107,6 +108,52 @@ def run_case(case: dict, rank: int, world: int) -> None:
     assert worst <= TOL, (case["name"], worst)
 
 
+def doc_logprob_sums(model: torch.nn.Module, batch: dict, offset: int) -> torch.Tensor:
+    """Σ log p(label) per document of the (global) cu_seqlens over this shard's tokens (DPO's quantity)."""
+    logits = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"])
+    logp = -F.cross_entropy(logits[0].float(), batch["labels"][0], ignore_index=IGNORE_INDEX, reduction="none")
+    cu = batch["cu_seqlens"].long()
+    pos = torch.arange(offset, offset + logp.shape[0])
+    seg = torch.searchsorted(cu, pos, right=True) - 1
+    return torch.zeros(cu.numel() - 1).index_add(0, seg, logp)
+
+
+def sequence_loss(sums: torch.Tensor, n_docs: int) -> torch.Tensor:
+    """A nonlinear function of the per-document totals (so using the *summed* value matters)."""
+    weights = torch.linspace(-1.0, 1.0, n_docs)
+    return (weights * torch.tanh(sums[:n_docs] / 20.0)).sum() + F.logsigmoid(sums[0] - sums[n_docs - 1])
+
+
+def run_sequence_case(case: dict, rank: int, world: int) -> None:
+    """Sequence-level loss (DPO-like): per-document log-prob sums reduced with sp_all_reduce_sum; the loss
+    is the mean over DP replicas, gradients averaged over the world as FSDP2 does."""
+    dims = ParallelDims(world, dp=case["dp"], sp=case["sp"])
+    meshes = dims.build_mesh("cpu")
+    rows = [make_row(cu, seed=100 * case["seed"] + i) for i, cu in enumerate(case["rows"])]
+    ref = build_model(case)
+    ref_loss = sum(sequence_loss(doc_logprob_sums(ref, row, 0), len(row["cu_seqlens"]) - 1) for row in rows) / len(rows)
+    ref_loss.backward()
+
+    model = build_model(case)
+    apply_ulysses(model, meshes.sp_group)
+    row = rows[meshes.dp_rank]
+    local = shard_batch_for_sp(row, meshes.sp_rank, dims.sp, pad_id=0)
+    offset = meshes.sp_rank * local["input_ids"].shape[1]
+    sums = sp_all_reduce_sum(doc_logprob_sums(model, local, offset), meshes.sp_group)
+    loss = sequence_loss(sums, len(row["cu_seqlens"]) - 1)
+    (loss * world / dims.dp_size).backward()
+    logged = loss.detach().clone()
+    dist.all_reduce(logged, group=meshes.fsdp_group)
+    assert abs(logged.item() / world - ref_loss.item()) <= TOL, (case["name"], logged.item() / world, ref_loss.item())
+    ref_grads = dict(ref.named_parameters())
+    worst = 0.0
+    for name, p in model.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad, group=meshes.fsdp_group)
+        worst = max(worst, (grad / world - ref_grads[name].grad).abs().max().item())
+    assert worst <= TOL, (case["name"], "sequence loss", worst)
+
+
 def check_errors(rank: int, world: int) -> None:
     """apply_ulysses refuses a model whose heads the SP group cannot split (on every rank, before work)."""
     group = dist.new_group(list(range(world)))
@@ -143,6 +190,8 @@ def worker(rank: int, world: int, port: int, cases: list[dict]) -> None:
     try:
         for case in cases:
             run_case(case, rank, world)
+            if case.get("sequence_loss"):
+                run_sequence_case(case, rank, world)
         check_errors(rank, world)
         check_meshes(rank, world)
     finally:
@@ -161,14 +210,17 @@ def spawn(world: int, cases: list[dict]) -> None:
 
 # Documents straddle every shard boundary; totals are not multiples of sp (padding segment is used).
 CASES_2 = [
-    dict(name="sp2_kv2_yarn_ac", sp=2, dp=1, heads=4, kv=2, seed=1, yarn=True, ac=True, rows=[[0, 9, 23, 35]]),
+    dict(name="sp2_kv2_yarn_ac", sp=2, dp=1, heads=4, kv=2, seed=1, yarn=True, ac=True, rows=[[0, 9, 23, 35]],
+         sequence_loss=True),
     dict(name="sp2_kv4", sp=2, dp=1, heads=8, kv=4, seed=2, rows=[[0, 17, 19, 40]]),
 ]
 CASES_4 = [
     dict(name="sp4_kv4", sp=4, dp=1, heads=8, kv=4, seed=3, rows=[[0, 5, 18, 30, 37]]),
-    dict(name="sp4_kv2_replicated", sp=4, dp=1, heads=8, kv=2, seed=4, yarn=True, rows=[[0, 13, 27, 42]]),
+    dict(name="sp4_kv2_replicated", sp=4, dp=1, heads=8, kv=2, seed=4, yarn=True, rows=[[0, 13, 27, 42]],
+         sequence_loss=True),
     dict(name="sp4_h4_kv2_replicated", sp=4, dp=1, heads=4, kv=2, seed=5, rows=[[0, 21, 33]]),
-    dict(name="dp2_sp2", sp=2, dp=2, heads=4, kv=2, seed=6, ac=True, rows=[[0, 11, 25, 31], [0, 7, 8, 29]]),
+    dict(name="dp2_sp2", sp=2, dp=2, heads=4, kv=2, seed=6, ac=True, rows=[[0, 11, 25, 31], [0, 7, 8, 29]],
+         sequence_loss=True),
 ]
 
 
