@@ -265,6 +265,9 @@ def main() -> None:
         print(f"HF FSDP2 baseline (SFT, one {ns.seq}-token document per GPU): {results['hf_fsdp2_sft']}")
     if ns.json:
         Path(ns.json).write_text(json.dumps(results, indent=2))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)  # shards, reference cache and run dirs of this benchmark
 
 
 if __name__ == "__main__":
