@@ -56,8 +56,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from mirotrain.parallel.mesh import ParallelConfigError, check_sp_attention_backend, kv_replication_factor
 
 IGNORE_INDEX = -100
-# Batch keys laid out [B, T] that are split by columns; everything else is global and passed through.
-SEQUENCE_KEYS = ("input_ids", "labels", "position_ids")
 
 AttnFn = Callable[..., torch.Tensor]
 
