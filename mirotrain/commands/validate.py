@@ -67,8 +67,14 @@ def main(argv: list[str]) -> int:
     if model is not None:
         args = model.args
         sp, ep = cfg.get("ulysses_sequence_parallel_size", 1), cfg.get("moe_expert_parallel_size", 1)
-        if isinstance(sp, int) and sp > 1 and args.n_heads % sp:
-            errors.append(ConfigError("ulysses_sequence_parallel_size", f"({sp}) must divide the number of attention heads ({args.n_heads})"))
+        if isinstance(sp, int) and sp > 1 and ns.world_size % sp == 0:
+            from mirotrain.parallel.mesh import ParallelDims
+
+            try:
+                ParallelDims(ns.world_size, sp=sp).validate_model(
+                    args.n_heads, args.n_kv_heads, cfg.get("attention_backend", "auto"), cfg.get("device", "cuda"))
+            except ValueError as exc:
+                errors.append(ConfigError("ulysses_sequence_parallel_size", str(exc)))
         if isinstance(ep, int) and ep > 1 and (not args.is_moe or args.num_experts % ep):
             errors.append(ConfigError("moe_expert_parallel_size", f"({ep}) must divide the number of experts ({args.num_experts})"))
         mem = estimate_memory(model, cfg, ns.world_size)
