@@ -40,17 +40,6 @@ _SAMPLES_PER_FILE = 8
 
 
 # ------------------------------------------------------------------------------------------ forward
-def _sp_sum_keep_local_grad(partial: torch.Tensor, group: Any) -> torch.Tensor:
-    """Sum over the SP group whose gradient w.r.t. ``partial`` is the identity.
-
-    Every SP rank then evaluates the same loss on the full sums; each rank's backward carries the gradient
-    of that loss through *its own* tokens, and FSDP's reduction over dp x sp adds the parts up.
-    """
-    total = partial.detach().clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return partial + (total - partial.detach())
-
-
 def forward_pair_logprobs(model: nn.Module, batch: Mapping[str, Any], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                           cpu_batch: Mapping[str, Any] | None = None, sp_group: Any = None,
                           sp_rank: int = 0) -> dict[str, torch.Tensor]:
@@ -69,8 +58,11 @@ def forward_pair_logprobs(model: nn.Module, batch: Mapping[str, Any], *, chunk_s
     out = pair_logprobs(hidden, model.lm_head_weight, labels, src["cu_seqlens"], src["chosen_index"],
                         src["rejected_index"], token_offset=offset, chunk_size=chunk_size)
     if sp_group is not None and dist.is_initialized() and dist.get_world_size(sp_group) > 1:
+        from mirotrain.parallel.ulysses import sp_all_reduce_sum
+
+        # identity backward: each SP rank back-propagates the shared pair losses through its own tokens
         for key in ("chosen_logps", "rejected_logps"):
-            out[key] = _sp_sum_keep_local_grad(out[key], sp_group)
+            out[key] = sp_all_reduce_sum(out[key], sp_group)
         for key in ("chosen_tokens", "rejected_tokens"):
             dist.all_reduce(out[key], op=dist.ReduceOp.SUM, group=sp_group)
     return out
