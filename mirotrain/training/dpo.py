@@ -297,6 +297,17 @@ class DPOTrainer(Trainer):
         if saved:
             self.loss_fn.load_state_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()})
 
+    def _setup_metrics(self) -> None:
+        """A reference-only run logs no training metrics: keep the run's metrics.jsonl and TensorBoard
+        untouched (the pipeline runs the pass again before resuming a crashed run in the same output_dir)."""
+        if not self.precompute_only:
+            return super()._setup_metrics()
+        real, self.output_dir = self.output_dir, self.output_dir / "reference_pass"
+        try:
+            super()._setup_metrics()
+        finally:
+            self.output_dir = real
+
     def train(self) -> dict[str, Any]:
         if self.precompute_only:
             summary = {"recipe": self.recipe, "precompute_only": True, "reference_dirs": self.reference_dirs,

@@ -86,6 +86,10 @@ def test_precompute_only_fills_the_cache_training_reuses(preference_data, tmp_pa
     summary = _run(tiny_overrides(data, tmp_path / "train", "epochs=1", "max_steps_per_epoch=1", "auto_resume=False"))
     assert (Path(ref_dir) / "manifest.json").stat().st_mtime_ns == stamp  # cache hit, not recomputed
     assert summary["steps"] == 1
+    # the pipeline re-runs the pass before resuming a run in the same output_dir: its history must survive
+    history = (tmp_path / "train" / "metrics.jsonl").read_text()
+    _run(tiny_overrides(data, tmp_path / "train"), precompute_only=True)
+    assert (tmp_path / "train" / "metrics.jsonl").read_text() == history
 
 
 def test_export_loads_in_transformers(preference_data, tmp_path):
