@@ -6,3 +6,19 @@ memory-mapped reader, manifest), ``pack`` (``mirotrain pack``), ``preference`` (
 ``collate``, ``streaming`` (streaming pack), ``loader`` (``build_train_loader``), ``demo`` (demo data).
 Nothing heavy is imported here.
 """
+
+from typing import Any
+
+
+def pack_dataset(cfg: dict, section: str = "dataset", **kwargs: Any) -> str:
+    """Pack ``cfg[section]`` to Arrow shards (a cache hit if already packed); returns the shard dir."""
+    from mirotrain.data.pack import pack_dataset as pack
+
+    return pack(cfg, section, **kwargs)
+
+
+def read_manifest(shard_dir: str) -> dict:
+    """The ``manifest.json`` of a shard directory."""
+    from mirotrain.data.shards import read_manifest as read
+
+    return read(shard_dir)

@@ -204,11 +204,4 @@ def build_train_loader(cfg: dict, section: str = "dataset", *, dp_rank: int = 0,
                        reader=reader, packed_seq_len=L, seed=seed, shard_dir=shard_dir)
 
 
-def pack_dataset(cfg: dict, section: str = "dataset") -> str:
-    """Public entry used by ``mirotrain pack`` and the pipeline's pack task (re-exported)."""
-    from mirotrain.data.pack import pack_dataset as _pack
-
-    return _pack(cfg, section)
-
-
-__all__ = ["TrainLoader", "build_train_loader", "pack_dataset", "read_manifest"]
+__all__ = ["TrainLoader", "build_train_loader", "read_manifest"]
