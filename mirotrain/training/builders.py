@@ -88,21 +88,13 @@ def build_loss(cfg: dict) -> nn.Module:
 
 
 def build_optimizer(cfg: dict, model: nn.Module, device: torch.device, cpu_offload: bool) -> torch.optim.Optimizer:
-    """The configured optimizer over all parameters; AdamW is fused on CUDA (foreach for CPU-resident params)."""
+    """The configured optimizer over all parameters; Adam(W) is fused by default (torch has fused CPU and
+    CUDA kernels; CPU-resident parameters under fsdp_cpu_offload use the CPU kernel)."""
     node = dict(cfg["optimizer"])
     node.pop("params", None)
     name = node.get("_component_", "")
-    on_gpu = device.type == "cuda" and not cpu_offload
-    if name.endswith("AdamW") or name.endswith("Adam"):
-        fused = node.get("fused")
-        if fused is None:
-            node["fused"] = on_gpu
-        elif fused and not on_gpu:
-            log.warning("optimizer.fused=True ignored: parameters live in host memory (CPU run or "
-                        "fsdp_cpu_offload); using the foreach implementation")
-            node["fused"] = False
-        if not node["fused"]:
-            node.setdefault("foreach", True)
+    if (name.endswith("AdamW") or name.endswith("Adam")) and node.get("fused") is None and not node.get("foreach"):
+        node["fused"] = True
     return instantiate(node, params=[p for p in model.parameters() if p.requires_grad])
 
 

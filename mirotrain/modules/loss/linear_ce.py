@@ -24,22 +24,25 @@ DEFAULT_CHUNK_TOKENS = 4096
 
 def _chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One chunk: (sum of CE over its tokens [fp32], d/dhidden, d/dweight [fp32]).
+    """One chunk: (sum of CE over its tokens [fp32], d/dhidden, d/dweight [fp32]) (fp64 for fp64 inputs).
 
     hidden [n, D], weight [V, D] (same dtype, the compute dtype), targets [n] long (all valid).
     Logits are formed in fp32 from the compute-dtype matmul so softmax and log-sum-exp are exact in fp32.
     """
-    logits = (hidden @ weight.t()).float()  # [n, V]
+    logits = hidden @ weight.t()  # [n, V]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
     lse = torch.logsumexp(logits, dim=-1)
-    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    rows = torch.arange(targets.shape[0], device=targets.device)
+    target_logit = logits[rows, targets]
     loss_sum = (lse - target_logit).sum()
     if not need_grad:
         return loss_sum, None, None
-    grad_logits = torch.softmax(logits, dim=-1)  # d(lse - z_t)/dz = softmax - onehot
-    grad_logits.scatter_add_(1, targets[:, None], torch.full_like(target_logit[:, None], -1.0))
+    # d(lse - z_t)/dz = softmax(z) - onehot(t), formed in place in the logits buffer (no second [n, V] tensor)
+    grad_logits = logits.sub_(lse[:, None]).exp_()
+    grad_logits[rows, targets] -= 1.0
     grad_logits = grad_logits.to(hidden.dtype)
     grad_hidden = grad_logits @ weight
-    grad_weight = (grad_logits.t() @ hidden).float()
+    grad_weight = (grad_logits.t() @ hidden).to(logits.dtype)
     return loss_sum, grad_hidden, grad_weight
 
 
@@ -50,9 +53,10 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
                 chunk_fn: Callable) -> torch.Tensor:
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_grad else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             stop = min(start + chunk_tokens, hidden.shape[0])
             loss_c, gh, gw = chunk_fn(hidden[start:stop], weight, targets[start:stop], need_grad)
