@@ -10,9 +10,10 @@ chosen and rejected in one row); the SFT directory holds *the same rows* without
 recipes see identical tokens, documents (attention segments) and trained positions. Both run through the
 real trainers (``SFTTrainer`` / ``DPOTrainer``: FSDP2, bf16 compute with fp32 master weights, full AC,
 torch.compile'd layers, fused AdamW, global-norm clipping), from random weights, one after the other in one
-``torchrun`` job. Reported per recipe: median step time, tokens/s/GPU (all tokens of the rows incl.
-padding), causal MFU against the measured bf16 matmul peak, peak memory; for DPO also the one-off reference
-pass (its own wall time) — it runs once per data set and model, not per step.
+benchmark run (two ``torchrun`` jobs back to back, so neither inherits the other's memory). Reported per
+recipe: median step time, tokens/s/GPU (all tokens of the rows incl. padding), causal MFU against the
+measured bf16 matmul peak, peak memory; for DPO also the one-off reference pass (its own wall time) — it
+runs once per data set and model, not per step.
 ``--hf-baseline`` adds the HF transformers FSDP2 baseline (../shared/baselines/hf_fsdp2.py, SFT on one 16K
 document per GPU) in the same job, for scale.
 
@@ -159,9 +160,8 @@ def time_recipe(trainer, warmup: int, steps: int) -> dict:
 
 
 def run_worker(ns: argparse.Namespace) -> None:
-    import gc
-
-    import torch
+    """One recipe in this torchrun job (each recipe gets fresh processes: nothing of the other stays in memory)."""
+    import torch.distributed as dist
 
     from mirotrain.training.distributed import destroy_distributed
     from mirotrain.training.dpo import DPOTrainer
@@ -169,31 +169,21 @@ def run_worker(ns: argparse.Namespace) -> None:
 
     work = Path(ns.work)
     meta = json.loads((work / "shards.json").read_text())
-    results: dict = {}
-    for recipe, cls in (("sft", SFTTrainer), ("dpo", DPOTrainer)):
-        t0 = time.perf_counter()
-        trainer = cls(base_config(ns, work, recipe, meta[recipe]))
-        setup = time.perf_counter() - t0
-        results[recipe] = {"setup_s": setup, **time_recipe(trainer, ns.warmup, ns.steps)}
-        if recipe == "dpo":
-            results["reference_pass_s"] = trainer.reference_pass_seconds
-        trainer.close()
-        del trainer
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    cls = DPOTrainer if ns.recipe == "dpo" else SFTTrainer
+    t0 = time.perf_counter()
+    trainer = cls(base_config(ns, work, ns.recipe, meta[ns.recipe]))
+    result = {"setup_s": time.perf_counter() - t0, **time_recipe(trainer, ns.warmup, ns.steps)}
+    if ns.recipe == "dpo":
+        result["reference_pass_s"] = trainer.reference_pass_seconds
+    trainer.close()
     if not ns.cpu_smoke:
         from benchmarks.common import matmul_peak_tflops
 
-        peak = matmul_peak_tflops() * 1e12
-        for r in results.values():
-            r["mfu"] = r["flops_per_step_per_gpu"] / r["step_s"] / peak
-        results["matmul_peak_tflops"] = peak / 1e12
-    import torch.distributed as dist
-
+        peak = matmul_peak_tflops()
+        result["matmul_peak_tflops"] = peak
+        result["mfu"] = result["flops_per_step_per_gpu"] / result["step_s"] / (peak * 1e12)
     if dist.get_rank() == 0:
-        results["dpo_over_sft"] = results["dpo"]["tokens_per_s_per_gpu"] / results["sft"]["tokens_per_s_per_gpu"]
-        (work / "result.json").write_text(json.dumps(results, indent=2))
+        (work / f"result_{ns.recipe}.json").write_text(json.dumps(result, indent=2))
     destroy_distributed()
 
 
@@ -201,11 +191,9 @@ def run_worker(ns: argparse.Namespace) -> None:
 def hf_baseline(ns: argparse.Namespace) -> dict | None:
     from benchmarks.common import baseline_script
 
-    try:
-        import liger_kernel  # noqa: F401
-        liger = "1"
-    except ImportError:
-        liger = "0"
+    import importlib.util
+
+    liger = "1" if importlib.util.find_spec("liger_kernel") is not None else "0"
     cmd = ["torchrun", "--standalone", f"--nproc_per_node={ns.nproc}", str(baseline_script("hf_fsdp2.py")), "8B",
            str(ns.seq), liger]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -230,6 +218,7 @@ def main() -> None:
     p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--recipe", choices=("sft", "dpo"), help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns.cpu_smoke:
         ns.nproc, ns.seq, ns.steps, ns.warmup, ns.chunk = 2, min(ns.seq, 512), 2, 1, 128
@@ -242,13 +231,17 @@ def main() -> None:
     vocab = 512 if ns.cpu_smoke else 151936
     dpo_dir, sft_dir = write_shards(work, rows, vocab, ns.seq, pad_id=0 if ns.cpu_smoke else 151643)
     (work / "shards.json").write_text(json.dumps({"dpo": dpo_dir, "sft": sft_dir}))
-    cmd = ["torchrun", "--standalone", f"--nproc_per_node={ns.nproc}", str(Path(__file__).resolve()), "--worker",
-           "--work", str(work), "--seq", str(ns.seq), "--steps", str(ns.steps), "--warmup", str(ns.warmup),
-           "--chunk", str(ns.chunk)] + (["--cpu-smoke"] if ns.cpu_smoke else []) + \
-        (["--tokenizer", ns.tokenizer] if ns.tokenizer else [])
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    results = json.loads((work / "result.json").read_text())
+    results: dict = {}
+    for recipe in ("sft", "dpo"):  # one after the other, same data, same GPUs, same job
+        cmd = ["torchrun", "--standalone", f"--nproc_per_node={ns.nproc}", str(Path(__file__).resolve()), "--worker",
+               "--recipe", recipe, "--work", str(work), "--seq", str(ns.seq), "--steps", str(ns.steps),
+               "--warmup", str(ns.warmup), "--chunk", str(ns.chunk)] + (["--cpu-smoke"] if ns.cpu_smoke else []) + \
+            (["--tokenizer", ns.tokenizer] if ns.tokenizer else [])
+        subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+        results[recipe] = json.loads((work / f"result_{recipe}.json").read_text())
+    results["reference_pass_s"] = results["dpo"].pop("reference_pass_s")
+    results["dpo_over_sft"] = results["dpo"]["tokens_per_s_per_gpu"] / results["sft"]["tokens_per_s_per_gpu"]
     results["config"] = {"nproc": ns.nproc, "seq": ns.seq, "steps": ns.steps, "warmup": ns.warmup, "chunk": ns.chunk,
                          "model": "tiny" if ns.cpu_smoke else "Qwen3-8B"}
     if ns.hf_baseline and not ns.cpu_smoke:

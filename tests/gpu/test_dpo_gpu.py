@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mirotrain.modules.loss.logprobs import sequence_logprobs, token_logprobs
+from mirotrain.modules.loss.logprobs import token_logprobs
 
 V, D = 151936, 4096  # Qwen3-8B LM head
 
