@@ -147,4 +147,4 @@ def test_bco_running_mean_is_in_state_dict():
     b.load_state_dict(a.state_dict())
     pc, pr, rc, rr, n = _batch(4)
     oa, ob = a(pc.float(), pr.float(), rc.float(), rr.float()), b(pc.float(), pr.float(), rc.float(), rr.float())
-    assert torch.equal(oa.pair_losses, ob.pair_losses) and oa.extras == ob.extras
+    assert torch.equal(oa.pair_losses, ob.pair_losses) and oa.metrics() == ob.metrics()

@@ -73,7 +73,7 @@ class DPOOutput:
     rejected_rewards: torch.Tensor
     policy_chosen_logps: torch.Tensor
     policy_rejected_logps: torch.Tensor
-    extras: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_pairs(self) -> int:
@@ -83,7 +83,8 @@ class DPOOutput:
         """Sums over pairs (fp32, detached); divide by ``pairs`` after summing over micro-batches and ranks."""
         c, r = self.chosen_rewards.float(), self.rejected_rewards.float()
         sums = {
-            "pairs": torch.tensor(float(self.num_pairs), device=c.device),
+            # torch.full is a device-side fill: no host-to-device copy, so no stream sync per micro-batch
+            "pairs": torch.full((), float(self.num_pairs), device=c.device),
             "loss": self.pair_losses.detach().float().sum(),
             "rewards/chosen": c.sum(),
             "rewards/rejected": r.sum(),
@@ -101,7 +102,7 @@ class DPOOutput:
         sums = self.metric_sums()
         pairs = max(float(sums.pop("pairs")), 1.0)
         out = {name: float(value) / pairs for name, value in sums.items()}
-        out.update(self.extras)
+        out.update({name: float(value) for name, value in self.extras.items()})
         return out
 
 
@@ -149,8 +150,8 @@ class DPOLoss(nn.Module):
         """Fold this batch's rewards (all ranks) into the running mean and return the new mean."""
         stats = torch.stack([
             (chosen_rewards.double().sum() + rejected_rewards.double().sum()),
-            torch.tensor(float(chosen_rewards.numel() + rejected_rewards.numel()), dtype=torch.float64,
-                         device=chosen_rewards.device),
+            torch.full((), float(chosen_rewards.numel() + rejected_rewards.numel()), dtype=torch.float64,
+                       device=chosen_rewards.device),
         ])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.process_group)
@@ -174,7 +175,7 @@ class DPOLoss(nn.Module):
         rejected_rewards = beta * rejected_logratio
 
         components: dict[str, torch.Tensor] = {}
-        extras: dict[str, float] = {}
+        extras: dict[str, torch.Tensor] = {}
         for name in self.loss_config:
             if name == "sigmoid":
                 eps = self.label_smoothing
@@ -193,7 +194,7 @@ class DPOLoss(nn.Module):
                 else:
                     delta = torch.cat([chosen_rewards, rejected_rewards]).detach().mean()
                 term = -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
-                extras["bco/delta"] = float(delta)
+                extras["bco/delta"] = delta.detach()
             else:  # sft
                 if chosen_token_counts is None:
                     raise ValueError("the sft term needs chosen_token_counts (trained tokens per chosen response)")
