@@ -118,11 +118,19 @@ def build_tokenizer(cfg: dict) -> Any:
 
 
 def tokenizer_dir(cfg: dict) -> str | None:
-    """Directory of the tokenizer files to copy into HF exports (tokenizer.path, else the base checkpoint)."""
+    """Directory of the tokenizer files to copy into HF exports: tokenizer.path, else the base checkpoint, else
+    (``path: null``) the bundled Qwen3 tokenizer the tokenizer itself falls back to."""
     path = (cfg.get("tokenizer") or {}).get("path")
     if path:
         return str(path)
-    return (cfg.get("checkpointer") or {}).get("checkpoint_dir")
+    base = (cfg.get("checkpointer") or {}).get("checkpoint_dir")
+    if base:
+        return str(base)
+    if cfg.get("tokenizer") is not None:
+        from mirotrain.models.qwen3.tokenizer import bundled_tokenizer_dir
+
+        return str(bundled_tokenizer_dir())
+    return None
 
 
 def build_loader(cfg: dict, section: str, *, dp_rank: int, dp_size: int, seed: int, tokenizer: Any) -> Any:
