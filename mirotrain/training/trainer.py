@@ -323,6 +323,7 @@ class Trainer:
         self._window_start = time.perf_counter()
         self.last_metrics: dict[str, float] = {}
         self.last_val_loss: float | None = None
+        self._last_val_step = -1
 
     # ------------------------------------------------------------------------------------- loss step
 
@@ -521,6 +522,7 @@ class Trainer:
         return loss_total / max(n, 1.0)
 
     def _log_val(self, step: int) -> None:
+        self._last_val_step = step
         self.last_val_loss = self.validate()
         if self.is_main:
             log.info("Step %d: val_loss=%.8g", step, self.last_val_loss)
@@ -549,7 +551,7 @@ class Trainer:
         epoch = self.state.epoch
         self.state.epoch += 1
         self.state.step_in_epoch = 0
-        if self.val_loader is not None:
+        if self.val_loader is not None and self._last_val_step != self.state.step:
             self._log_val(self.state.step)
         if cfg_value(self.cfg, "save_hf_every_epoch") and self.state.epoch < self.epochs:
             self.export_hf(f"epoch_{epoch}")
