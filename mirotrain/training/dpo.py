@@ -77,6 +77,8 @@ class DPOTrainer(Trainer):
         self.reference_pass_seconds = 0.0
         if precompute_only:
             cfg = {**cfg, "auto_resume": False}  # the pass never needs training state
+            if self.reference_mode == "live":
+                log.warning("--precompute-only with reference: live has nothing to precompute")
         super().__init__(cfg, **kwargs)
         self._dpo_sums: dict[str, torch.Tensor] = {}
         if self.reference_mode == "live" and not precompute_only:
