@@ -77,9 +77,13 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, option: int | st
 
 
 def apply_compile(model: nn.Module, loss_fn: nn.Module | None = None) -> None:
-    """torch.compile each decoder layer in place (FQNs unchanged) and the loss's per-chunk kernel."""
+    """torch.compile each decoder layer's forward (FQNs unchanged) and the loss's per-chunk kernel.
+
+    Only ``forward`` is compiled, not ``__call__``: the module hooks FSDP installs afterwards run eagerly around
+    the compiled region (as with torchtitan's compile-then-shard order), whatever dynamo's FSDP-hook settings.
+    """
     for layer in model.layers:
-        layer.compile(fullgraph=False)
+        layer.forward = torch.compile(layer.forward, fullgraph=False)
     if loss_fn is not None and hasattr(loss_fn, "apply_compile"):
         loss_fn.apply_compile()
 

@@ -74,3 +74,11 @@ def test_packed_row_loss_is_the_mean_over_its_documents_trained_tokens(tmp_path)
     assert int(result.n_targets.item()) == count
     assert abs(got - total / count) <= 1e-5
     trainer.close()
+
+
+def test_compiled_layers_and_loss_match_eager(tmp_path):
+    """compile: True (decoder layers + loss kernel, with activation checkpointing) trains like eager."""
+    shards = write_shards(tmp_path / "packed", n_rows=3, seq_len=48, seed=4)
+    eager, _ = _train(tiny_config(tmp_path / "eager", shards, compile=False, enable_activation_checkpointing=True))
+    compiled, _ = _train(tiny_config(tmp_path / "compiled", shards, compile=True, enable_activation_checkpointing=True))
+    np.testing.assert_allclose(eager, compiled, rtol=0, atol=1e-4)
