@@ -99,8 +99,9 @@ def run_sft(config: Path, nproc: int = 1, env: dict | None = None, timeout: floa
     """``mirotrain sft`` as a user runs it: under torchrun for nproc > 1. Own session, so the fault hook's
     process-group kill never reaches pytest."""
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "-m", "mirotrain", "sft", "--config", str(config)]
+        # --standalone: torchrun picks a free port itself (no race with other runs on the machine)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "mirotrain", "sft", "--config", str(config)]
     else:
         cmd = [sys.executable, "-m", "mirotrain", "sft", "--config", str(config)]
     cmd += list(overrides)

@@ -8,17 +8,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sft_helpers import free_port
 
 
-def _worker(rank: int, world: int, port: int) -> None:
+def _worker(rank: int, world: int, store_file: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
     from mirotrain.training.grad_clip import clip_grad_norm_
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file rendezvous: no port to race for with other test runs on the machine.
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))  # 7 rows over 2 ranks: uneven
@@ -48,5 +48,5 @@ def _worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def test_clip_norm_equals_an_independent_computation():
-    mp.spawn(_worker, args=(2, free_port()), nprocs=2)
+def test_clip_norm_equals_an_independent_computation(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "store")), nprocs=2)
