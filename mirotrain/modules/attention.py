@@ -17,7 +17,6 @@ is ~1.8× FlashAttention-2 (docs/perf-notes.md).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import inspect
 
@@ -27,13 +26,7 @@ import torch.nn.functional as F
 BACKENDS = ("auto", "flash", "varlen", "sdpa")
 
 
-@functools.lru_cache(maxsize=None)
-def _has_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-@functools.lru_cache(maxsize=None)
-def _varlen_fn():
+def _import_varlen():
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -41,18 +34,19 @@ def _varlen_fn():
     return varlen_attn
 
 
-@functools.lru_cache(maxsize=None)
-def _varlen_supports_gqa() -> bool:
-    fn = _varlen_fn()
-    return fn is not None and "enable_gqa" in inspect.signature(fn).parameters
+# Resolved once at import: the forward pass only reads constants, so torch.compile traces it without graph
+# breaks (a break inside a checkpointed layer would make dynamo run the whole layer eagerly).
+_HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+_VARLEN_ATTN = _import_varlen()
+_VARLEN_GQA = _VARLEN_ATTN is not None and "enable_gqa" in inspect.signature(_VARLEN_ATTN).parameters
 
 
 def available_backends(device: torch.device) -> list[str]:
     names = ["sdpa"]
     if device.type == "cuda":
-        if _varlen_fn() is not None:
+        if _VARLEN_ATTN is not None:
             names.append("varlen")
-        if _has_flash_attn():
+        if _HAS_FLASH_ATTN:
             names.append("flash")
     return names
 
@@ -72,33 +66,30 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def document_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[T, T] bool mask: True where query t may attend key s (same document, s <= t)."""
-    seqlens = cu_seqlens[1:] - cu_seqlens[:-1]
-    doc = torch.repeat_interleave(torch.arange(seqlens.numel(), device=cu_seqlens.device), seqlens.long())
-    if doc.numel() < total:  # positions beyond the last document (should not happen) attend only themselves
-        tail = torch.arange(doc.numel(), total, device=doc.device) + seqlens.numel()
-        doc = torch.cat([doc, tail])
+    """[T, T] bool mask: True where query t may attend key s (same document, s <= t).
+
+    Document ids come from ``searchsorted`` so every shape is known without reading ``cu_seqlens`` (no
+    data-dependent shapes: the mask traces under torch.compile). Positions past the last boundary form one
+    more segment.
+    """
+    positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    doc = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
     causal = torch.ones(total, total, dtype=torch.bool, device=cu_seqlens.device).tril()
     return (doc[:, None] == doc[None, :]) & causal
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_dense_backends():
-    from torch.nn.attention import SDPBackend
-
-    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-
-
 def _dense_causal_cuda(q, k, v, scale):
-    """One causal document per row on CUDA: cuDNN attention when it accepts the inputs, else flash."""
-    from torch.nn.attention import sdpa_kernel
-
-    if q.shape[2] != k.shape[2]:  # cuDNN SDPA takes no GQA: expand kv heads (transient, one layer)
+    """One causal document per row on CUDA: cuDNN attention for the Qwen3 shapes (bf16/fp16, head_dim 64 or
+    128), else SDPA's own choice. The cuDNN op is called directly rather than through ``sdpa_kernel``, a
+    context manager torch.compile does not trace."""
+    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in (64, 128):
+        return _sdpa(q, k, v, None, scale)
+    if q.shape[2] != k.shape[2]:  # cuDNN attention takes no GQA: expand kv heads (transient, one layer)
         rep = q.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    with sdpa_kernel(_cuda_dense_backends(), set_priority=True):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, q.requires_grad or k.requires_grad or v.requires_grad, 0.0, True, False, scale=scale)[0]
     return out.transpose(1, 2)
 
 
@@ -117,11 +108,11 @@ def _sdpa(q, k, v, cu_seqlens, scale):
 
 
 def _varlen(q, k, v, cu_seqlens, max_seqlen, scale):
-    fn = _varlen_fn()
+    fn = _VARLEN_ATTN
     q0, k0, v0 = q[0], k[0], v[0]
     kwargs = {}
     if q0.shape[1] != k0.shape[1]:
-        if _varlen_supports_gqa():
+        if _VARLEN_GQA:
             kwargs["enable_gqa"] = True
         else:
             rep = q0.shape[1] // k0.shape[1]
