@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=4096)
     p.add_argument("--loss", choices=("chunked", "liger"), default="chunked")
     p.add_argument("--ac", choices=("full", "selective"), default="full")
+    p.add_argument("--ac-option", default="op")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--sp", type=int, default=1)
     p.add_argument("--tokenizer")

@@ -79,7 +79,7 @@ def base_config(ns: argparse.Namespace, work: Path, shard_dir: str) -> dict:
         "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-5, "weight_decay": 0.01},
         "loss": {"_component_": loss}, "unembed_chunk_size": ns.chunk, "clip_grad_norm": 1.0,
         "compile": not ns.cpu_smoke and not ns.no_compile, "enable_activation_checkpointing": True,
-        "ac_mode": ns.ac, "ac_option": "op" if ns.ac == "selective" else None,
+        "ac_mode": ns.ac, "ac_option": (int(ns.ac_option) if str(ns.ac_option).isdigit() else ns.ac_option) if ns.ac == "selective" else None,
         "auto_resume": False, "log_every_n_steps": 1000, "log_peak_memory_stats": False,
         "ulysses_sequence_parallel_size": ns.sp,
     }
@@ -173,6 +173,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=4096, help="tokens per LM-head chunk (unembed_chunk_size)")
     p.add_argument("--loss", choices=("chunked", "liger"), default="chunked")
     p.add_argument("--ac", choices=("full", "selective"), default="full")
+    p.add_argument("--ac-option", default="op", help="selective AC: op | attention | N (every N-th layer)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--tokenizer", help="Qwen3 tokenizer directory (default: bundled)")
@@ -193,7 +194,8 @@ def main() -> None:
     (work / "shards.json").write_text(json.dumps({"sft": shard}))
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     forwarded = ["--size", ns.size, "--seq", str(ns.seq), "--steps", str(ns.steps), "--warmup", str(ns.warmup),
-                 "--chunk", str(ns.chunk), "--loss", ns.loss, "--ac", ns.ac, "--sp", str(ns.sp)]
+                 "--chunk", str(ns.chunk), "--loss", ns.loss, "--ac", ns.ac, "--ac-option", ns.ac_option,
+                 "--sp", str(ns.sp)]
     forwarded += (["--cpu-smoke"] if ns.cpu_smoke else []) + (["--no-compile"] if ns.no_compile else []) + \
         (["--tokenizer", ns.tokenizer] if ns.tokenizer else [])
     cmd = ["torchrun", "--standalone", f"--nproc_per_node={ns.nproc}", str(Path(__file__).resolve()), "--worker",
