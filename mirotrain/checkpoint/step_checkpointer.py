@@ -38,7 +38,17 @@ SAVED_LINE = "Step-based checkpoint is saved asynchronously to {path} successful
 
 
 def _build_stager(device: torch.device):
-    """Pinned-memory, background-copy stager on CUDA where available; a blocking CPU copy otherwise."""
+    """Pinned-memory, background-copy stager on CUDA where it works; a blocking CPU copy otherwise.
+
+    torch 2.11's ``DefaultStager`` failed on the second async save of a training run (``KeyError: <class
+    'type'>`` in its deepcopy dispatch; seen on 4× H100, 2026-11-26); torch 2.13's registers ``type``. Older
+    versions therefore use the cached pinned ``BlockingAsyncStager`` (the step waits for the D2H copy only).
+    """
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if device.type == "cuda" and version < (2, 13):
+        from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+        return BlockingAsyncStager(cache_staged_state_dict=True)
     if device.type == "cuda":
         try:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
