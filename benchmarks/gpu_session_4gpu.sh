@@ -5,7 +5,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 F='UserWarning|This call|File "|if _|_dynamo|^$|warn'
-cleanup() { pkill -9 -f "torch[.]distributed[.]run|--wor[k]er" >/dev/null 2>&1; sleep 3; }  # patterns that do not match this script
+cleanup() { pkill -9 -f "tor[c]hrun|--wor[k]er" >/dev/null 2>&1; sleep 3; }  # patterns that do not match this script
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
 echo "== P1: Qwen3-8B, 16K/GPU, 4 GPUs"
 timeout ${SFT_S:-270} python3 benchmarks/sft.py --size 8B --seq 16384 --nproc 4 --ac selective --ac-option attention \
