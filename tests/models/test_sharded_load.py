@@ -1,7 +1,5 @@
 """Each FSDP rank reads only its own rows of the HF tensors; the gathered result equals a plain load."""
 
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -11,16 +9,10 @@ from mirotrain.models.qwen3 import qwen3
 from mirotrain.models.qwen3.model import Qwen3Args
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, ckpt: str, out: str):
+def _worker(rank: int, world: int, rendezvous: str, ckpt: str, out: str):
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         model = build_model(Qwen3Args(**ARGS), device="meta")
         for layer in model.layers:
@@ -41,7 +33,7 @@ def test_fsdp_sharded_load_and_gathered_save(tmp_path):
     reference = qwen3(**ARGS)
     reference.init_weights(seed=3)
     save_pretrained(reference, tmp_path / "ckpt", dtype=torch.float32)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ckpt"), str(tmp_path / "out")), nprocs=2)
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "ckpt"), str(tmp_path / "out")), nprocs=2)
     back = from_pretrained(tmp_path / "out")
     for (name, a), (_, b) in zip(reference.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), name
