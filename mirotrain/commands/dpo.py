@@ -13,36 +13,19 @@ Exit codes: 0 done, 1 failed, 2 bad arguments or config.
 from __future__ import annotations
 
 import argparse
-import sys
+
+from mirotrain.commands.recipe import config_parser, run_recipe
 
 
 def build_parser(prog: str = "mirotrain dpo") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config")
+    p = config_parser(prog, __doc__)
     p.add_argument("--precompute-only", action="store_true",
                    help="compute and cache the reference log-probs, then exit without training")
-    p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys, YAML values; ~key deletes)")
     return p
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    from mirotrain.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"mirotrain dpo: {exc}", file=sys.stderr, flush=True)
-        return 2
-    from mirotrain.training.distributed import destroy_distributed
     from mirotrain.training.dpo import run_dpo
 
-    try:
-        run_dpo(cfg, precompute_only=args.precompute_only)
-    except ConfigError as exc:
-        print(f"mirotrain dpo: {exc}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
+    args = build_parser().parse_args(argv)
+    return run_recipe("mirotrain dpo", args, lambda cfg: run_dpo(cfg, precompute_only=args.precompute_only))

@@ -12,34 +12,15 @@ Exit codes: 0 trained, 1 failed, 2 bad arguments or config.
 from __future__ import annotations
 
 import argparse
-import sys
+
+from mirotrain.commands.recipe import config_parser, run_recipe
 
 
 def build_parser(prog: str = "mirotrain sft") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config")
-    p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys, YAML values; ~key deletes)")
-    return p
+    return config_parser(prog, __doc__)
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    from mirotrain.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"mirotrain sft: {exc}", file=sys.stderr, flush=True)
-        return 2
-    from mirotrain.training.distributed import destroy_distributed
     from mirotrain.training.sft import run_sft
 
-    try:
-        run_sft(cfg)
-    except ConfigError as exc:
-        print(f"mirotrain sft: {exc}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
+    return run_recipe("mirotrain sft", build_parser().parse_args(argv), run_sft)
