@@ -4,7 +4,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from pipelines.params import Launch
+from pipelines.params import Launch, ModelSource, StageConfig
 
 
 class StageOutcome(BaseModel):
@@ -31,3 +31,40 @@ def launch_kwargs(launch: Launch) -> dict[str, Any]:
 
 def retry_options(launch: Launch) -> dict[str, Any]:
     return {"retries": launch.retries, "retry_delay_seconds": launch.retry_delay_s}
+
+
+def prepare_stage(train: StageConfig, model: Optional[ModelSource], model_dir: Optional[str]
+                  ) -> tuple[Optional[str], list[str], list[str]]:
+    """The steps before training, shared by the sft and dpo flows: [download] -> pack every dataset section.
+
+    Returns (model_dir, overrides, shard dirs); the overrides point the trainer at exactly the shards just
+    packed (and cached), so it never packs a second time.
+    """
+    from pipelines.params import stage_overrides
+    from tasks.download_weights import download_weights
+    from tasks.pack_dataset import dataset_sections, pack_dataset
+
+    if model is not None:
+        model_dir = download_weights(model.source, model.output_dir, revision=model.revision,
+                                     hf_token_secret=model.hf_token_secret).path
+    overrides = stage_overrides(train, model_dir)
+    packed = {section: pack_dataset(train.config, overrides, section).path
+              for section in dataset_sections(train.config, overrides)}
+    overrides = overrides + [f"{section}.shard_dir={path}" for section, path in packed.items()]
+    return model_dir, overrides, list(packed.values())
+
+
+def finish_stage(recipe: str, title: str, result: Any, train: StageConfig, launch: Launch,
+                 model_dir: Optional[str], shards: list[str], export_dir: Optional[str]) -> StageOutcome:
+    """The steps after training, shared by the sft and dpo flows: report -> [HF export] -> summary artifact."""
+    from tasks.convert_checkpoint import convert_checkpoint
+    from tasks.report_run import publish_summary, report_run
+
+    report = report_run(result.output_dir, key=recipe)
+    export = convert_checkpoint(result.output_dir, export_dir, config=train.config).path if export_dir else None
+    outcome = StageOutcome(recipe=recipe, output_dir=result.output_dir, hf_dir=result.hf_dir, export_dir=export,
+                           steps=report.steps, final_loss=report.final_loss, first_loss=report.first_loss,
+                           shards=shards, model_dir=model_dir, loss_curve_png=report.loss_curve_png)
+    publish_summary(title, recipe, {"train": train.model_dump(), "model_dir": model_dir, "launch": launch.model_dump()},
+                    [report], {k: v for k, v in outcome.model_dump().items() if k.endswith("dir") and v})
+    return outcome

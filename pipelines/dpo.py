@@ -5,13 +5,9 @@ from typing import Optional
 
 from prefect import flow
 
-from pipelines._common import StageOutcome, launch_kwargs, retry_options
-from pipelines.params import Launch, ModelSource, StageConfig, stage_overrides
-from tasks.convert_checkpoint import convert_checkpoint
-from tasks.download_weights import download_weights
-from tasks.pack_dataset import dataset_sections, pack_dataset
+from pipelines._common import StageOutcome, finish_stage, launch_kwargs, prepare_stage, retry_options
+from pipelines.params import Launch, ModelSource, StageConfig
 from tasks.reference_logprobs import reference_logprobs
-from tasks.report_run import publish_summary, report_run
 from tasks.train import train as train_task
 
 
@@ -25,23 +21,8 @@ def dpo(train: StageConfig, model: Optional[ModelSource] = None, model_dir: Opti
     ``precompute_reference``; the policy's starting weights are the reference) -> train -> report_run ->
     convert_checkpoint (if ``export_dir``).
     """
-    if model is not None:
-        model_dir = download_weights(model.source, model.output_dir, revision=model.revision,
-                                     hf_token_secret=model.hf_token_secret).path
-    overrides = stage_overrides(train, model_dir)
-    packed = {section: pack_dataset(train.config, overrides, section).path
-              for section in dataset_sections(train.config, overrides)}
-    shards = list(packed.values())
-    # Train on exactly the shards just packed (and cached), never a second packing inside the trainer.
-    overrides = overrides + [f"{section}.shard_dir={path}" for section, path in packed.items()]
+    model_dir, overrides, shards = prepare_stage(train, model, model_dir)
     if precompute_reference:
         reference_logprobs.with_options(**retry_options(launch))(train.config, overrides, **launch_kwargs(launch))
     result = train_task.with_options(**retry_options(launch))("dpo", train.config, overrides, **launch_kwargs(launch))
-    report = report_run(result.output_dir, key="dpo")
-    export = convert_checkpoint(result.output_dir, export_dir, config=train.config).path if export_dir else None
-    outcome = StageOutcome(recipe="dpo", output_dir=result.output_dir, hf_dir=result.hf_dir, export_dir=export,
-                           steps=report.steps, final_loss=report.final_loss, first_loss=report.first_loss,
-                           shards=shards, model_dir=model_dir, loss_curve_png=report.loss_curve_png)
-    publish_summary("DPO run", "dpo", {"train": train.model_dump(), "model_dir": model_dir, "launch": launch.model_dump()},
-                    [report], {k: v for k, v in outcome.model_dump().items() if k.endswith("dir") and v})
-    return outcome
+    return finish_stage("dpo", "DPO run", result, train, launch, model_dir, shards, export_dir)
