@@ -41,7 +41,7 @@ def main() -> None:
     v = torch.randn(1, T, KV, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
     scale = D**-0.5
     single = torch.tensor([0, T], dtype=torch.int32, device=dev)
-    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     lengths = torch.distributions.LogNormal(7.6, 0.9).sample((64,)).clamp(64, T).long().tolist()
     packed, total = [], 0
     for n in lengths:

@@ -41,6 +41,15 @@ def _max_over_ranks(value: float, device) -> float:
     return float(t)
 
 
+def _drop(path: Path) -> None:
+    """Delete a measured checkpoint so the next one never shares the disk with it (8B + AdamW ≈ 100 GB each)."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+
+
 def run_worker(ns: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
@@ -86,6 +95,7 @@ def run_worker(ns: argparse.Namespace) -> None:
         ckpt.wait()
         persisted.append(_max_over_ranks(time.perf_counter() - t0, dev))
         plain.append(step_during_write)
+        _drop(ckpt.root / f"step_{trainer.state.step - 1}")
     ckpt.async_save = False
     sync()
     dist.barrier()

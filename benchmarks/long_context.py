@@ -20,6 +20,7 @@ new trials after that many seconds):
   python benchmarks/long_context.py [--json $OUT/long_context.json] [--budget-s 540]
   python benchmarks/long_context.py --only sp --seqs 131072,196608,262144   # part of the SP=4 ladder
   python benchmarks/long_context.py --only dp                               # the SP=1 ladder only
+  python benchmarks/long_context.py --sp-seqs 131072,262144 --dp-seqs 32768,65536,98304  # shorter ladders
   python benchmarks/long_context.py --cpu-smoke                             # gloo, tiny model, 2 processes
 """
 
@@ -258,7 +259,9 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--sp", type=int, default=4, help="SP degree of the long ladder")
     parser.add_argument("--only", choices=["sp", "dp"], help="run only the SP ladder or only the SP=1 ladder")
-    parser.add_argument("--seqs", help="comma-separated lengths replacing the ladder(s)")
+    parser.add_argument("--seqs", help="comma-separated lengths replacing both ladders")
+    parser.add_argument("--sp-seqs", help="comma-separated lengths replacing the SP ladder")
+    parser.add_argument("--dp-seqs", help="comma-separated lengths replacing the SP=1 ladder")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per trial")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--trial-timeout-s", type=float, default=900)
@@ -285,6 +288,10 @@ def main() -> None:
         sp_ladder, dp_ladder = [256, 509, 2048, 4096], [256, 512]
     if ns.seqs:
         sp_ladder = dp_ladder = [int(s) for s in ns.seqs.split(",")]
+    if ns.sp_seqs:
+        sp_ladder = [int(s) for s in ns.sp_seqs.split(",")]
+    if ns.dp_seqs:
+        dp_ladder = [int(s) for s in ns.dp_seqs.split(",")]
     ladders = [(ns.sp, sp_ladder), (1, dp_ladder)]
     if ns.only:
         ladders = ladders[:1] if ns.only == "sp" else ladders[1:]
@@ -298,6 +305,8 @@ def main() -> None:
             result = run_trial(ns, sp, seq, ns.trial_timeout_s)
             rows.append(result)
             print(json.dumps(result), flush=True)
+            if ns.json:  # after every trial, so a run stopped by its time limit still leaves its rows
+                Path(ns.json).write_text(json.dumps({"rows": rows}, indent=1))
             if result["status"] != "ok":
                 break  # the first failure ends this ladder
     table = format_table(rows)

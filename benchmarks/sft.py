@@ -12,6 +12,7 @@ Usage (GPU machine; carry ../shared/baselines as .baselines):
   python benchmarks/sft.py --size 1.7B --seq 16384 --nproc 1
   python benchmarks/sft.py --size 8B --seq 16384 --nproc 4 [--json $OUT/sft_8b.json]
   python benchmarks/sft.py --size 1.7B --loss liger          # Liger fused CE instead of our chunked CE
+  python benchmarks/sft.py --size 8B --nproc 4 --mix-mean 3072   # packed log-normal mix (varlen), ours only
   python benchmarks/sft.py --cpu-smoke                       # tiny model, gloo, 2 processes: the plumbing only
 """
 
@@ -34,8 +35,30 @@ BUILDERS = {"0.6B": "qwen3_0_6b_instruct", "1.7B": "qwen3_1_7b_instruct", "4B": 
             "8B": "qwen3_8b_instruct", "14B": "qwen3_14b_instruct", "32B": "qwen3_32b"}
 
 
-def write_rows(out_dir: Path, n_rows: int, seq: int, docs: int, vocab: int, seed: int = 0) -> str:
-    """Packed rows of random tokens (``docs`` documents each, first quarter of each document untrained)."""
+def doc_lengths(rng, seq: int, docs: int, mix_mean: int):
+    """Document lengths filling one row of ``seq`` tokens.
+
+    ``mix_mean`` > 0: log-normal lengths (sigma 1, mean ``mix_mean``, clipped to [64, seq]) drawn until the
+    row is full, the last one cut to fit: the realistic mix of short and long agent traces. Otherwise ``docs``
+    equal documents.
+    """
+    import numpy as np
+
+    if mix_mean <= 0:
+        lens = np.full(docs, seq // docs, dtype=np.int64)
+        lens[-1] += seq - lens.sum()
+        return lens
+    mu = np.log(mix_mean) - 0.5  # mean of a log-normal is exp(mu + sigma^2 / 2)
+    lens, left = [], seq
+    while left > 0:
+        n = int(min(max(rng.lognormal(mu, 1.0), 64), seq, left))
+        lens.append(n)
+        left -= n
+    return np.asarray(lens, dtype=np.int64)
+
+
+def write_rows(out_dir: Path, n_rows: int, seq: int, docs: int, vocab: int, seed: int = 0, mix_mean: int = 0) -> str:
+    """Packed rows of random tokens (see ``doc_lengths``; first quarter of each document untrained)."""
     import numpy as np
 
     from mirotrain.data.pack import SFT_COLUMNS
@@ -44,8 +67,7 @@ def write_rows(out_dir: Path, n_rows: int, seq: int, docs: int, vocab: int, seed
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n_rows):
-        lens = np.full(docs, seq // docs, dtype=np.int64)
-        lens[-1] += seq - lens.sum()
+        lens = doc_lengths(rng, seq, docs, mix_mean)
         ids, labels, pos = [], [], []
         for n in lens:
             doc = rng.integers(0, vocab, size=n + 1)
@@ -54,7 +76,7 @@ def write_rows(out_dir: Path, n_rows: int, seq: int, docs: int, vocab: int, seed
             ids.append(doc[:-1]), labels.append(lab), pos.append(np.arange(n))
         rows.append({"input_ids": np.concatenate(ids).astype(np.int32), "labels": np.concatenate(labels).astype(np.int32),
                      "position_ids": np.concatenate(pos).astype(np.int32), "seq_lens": lens.astype(np.int32),
-                     "doc_index": np.arange(docs, dtype=np.int64)})
+                     "doc_index": np.arange(len(lens), dtype=np.int64)})
     manifest = {"kind": "sft", "layout": "packed", "pad_id": 0, "packed_seq_len": seq, "vocab_size": vocab}
     write(str(out_dir), rows, SFT_COLUMNS, manifest)
     return str(out_dir)
@@ -166,6 +188,8 @@ def main() -> None:
     p.add_argument("--size", default="1.7B", choices=sorted(BUILDERS))
     p.add_argument("--seq", type=int, default=16384)
     p.add_argument("--docs", type=int, default=1, help="documents per packed row (baselines train on 1)")
+    p.add_argument("--mix-mean", type=int, default=0,
+                   help="pack log-normal document lengths of this mean instead (P1's realistic case; no baseline)")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel size")
     p.add_argument("--steps", type=int, default=6)
@@ -190,7 +214,10 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mirotrain-sft-bench-"))
     dp = ns.nproc // ns.sp
-    shard = write_rows(work / "shards", dp * (ns.steps + ns.warmup), ns.seq, ns.docs, 512 if ns.cpu_smoke else 151936)
+    if ns.mix_mean:
+        ns.no_baseline = True  # the HF baseline trains on one document per row only
+    shard = write_rows(work / "shards", dp * (ns.steps + ns.warmup), ns.seq, ns.docs, 512 if ns.cpu_smoke else 151936,
+                       mix_mean=ns.mix_mean)
     (work / "shards.json").write_text(json.dumps({"sft": shard}))
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     forwarded = ["--size", ns.size, "--seq", str(ns.seq), "--steps", str(ns.steps), "--warmup", str(ns.warmup),
@@ -202,7 +229,7 @@ def main() -> None:
            "--work", str(work), *forwarded]
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     results = {"ours": json.loads((work / "result_ours.json").read_text()),
-               "config": {"size": "tiny" if ns.cpu_smoke else ns.size, "seq": ns.seq, "docs": ns.docs,
+               "config": {"size": "tiny" if ns.cpu_smoke else ns.size, "seq": ns.seq, "docs": ns.docs, "mix_mean": ns.mix_mean,
                           "nproc": ns.nproc, "sp": ns.sp, "loss": ns.loss, "ac": ns.ac, "compile": not ns.no_compile}}
     if not ns.no_baseline:
         results["hf"] = hf_baseline(ns)

@@ -65,14 +65,16 @@ def materialize(model: nn.Module, device: torch.device, cpu_offload: bool) -> No
 def init_random(model: nn.Module, seed: int) -> None:
     """Random initialisation that also works on FSDP-sharded parameters.
 
-    The model's own ``init_weights`` draws each full tensor from one seeded CPU generator and copies it in;
+    The model's own ``init_weights`` draws each full tensor from one seeded generator and copies it in;
     under ``implicit_replication`` that copy into a DTensor keeps only the local rows, so every world size
-    gives the same weights (and only one full tensor at a time is ever in memory).
+    gives the same weights (and only one full tensor at a time is ever in memory). The generator lives on
+    the parameters' device: on CUDA that turns ~1 minute of CPU sampling per rank (8B) into about a second.
     """
     from torch.distributed.tensor.experimental import implicit_replication
 
+    device = next(model.parameters()).device
     with implicit_replication():
-        model.init_weights(seed=seed)
+        model.init_weights(seed=seed, device=device)
 
 
 # ----------------------------------------------------------------------------------------- loss, optim

@@ -135,14 +135,19 @@ class Qwen3Transformer(nn.Module):
         return nn.functional.linear(h, self.lm_head_weight)
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
-        """Random init (for runs without a checkpoint): normal(0, std) matrices, unit norms."""
-        gen = torch.Generator(device="cpu")
+    def init_weights(self, std: float = 0.02, seed: int | None = None, device: torch.device | str = "cpu") -> None:
+        """Random init (for runs without a checkpoint): normal(0, std) matrices, unit norms.
+
+        Every full tensor is drawn from one generator on ``device`` (the same values for any sharding); a
+        CUDA generator draws 8B parameters in a second where the CPU takes most of a minute per rank, but its
+        values differ from the CPU's, so a seed reproduces an init only on the same device type.
+        """
+        gen = torch.Generator(device=device)
         if seed is not None:
             gen.manual_seed(seed)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                w = torch.empty(module.weight.shape).normal_(0.0, std, generator=gen)
+                w = torch.empty(module.weight.shape, device=gen.device).normal_(0.0, std, generator=gen)
                 module.weight.copy_(w.to(module.weight.device, module.weight.dtype))
             elif isinstance(module, (RMSNorm, RotaryEmbedding)):
                 module.reset_parameters()

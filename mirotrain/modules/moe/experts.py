@@ -85,7 +85,7 @@ class GroupedExperts(nn.Module):
     def init_weights(self, std: float, generator: torch.Generator) -> None:
         """normal(0, std); the full [E, ...] tensor is drawn on every rank, so EP shards match EP=1."""
         for w in (self.w1, self.w3, self.w2):
-            copy_rows_into(w, torch.empty(w.shape).normal_(0.0, std, generator=generator))
+            copy_rows_into(w, torch.empty(w.shape, device=generator.device).normal_(0.0, std, generator=generator))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [M, D] grouped by (local) expert; counts: [E_local] int (device) -> [M, D]."""

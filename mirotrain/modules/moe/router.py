@@ -54,7 +54,7 @@ class TopKRouter(nn.Module):
         return state
 
     def init_weights(self, std: float, generator: torch.Generator) -> None:
-        w = torch.empty(self.weight.shape).normal_(0.0, std, generator=generator)
+        w = torch.empty(self.weight.shape, device=generator.device).normal_(0.0, std, generator=generator)
         with torch.no_grad():
             self.weight.copy_(w.to(self.weight.device, self.weight.dtype))
 

