@@ -115,7 +115,7 @@ def base_config(ns: argparse.Namespace, work: Path, recipe: str, shard_dir: str)
         "dataset": {**dataset, "shard_dir": shard_dir}, "shuffle": False, "batch_size": 1, "epochs": 1,
         "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-6, "weight_decay": 0.0},
         "clip_grad_norm": 1.0, "gradient_accumulation_steps": 1, "enable_activation_checkpointing": True,
-        "compile": False if ns.cpu_smoke else None, "auto_resume": False, "log_every_n_steps": 10**6,
+        "compile": not ns.cpu_smoke, "auto_resume": False, "log_every_n_steps": 10**6,
         "metric_logger": None, "unembed_chunk_size": ns.chunk,
     }
     if recipe == "dpo":
