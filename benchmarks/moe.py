@@ -6,8 +6,8 @@ What runs (one `torchrun`, every rank one GPU, one row of --seq random tokens pe
      sharding -> full activation checkpointing -> FSDP2 (bf16 compute, fp32 master weights and reduce;
      experts over "edp" with the DP-size divide factor), fused chunked linear CE + router aux loss
      (coef 0.001, statistics over all ranks), global-norm clipping, fused AdamW. Once with the grouped
-     expert backend (torch._grouped_mm), once with the per-expert loop (the speed-up is their ratio), and
-     once with grouped_mm at --hf-layers layers (same depth as the HF row).
+     expert backend (torch._grouped_mm) at that depth, then grouped_mm and the per-expert loop at
+     --hf-layers layers (same depth as the HF row; the grouped-mm speed-up is the ratio of these two).
   2. HF transformers Qwen3MoeForCausalLM on one GPU with the same layer shapes at --hf-layers layers
      (../shared/baselines/hf_moe_single_gpu.py: fp32 weights + bf16 autocast, SDPA, activation
      checkpointing, fused AdamW, aux loss on), after our process group is gone, on rank 0's GPU.
@@ -286,14 +286,18 @@ def main() -> None:
         layers = int(ns.layers)
     hf_layers = 1 if ns.cpu_smoke else ns.hf_layers
 
-    plan = [(layers, "grouped_mm")] + ([] if ns.skip_loop else [(layers, "loop")])
-    if not ns.skip_hf and hf_layers != layers:
+    # The loop backend runs at the HF row's depth: its per-expert activations do not fit at full depth, and an
+    # OOM need not hit every rank at once (routing is uneven), which would leave the others hung in a collective.
+    plan = [(layers, "grouped_mm")]
+    if hf_layers != layers and not (ns.skip_hf and ns.skip_loop):
         plan.append((hf_layers, "grouped_mm"))
+    if not ns.skip_loop:
+        plan.append((hf_layers, "loop"))
     rows = []
     for n_layers, backend in plan:
         try:
             rows.append(run_ours(ns, shape, n_layers, backend, device))
-        except torch.OutOfMemoryError as err:  # every rank runs the same shapes: all fail together
+        except torch.OutOfMemoryError as err:
             rows.append(dict(system="mirotrain", layers=n_layers, seq=ns.seq, experts=backend, error=f"OOM: {err}"[:300]))
             gc.collect()
             torch.cuda.empty_cache()

@@ -102,7 +102,10 @@ def main() -> None:
     shard = write_rows(work / "shards", (ns.warmup + 4) * ns.nproc, ns.seq, ns.docs, 151936)
     (work / "shards.json").write_text(json.dumps({"sft": shard}))
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    args = [a for a in sys.argv[1:]]
+    args = sys.argv[1:]
+    if "--nproc" in args:  # torchrun would take it for an abbreviation of its own --nproc-per-node
+        i = args.index("--nproc")
+        del args[i:i + 2]
     subprocess.run(["torchrun", "--standalone", f"--nproc_per_node={ns.nproc}", str(Path(__file__).resolve()), "--worker",
                     "--work", str(work), *args], check=True, cwd=ROOT, env=env)
 
