@@ -307,6 +307,9 @@ def main() -> None:
     dist.destroy_process_group()
     if rank != 0:
         return
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the HF run shares rank 0's GPU: hand back our cached blocks first
     if not ns.skip_hf:
         for impl in ns.hf_impls.split(","):
             row = run_hf_tiny_cpu(shape, hf_layers, ns.seq, impl) if ns.cpu_smoke else run_hf_script(hf_layers, ns.seq, impl)
