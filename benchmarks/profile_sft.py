@@ -35,6 +35,7 @@ def classify(name: str) -> str:
 
 def worker(ns: argparse.Namespace) -> None:
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks.sft import base_config, time_steps
@@ -52,7 +53,10 @@ def worker(ns: argparse.Namespace) -> None:
         trainer.close()
         destroy_distributed()
         return
-    events = prof.key_averages()
+    # Kernels only: an operator's row (aten::mm, record_param_comms) repeats its kernels' time, and CUPTI's
+    # "Command Buffer Full" rows are host waits on a full launch queue, not GPU work (8B run, 2026-11-26).
+    events = [e for e in prof.key_averages()
+              if e.device_type == DeviceType.CUDA and e.key != "Command Buffer Full"]
     total = sum(e.self_device_time_total for e in events)
     groups: dict[str, float] = defaultdict(float)
     for e in events:

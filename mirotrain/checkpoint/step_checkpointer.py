@@ -1,8 +1,7 @@
 """Asynchronous DCP step checkpoints for auto-resume (the same mechanism serves SFT and DPO).
 
-Save (every rank, at a step boundary): the state is staged to host memory — with pinned buffers and a
-background copy where the torch version has ``DefaultStager`` and CUDA is used, so a step is blocked only for
-the device-to-host copy — and written by a background thread through DCP on a dedicated gloo group (it must
+Save (every rank, at a step boundary): the state is copied to reused host buffers (pinned on CUDA; see
+``staging.py``), so a step is blocked only for the device-to-host copy, and written by a background thread through DCP on a dedicated gloo group (it must
 not interleave with the training collectives). When the write finished on every rank (DCP's final gather
 proves it on rank 0), rank 0 writes the ``COMPLETE`` manifest, logs
 ``Step-based checkpoint is saved asynchronously to PATH successfully.`` and applies retention. A save that
@@ -28,6 +27,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
+from mirotrain.checkpoint.staging import ReusedBufferStager
 from mirotrain.checkpoint.layout import (
     META, StepDir, apply_retention, list_step_dirs, newest_valid, read_meta, step_path, write_marker,
 )
@@ -35,33 +35,6 @@ from mirotrain.checkpoint.layout import (
 log = logging.getLogger(__name__)
 
 SAVED_LINE = "Step-based checkpoint is saved asynchronously to {path} successfully."
-
-
-def _build_stager(device: torch.device):
-    """Pinned-memory, background-copy stager on CUDA where it works; a blocking CPU copy otherwise.
-
-    torch 2.11's ``DefaultStager`` failed on the second async save of a training run (``KeyError: <class
-    'type'>`` in its deepcopy dispatch; seen on 4× H100, 2026-11-26); torch 2.13's registers ``type``. Older
-    versions therefore use the cached pinned ``BlockingAsyncStager`` (the step waits for the D2H copy only).
-    """
-    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-    if device.type == "cuda" and version < (2, 13):
-        from torch.distributed.checkpoint.staging import BlockingAsyncStager
-
-        return BlockingAsyncStager(cache_staged_state_dict=True)
-    if device.type == "cuda":
-        try:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            return DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
-                                                use_async_staging=True, use_non_blocking_copy=True))
-        except ImportError:  # older torch: pinned, cached, blocking copy
-            from torch.distributed.checkpoint.staging import BlockingAsyncStager
-
-            return BlockingAsyncStager(cache_staged_state_dict=True)
-    from torch.distributed.checkpoint.staging import BlockingAsyncStager
-
-    return BlockingAsyncStager(cache_staged_state_dict=False)
 
 
 class StepCheckpointer:
@@ -83,9 +56,8 @@ class StepCheckpointer:
         self.rank = dist.get_rank()
         # A gloo group of its own: the background writer's collectives must not interleave with training's.
         self.group = dist.new_group(backend="gloo")
-        self._stager = _build_stager(device) if async_save else None
+        self._stager = ReusedBufferStager(pin_memory=device.type == "cuda") if async_save else None
         self._pending: Future | None = None
-        self._staging: Future | None = None
         self._pending_path: Path | None = None
         self._lock = threading.Lock()
         self.last_error: BaseException | None = None
@@ -119,24 +91,14 @@ class StepCheckpointer:
             self._finish(step, path, asynchronous=False)
             self.blocked_seconds.append(time.perf_counter() - start)
             return
-        result = dcp.async_save(state, storage_writer=writer, process_group=self.group, async_stager=self._stager)
-        if hasattr(result, "upload_completion"):  # AsyncSaveResponse: staging runs in the background too
-            self._staging, upload = result.staging_completion, result.upload_completion
-        else:
-            self._staging, upload = None, result
+        # returns once the state is staged to host memory; the write goes on in DCP's background thread
+        upload = dcp.async_save(state, storage_writer=writer, process_group=self.group, async_stager=self._stager)
         self._pending, self._pending_path = upload, path
         upload.add_done_callback(lambda fut, s=step, p=path: self._on_upload_done(fut, s, p))
         self.blocked_seconds.append(time.perf_counter() - start)
 
-    def wait_staging(self) -> None:
-        """Block until the state of the last save is copied off the device (call before mutating it)."""
-        if self._staging is not None:
-            self._staging.result()
-            self._staging = None
-
     def wait(self, warn: bool = False) -> None:
         """Block until the pending save (if any) is persisted; re-raise its error."""
-        self.wait_staging()
         pending = self._pending
         if pending is None:
             return

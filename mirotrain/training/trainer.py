@@ -390,8 +390,6 @@ class Trainer:
             loss_sum += self.forward_backward(batch, grad_scale)
         grad_norm = clip_grad_norm_(self.model.parameters(), cfg_value(self.cfg, "clip_grad_norm"))
         lr = float(self.optimizer.param_groups[0]["lr"])
-        if self.checkpointer is not None:
-            self.checkpointer.wait_staging()  # the optimizer is about to overwrite what a save is copying
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

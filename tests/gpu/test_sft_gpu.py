@@ -122,7 +122,7 @@ def test_qwen3_8b_16k_on_four_gpus(tmp_path):
 @needs_cuda
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
 def test_async_pinned_checkpoint_resumes_bit_identically_on_gpus(tmp_path):
-    """Pinned-memory staging (DefaultStager) path: kill after step 6 (a save step, during the async write),
+    """Pinned-memory staging (ReusedBufferStager) path: kill after step 6 (a save step, during the async write),
     restart: the resumed run follows the clean one."""
     from sft_helpers import read_metrics, read_weights, tiny_config, write_config, write_shards
 

@@ -82,3 +82,17 @@ def test_compiled_layers_and_loss_match_eager(tmp_path):
     eager, _ = _train(tiny_config(tmp_path / "eager", shards, compile=False, enable_activation_checkpointing=True))
     compiled, _ = _train(tiny_config(tmp_path / "compiled", shards, compile=True, enable_activation_checkpointing=True))
     np.testing.assert_allclose(eager, compiled, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("ac", [dict(ac_mode="full"), dict(ac_mode="selective", ac_option="attention"),
+                                dict(ac_mode="selective", ac_option="op"), dict(ac_mode="selective", ac_option=2)])
+def test_activation_checkpointing_modes_train_like_no_checkpointing(tmp_path, ac):
+    """Every AC mode the performance work uses recomputes exactly what it dropped: the same loss curve and
+    final weights as a run that keeps every activation (fp32, so any difference is a recompute bug)."""
+    shards = write_shards(tmp_path / "packed", n_rows=8, seq_len=48, seed=5)
+    plain, plain_w = _train(tiny_config(tmp_path / "plain", shards, enable_activation_checkpointing=False))
+    checkpointed, ckpt_w = _train(tiny_config(tmp_path / "ac", shards, enable_activation_checkpointing=True, **ac))
+    assert len(plain) == 8
+    np.testing.assert_allclose(plain, checkpointed, rtol=0, atol=1e-6)
+    for name, w in plain_w.items():
+        torch.testing.assert_close(ckpt_w[name], w, rtol=0, atol=1e-6)
