@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -27,7 +28,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-from mirotrain.checkpoint.staging import ReusedBufferStager
+from mirotrain.checkpoint.host_memory import HOST_MEMORY_FRACTION, available_host_bytes, local_world_size, staged_bytes
+from mirotrain.checkpoint.staging import FIXED_SHAPE_KEYS, ReusedBufferStager
 from mirotrain.checkpoint.layout import (
     META, StepDir, apply_retention, list_step_dirs, newest_valid, read_meta, step_path, write_marker,
 )
@@ -59,9 +61,11 @@ class StepCheckpointer:
         self._stager = ReusedBufferStager(pin_memory=device.type == "cuda") if async_save else None
         self._pending: Future | None = None
         self._pending_path: Path | None = None
+        self._finished = threading.Event()
         self._lock = threading.Lock()
         self.last_error: BaseException | None = None
         self.blocked_seconds: list[float] = []
+        self._host_memory_checked = False
 
     # ------------------------------------------------------------------------------------------ find
 
@@ -80,6 +84,10 @@ class StepCheckpointer:
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
         """Checkpoint ``state`` (a DCP state dict) as step ``step``; returns once staged (async) or written."""
         self.wait(warn=True)
+        if self.async_save and not self._host_memory_checked:
+            self._host_memory_checked = True
+            if not self._staging_fits_in_host_memory(state):
+                self.async_save, self._stager = False, None
         path = step_path(self.root, step)
         start = time.perf_counter()
         if self.rank == 0:
@@ -93,31 +101,56 @@ class StepCheckpointer:
             return
         # returns once the state is staged to host memory; the write goes on in DCP's background thread
         upload = dcp.async_save(state, storage_writer=writer, process_group=self.group, async_stager=self._stager)
-        self._pending, self._pending_path = upload, path
-        upload.add_done_callback(lambda fut, s=step, p=path: self._on_upload_done(fut, s, p))
+        self._pending, self._pending_path, self._finished = upload, path, threading.Event()
+        upload.add_done_callback(lambda fut, s=step, p=path, f=self._finished: self._on_upload_done(fut, s, p, f))
         self.blocked_seconds.append(time.perf_counter() - start)
 
+    def _staging_fits_in_host_memory(self, state: dict[str, Any]) -> bool:
+        """Whether every node can hold its ranks' host copies; agreed by all ranks (one mode for everyone)."""
+        need = staged_bytes(state, FIXED_SHAPE_KEYS) * local_world_size()
+        have = available_host_bytes()
+        fits = have is None or need <= HOST_MEMORY_FRACTION * have
+        flag = torch.tensor([int(fits)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        if not bool(flag.item()):
+            if not fits and os.environ.get("LOCAL_RANK", "0") == "0":
+                log.warning("Async checkpointing would keep %.1f GiB of host memory on this node (%d ranks' model and "
+                            "optimizer state); only %.1f GiB are available. Saving step checkpoints synchronously "
+                            "instead (each save blocks training until written; enable_async_checkpointing: false "
+                            "silences this).", need / 2**30, local_world_size(), (have or 0) / 2**30)
+            return False
+        return True
+
     def wait(self, warn: bool = False) -> None:
-        """Block until the pending save (if any) is persisted; re-raise its error."""
-        pending = self._pending
+        """Block until the pending save (if any) is persisted and finished (COMPLETE, retention); re-raise
+        its error."""
+        pending, finished = self._pending, self._finished
         if pending is None:
             return
         if warn and not pending.done():
             log.warning("The previous step-based checkpoint (%s) has not finished; checkpointing frequency is too "
                         "high for the storage. Waiting for it...", self._pending_path)
-        pending.result()
+        # The future is done before its callbacks have run: wait for the marker and retention as well.
+        pending.exception()
+        finished.wait()
         self._pending = None
         if self.last_error is not None:
             error, self.last_error = self.last_error, None
             raise RuntimeError(f"step checkpoint {self._pending_path} failed") from error
 
-    def _on_upload_done(self, fut: Future, step: int, path: Path) -> None:
-        error = fut.exception()
-        if error is not None:
+    def _on_upload_done(self, fut: Future, step: int, path: Path, finished: threading.Event) -> None:
+        try:
+            error = fut.exception()
+            if error is not None:
+                self.last_error = error
+                log.error("Rank %d: step-based checkpoint %s failed: %r", self.rank, path, error)
+                return
+            self._finish(step, path, asynchronous=True)
+        except BaseException as error:  # noqa: BLE001 - a failed marker/retention must reach wait(), not vanish
             self.last_error = error
-            log.error("Rank %d: step-based checkpoint %s failed: %r", self.rank, path, error)
-            return
-        self._finish(step, path, asynchronous=True)
+            log.error("Rank %d: finishing step-based checkpoint %s failed: %r", self.rank, path, error)
+        finally:
+            finished.set()
 
     def _finish(self, step: int, path: Path, asynchronous: bool) -> None:
         # DCP's save ends with a gather of every rank's write results on rank 0 before .metadata is written,
