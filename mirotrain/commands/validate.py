@@ -44,10 +44,18 @@ def estimate_memory(model: torch.nn.Module, cfg: dict, world_size: int) -> dict[
             "loss": loss_chunk / GIB, "total": total / GIB, "tokens_per_gpu": tokens, "params": n_params}
 
 
+def checkpoint_footprint(n_params: int, world_size: int, gpus_per_node: int) -> dict[str, float]:
+    """Step-checkpoint sizes (GiB): fp32 weights + AdamW's two moments = 12 bytes per parameter on disk; an
+    async save keeps the node's share of that in host memory for the whole run (checkpoint/host_memory.py)."""
+    size = 12 * n_params
+    return {"size": size / GIB, "host_per_node": size * min(gpus_per_node, world_size) / world_size / GIB}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mirotrain validate", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="for the host-memory figure (default 8)")
     parser.add_argument("--no-file-check", action="store_true", help="do not require local paths to exist")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     ns = parser.parse_args(argv)
@@ -88,6 +96,12 @@ def main(argv: list[str]) -> int:
         print(f"tokens/GPU:  {mem['tokens_per_gpu']:,} per micro-batch")
         print("memory/GPU:  ~{total:.1f} GiB (sharded state {sharded_state:.1f}, gathered params {gathered_params:.1f}, "
               "activations {activations:.1f}, loss {loss:.1f})".format(**mem))
+        if cfg.get("auto_resume"):
+            ckpt = checkpoint_footprint(mem["params"], ns.world_size, ns.gpus_per_node)
+            keep = cfg.get("keep_last_n_checkpoints", 2)
+            host = (f"; async saves keep ~{ckpt['host_per_node']:.0f} GiB of host memory per node of "
+                    f"{min(ns.gpus_per_node, ns.world_size)} GPUs" if cfg.get("enable_async_checkpointing", True) else "")
+            print(f"checkpoints: ~{ckpt['size']:.0f} GiB each on disk (keep {keep}: ~{keep * ckpt['size']:.0f} GiB){host}")
     for err in errors:
         print(f"error: {err}", file=sys.stderr)
     if errors:

@@ -26,6 +26,14 @@ def test_validate_passes_on_shipped_config(path, capsys):
     assert "parameters" in out and "config is valid" in out
 
 
+def test_validate_reports_checkpoint_disk_and_host_memory(capsys):
+    """Qwen3-32B on one 8-GPU node: 12 bytes per parameter on disk and, for async saves, in host memory."""
+    path = CONFIG_ROOT / "qwen3" / "32B_full_sft.yaml"
+    assert validate(["--config", str(path), "--world-size", "8", "--no-file-check", "auto_resume=True"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("checkpoints:"))
+    assert "~366 GiB each on disk (keep 2: ~732 GiB)" in line and "~366 GiB of host memory per node of 8 GPUs" in line
+
+
 @pytest.mark.parametrize("override,message", [
     ("gradient_accumulation_step=2", "unknown key; did you mean 'gradient_accumulation_steps'?"),
     ("epochs=three", "config key 'epochs': expected int, got str"),
