@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -288,27 +289,19 @@ class DPOTrainer(Trainer):
 
     # -------------------------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self) -> None:
-        """Step checkpoint plus the DPO loss's running statistics (bco_pair delta) in the train state."""
-        self.state.extra["dpo_loss"] = {k: float(v) for k, v in self.loss_fn.state_dict().items()}
-        super().save_checkpoint()
+    def recipe_state(self) -> dict[str, Any]:
+        """The DPO loss's running statistics (bco_pair delta) travel in the step checkpoint."""
+        return {"dpo_loss": {k: float(v) for k, v in self.loss_fn.state_dict().items()}}
 
-    def _restore(self, resume_dir: Any, meta: dict) -> None:
-        super()._restore(resume_dir, meta)
-        saved = self.state.extra.get("dpo_loss")
+    def load_recipe_state(self, extra: Mapping[str, Any]) -> None:
+        saved = extra.get("dpo_loss")
         if saved:
             self.loss_fn.load_state_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()})
 
-    def _setup_metrics(self) -> None:
-        """A reference-only run logs no training metrics: keep the run's metrics.jsonl and TensorBoard
+    def metrics_dir(self) -> Path:
+        """A reference-only run logs no training metrics: it keeps the run's metrics.jsonl and TensorBoard
         untouched (the pipeline runs the pass again before resuming a crashed run in the same output_dir)."""
-        if not self.precompute_only:
-            return super()._setup_metrics()
-        real, self.output_dir = self.output_dir, self.output_dir / "reference_pass"
-        try:
-            super()._setup_metrics()
-        finally:
-            self.output_dir = real
+        return self.output_dir / "reference_pass" if self.precompute_only else self.output_dir
 
     def train(self) -> dict[str, Any]:
         if self.precompute_only:

@@ -298,8 +298,23 @@ class Trainer:
                                    self.train_loader, self.rank, self.device, same_world=same_layout)
         if not same_layout:
             self.state.step_in_epoch = 0
+        self.load_recipe_state(self.state.extra)
         log.info("Resumed from %s: step %d, epoch %d (step %d of %d in the epoch), seed %d", resume_dir.path,
                  self.state.step, self.state.epoch, self.state.step_in_epoch, self.steps_per_epoch, self.state.seed)
+
+    # ------------------------------------------------------------------------------ recipe hooks
+
+    def recipe_state(self) -> dict[str, Any]:
+        """JSON-able state of the recipe beyond model/optimizer/data (e.g. a loss's running statistics),
+        stored in the step checkpoint's train state; the base recipe has none."""
+        return {}
+
+    def load_recipe_state(self, extra: Mapping[str, Any]) -> None:
+        """Restore what ``recipe_state`` returned, from the resumed train state's ``extra``."""
+
+    def metrics_dir(self) -> Path:
+        """Where metrics.jsonl and TensorBoard events go."""
+        return self.output_dir
 
     def _setup_metrics(self) -> None:
         self.is_main = self.rank == 0
@@ -308,7 +323,7 @@ class Trainer:
         self.sinks: list[Any] = []
         self.jsonl = None
         if self.is_main:
-            self.jsonl = JsonlLogger(self.output_dir / "metrics.jsonl")
+            self.jsonl = JsonlLogger(self.metrics_dir() / "metrics.jsonl")
             self.jsonl.truncate_after(self.state.step)
             self.sinks.append(self.jsonl)
             node = cfg_value(self.cfg, "metric_logger")
@@ -317,7 +332,7 @@ class Trainer:
                 if not isinstance(logger, StdoutLogger):
                     self.sinks.append(logger)
             if tensorboard_available() and not any(isinstance(s, TensorBoardLogger) for s in self.sinks):
-                self.sinks.append(TensorBoardLogger(str(self.output_dir / "tensorboard"), purge_step=self.state.step + 1))
+                self.sinks.append(TensorBoardLogger(str(self.metrics_dir() / "tensorboard"), purge_step=self.state.step + 1))
         self._fault = bool(broadcast_object(fault_armed() if self.rank == 0 else None))
         self._window: list[StepResult] = []
         self._window_start = time.perf_counter()
@@ -539,6 +554,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Step checkpoint of the full training state (asynchronous unless configured otherwise)."""
+        self.state.extra.update(self.recipe_state())
         state = checkpoint_state(self.model, self.optimizer, self.lr_scheduler, self.train_loader, self.state,
                                  self.rank, self.device)
         if self.is_main:
