@@ -53,6 +53,8 @@ KEYS: dict[str, Key] = {
     "loss": Key(SECTION + (type(None),), None, "Loss component; default LinearCrossEntropyLoss (chunked)."),
     "optimizer": Key(SECTION, None, "Optimizer component (torch.optim.AdamW; fused on CUDA)."),
     "lr_scheduler": Key(SECTION + (type(None),), None, "LR schedule component (get_cosine_schedule_with_warmup)."),
+    "mfu_peak_tflops": Key(NUMBER + (type(None),), None,
+                           "bf16 peak TFLOP/s per GPU for the logged MFU; null = from the GPU's name (H100/H200: 989)."),
     "clip_grad_norm": Key((int, float, str, type(None)), None, "Clip to this global L2 norm; 'inf' measures only; null = off."),
     "optimizer_in_bwd": Key((bool,), False, "Accepted for compatibility (ignored, as in MiroTrain).", note="ignored"),
     "compile": Key((bool, dict), None, "torch.compile decoder layers and the loss (default: on for CUDA)."),

@@ -8,8 +8,8 @@ N_matmul counts the parameters a token multiplies through (attention and MLP pro
 experts and router of MoE layers, the LM head; not the embedding lookup). A token at position t of its
 document attends to t keys: 4·H·hd·t FLOPs forward, ×3 with backward, averaging t ≈ doc_len/2 gives
 6·L·H·hd·doc_len per token. Document lengths come from ``cu_seqlens`` of the CPU batch (host arithmetic).
-Peak FLOP/s: detected from the GPU name, overridable with ``MIROTRAIN_PEAK_TFLOPS`` (or a
-``mfu_peak_tflops`` config key where the schema has one).
+Peak FLOP/s: detected from the GPU name, overridable with the ``mfu_peak_tflops`` config key or
+``MIROTRAIN_PEAK_TFLOPS``.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ def test_validate_reports_checkpoint_disk_and_host_memory(capsys):
     ("epochs=three", "config key 'epochs': expected int, got str"),
     ("checkpointer.checkpoint_dir=/nonexistent/qwen3", "config key 'checkpointer.checkpoint_dir': path does not exist"),
     ("dataset.streaming_pack=True", "mutually exclusive"),
+    ("mfu_peak_tflops=fast", "config key 'mfu_peak_tflops': expected"),
 ])
 def test_validate_fails_with_expected_message(override, message, capsys):
     path = CONFIG_ROOT / "qwen3" / "8B_full_sft.yaml"
@@ -47,3 +48,14 @@ def test_validate_fails_with_expected_message(override, message, capsys):
         args.insert(4, "--no-file-check")
     assert validate(args) == 1
     assert message in capsys.readouterr().err
+
+
+def test_configured_mfu_peak_is_used(monkeypatch):
+    import torch
+
+    from mirotrain.training.metrics import peak_flops
+
+    monkeypatch.delenv("MIROTRAIN_PEAK_TFLOPS", raising=False)
+    assert validate(["--config", str(CONFIG_ROOT / "tiny" / "sft.yaml"), "--no-file-check", "mfu_peak_tflops=500"]) == 0
+    assert peak_flops(torch.device("cpu"), torch.bfloat16, 500) == 500e12
+    assert peak_flops(torch.device("cpu"), torch.bfloat16, None) is None
