@@ -107,7 +107,7 @@ class StepCheckpointer:
 
     def _staging_fits_in_host_memory(self, state: dict[str, Any]) -> bool:
         """Whether every node can hold its ranks' host copies; agreed by all ranks (one mode for everyone)."""
-        need = staged_bytes(state, FIXED_SHAPE_KEYS) * local_world_size()
+        need = staged_bytes(state, FIXED_SHAPE_KEYS, pinned=self._stager.pin_memory) * local_world_size()
         have = available_host_bytes()
         fits = have is None or need <= HOST_MEMORY_FRACTION * have
         flag = torch.tensor([int(fits)], dtype=torch.int32)

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from mirotrain.config import ConfigError, instantiate, load_config
+from mirotrain.checkpoint.host_memory import pinned_bytes
 from mirotrain.config.validation import validate_config
 
 GIB = 2**30
@@ -44,11 +45,16 @@ def estimate_memory(model: torch.nn.Module, cfg: dict, world_size: int) -> dict[
             "loss": loss_chunk / GIB, "total": total / GIB, "tokens_per_gpu": tokens, "params": n_params}
 
 
-def checkpoint_footprint(n_params: int, world_size: int, gpus_per_node: int) -> dict[str, float]:
-    """Step-checkpoint sizes (GiB): fp32 weights + AdamW's two moments = 12 bytes per parameter on disk; an
-    async save keeps the node's share of that in host memory for the whole run (checkpoint/host_memory.py)."""
-    size = 12 * n_params
-    return {"size": size / GIB, "host_per_node": size * min(gpus_per_node, world_size) / world_size / GIB}
+def checkpoint_footprint(model: torch.nn.Module, world_size: int, gpus_per_node: int) -> dict[str, float]:
+    """Step-checkpoint sizes (GiB). On disk: fp32 weights + AdamW's two moments, 12 bytes per parameter. In
+    host memory for async saves, per node: each rank's dim-0 shard of those three tensors per parameter,
+    every one a pinned block rounded up to a power of two (checkpoint/host_memory.py)."""
+    size = sum(12 * p.numel() for p in model.parameters())
+    per_rank = 0
+    for p in model.parameters():
+        shard_rows = -(-p.shape[0] // world_size) if p.dim() else 1
+        per_rank += 3 * pinned_bytes(4 * shard_rows * (p.numel() // max(p.shape[0], 1) if p.dim() else 1))
+    return {"size": size / GIB, "host_per_node": per_rank * min(gpus_per_node, world_size) / GIB}
 
 
 def main(argv: list[str]) -> int:
@@ -97,11 +103,12 @@ def main(argv: list[str]) -> int:
         print("memory/GPU:  ~{total:.1f} GiB (sharded state {sharded_state:.1f}, gathered params {gathered_params:.1f}, "
               "activations {activations:.1f}, loss {loss:.1f})".format(**mem))
         if cfg.get("auto_resume"):
-            ckpt = checkpoint_footprint(mem["params"], ns.world_size, ns.gpus_per_node)
+            ckpt = checkpoint_footprint(model, ns.world_size, ns.gpus_per_node)
             keep = cfg.get("keep_last_n_checkpoints", 2)
             host = (f"; async saves keep ~{ckpt['host_per_node']:.0f} GiB of host memory per node of "
                     f"{min(ns.gpus_per_node, ns.world_size)} GPUs" if cfg.get("enable_async_checkpointing", True) else "")
-            print(f"checkpoints: ~{ckpt['size']:.0f} GiB each on disk (keep {keep}: ~{keep * ckpt['size']:.0f} GiB){host}")
+            print(f"checkpoints: ~{ckpt['size']:.0f} GiB each on disk (keep {keep}: up to "
+                  f"~{(keep + 1) * ckpt['size']:.0f} GiB while the next one is written){host}")
     for err in errors:
         print(f"error: {err}", file=sys.stderr)
     if errors:

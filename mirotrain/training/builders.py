@@ -61,6 +61,15 @@ def materialize(model: nn.Module, device: torch.device, cpu_offload: bool) -> No
     model.rope.reset_parameters()
 
 
+def init_device_signature(device: torch.device) -> str:
+    """What a seeded random init depends on besides the seed: the generator's device type and, on CUDA,
+    the SM count (``normal_`` sizes its launch grid, and so its random stream, by it)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"cuda:{props.name}:{props.multi_processor_count}"
+    return device.type
+
+
 @torch.no_grad()
 def init_random(model: nn.Module, seed: int) -> None:
     """Random initialisation that also works on FSDP-sharded parameters.

@@ -40,7 +40,7 @@ from mirotrain.modules.loss.dpo import DPOLoss
 from mirotrain.modules.loss.logprobs import DEFAULT_CHUNK_SIZE
 from mirotrain.parallel.fsdp import fsdp_modules
 from mirotrain.training import reference as ref
-from mirotrain.training.builders import cfg_value
+from mirotrain.training.builders import cfg_value, init_device_signature
 from mirotrain.training.distributed import broadcast_object
 from mirotrain.training.trainer import Trainer
 
@@ -133,7 +133,10 @@ class DPOTrainer(Trainer):
 
     def _reference_key(self, manifest: Mapping[str, Any]) -> str:
         model_dir = reference_checkpoint_dir(self.cfg)
-        extra = {"seed": self.seed} if model_dir is None else {}
+        # random init: the weights depend on the seed and on the generator's device (CUDA draws differ from
+        # CPU draws, and between GPU models with different SM counts)
+        init_device = torch.device("cpu") if self.cpu_offload else self.device  # where the parameters live
+        extra = {"seed": self.seed, "init_device": init_device_signature(init_device)} if model_dir is None else {}
         extra["model"] = {k: v for k, v in (self.cfg.get("model") or {}).items()}
         return ref.reference_cache_key(model_dir, manifest, dtype=str(cfg_value(self.cfg, "dtype")),
                                        attention_backend=str(cfg_value(self.cfg, "attention_backend")), extra=extra)

@@ -29,3 +29,14 @@ def test_second_save_with_grown_entries_stages_the_new_values_into_the_same_buff
     live["extra/rank0/rng"].zero_()
     assert torch.equal(second["model"]["w"], torch.full((4, 3), 2.0))
     assert int(second["extra/rank0/rng"][0]) == 2
+
+
+def test_buffers_are_reallocated_when_the_optimizer_state_gains_entries():
+    """A parameter that first gets optimizer state after the first save must not break the second save."""
+    stager = ReusedBufferStager(pin_memory=False)
+    first = _state(1, 10)
+    first["optim"] = {}
+    stager.stage(first)
+    live = _state(2, 10)
+    staged = stager.stage(live)
+    torch.testing.assert_close(staged["optim"], live["optim"], rtol=0, atol=0)

@@ -139,8 +139,9 @@ class Qwen3Transformer(nn.Module):
         """Random init (for runs without a checkpoint): normal(0, std) matrices, unit norms.
 
         Every full tensor is drawn from one generator on ``device`` (the same values for any sharding); a
-        CUDA generator draws 8B parameters in a second where the CPU takes most of a minute per rank, but its
-        values differ from the CPU's, so a seed reproduces an init only on the same device type.
+        CUDA generator draws 8B parameters in a second where the CPU takes most of a minute per rank. CUDA
+        draws differ from CPU draws, and between GPU models with different SM counts (the launch grid sets
+        the random stream), so a seed reproduces an init on the same kind of device only.
         """
         gen = torch.Generator(device=device)
         if seed is not None:
