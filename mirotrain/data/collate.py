@@ -27,9 +27,10 @@ def _np(x: Any) -> np.ndarray:
 
 
 def _pack_arrays(rows: Sequence[Mapping[str, Any]], pad_id: int, packed_seq_len: int | None) -> dict[str, np.ndarray]:
-    ids, labels, pos, lens = [], [], [], []
+    ids, labels, pos, lens, mask = [], [], [], [], []
     for row in rows:
         r_ids = _np(row["input_ids"]).astype(np.int64)
+        mask.append(np.ones(len(r_ids), dtype=np.bool_))
         r_lens = _np(row["seq_lens"]).astype(np.int64)
         ids.append(r_ids)
         labels.append(_np(row["labels"]).astype(np.int64))
@@ -47,12 +48,14 @@ def _pack_arrays(rows: Sequence[Mapping[str, Any]], pad_id: int, packed_seq_len:
                 labels.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
                 pos.append(np.arange(pad, dtype=np.int64))
                 lens.append(np.asarray([pad], dtype=np.int64))
+                mask.append(np.zeros(pad, dtype=np.bool_))
     return {"input_ids": np.concatenate(ids), "labels": np.concatenate(labels), "position_ids": np.concatenate(pos),
-            "seq_lens": np.concatenate(lens)}
+            "seq_lens": np.concatenate(lens), "token_mask": np.concatenate(mask)}
 
 
 def collate_packed(rows: Sequence[Mapping[str, Any]], pad_id: int = 151643, packed_seq_len: int | None = None) -> dict[str, Any]:
-    """Packed rows -> one ``[1, T]`` varlen batch with ``cu_seqlens``; padding is a separate segment."""
+    """Packed rows -> one ``[1, T]`` varlen batch with ``cu_seqlens``; padding is a separate segment and
+    ``token_mask`` is False on it (MoE router statistics leave padding out, as HF's ``attention_mask`` does)."""
     a = _pack_arrays(rows, pad_id, packed_seq_len)
     lens = a["seq_lens"]
     cu = np.zeros(len(lens) + 1, dtype=np.int32)
@@ -61,6 +64,7 @@ def collate_packed(rows: Sequence[Mapping[str, Any]], pad_id: int = 151643, pack
         "input_ids": torch.from_numpy(a["input_ids"]).unsqueeze(0),
         "labels": torch.from_numpy(a["labels"]).unsqueeze(0),
         "position_ids": torch.from_numpy(a["position_ids"]).unsqueeze(0),
+        "token_mask": torch.from_numpy(a["token_mask"]).unsqueeze(0),
         "cu_seqlens": torch.from_numpy(cu),
         "max_seqlen": int(lens.max()) if len(lens) else 0,
     }
@@ -81,11 +85,14 @@ def padded_collate_sft(batch: Sequence[Mapping[str, Any]], pad_id: int = 151643,
         T += pad_to_multiple_of - T % pad_to_multiple_of
     out_ids = np.full((len(ids), T), pad_id, dtype=np.int64)
     out_labels = np.full((len(ids), T), ignore_index, dtype=np.int64)
+    mask = np.zeros((len(ids), T), dtype=np.bool_)
     for i, (x, y) in enumerate(zip(ids, labels)):
         out_ids[i, : len(x)] = x
         out_labels[i, : len(y)] = y
+        mask[i, : len(x)] = True
     pos = np.broadcast_to(np.arange(T, dtype=np.int64), (len(ids), T)).copy()
-    return {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_labels), "position_ids": torch.from_numpy(pos)}
+    return {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_labels), "position_ids": torch.from_numpy(pos),
+            "token_mask": torch.from_numpy(mask)}
 
 
 def padded_collate_dpo(batch: Sequence[Mapping[str, Any]], pad_id: int = 151643, packed_seq_len: int | None = None,

@@ -67,7 +67,8 @@ def shard_batch_for_sp(batch: dict[str, Any], sp_rank: int, sp_size: int, pad_id
     Padding (``(-T) % sp`` tokens of ``pad_id``) gets ignored labels and, for packed rows, becomes a
     document of its own (``cu_seqlens`` gains one boundary, its position ids restart at 0), so no real
     token attends to it and varlen kernels never see rows outside ``cu_seqlens``. Rank r keeps columns
-    ``[r·T/sp, (r+1)·T/sp)`` of ``input_ids``, ``labels`` and ``position_ids``; ``cu_seqlens`` and
+    ``[r·T/sp, (r+1)·T/sp)`` of ``input_ids``, ``labels``, ``position_ids`` and ``token_mask`` (False on the
+    padding); ``cu_seqlens`` and
     ``max_seqlen`` stay global because attention runs over the full row after the exchange. Position ids
     are always materialised, since the model's default ``arange(T_local)`` would be wrong on rank r > 0.
     Other keys pass through unchanged. Tensors may live on any device; no host sync except reading
@@ -101,6 +102,8 @@ def shard_batch_for_sp(batch: dict[str, Any], sp_rank: int, sp_size: int, pad_id
         else:
             pad_pos = torch.arange(pad, device=dev)
         position_ids = right_pad(position_ids, pad_pos[None])
+        if batch.get("token_mask") is not None:
+            out["token_mask"] = right_pad(batch["token_mask"], torch.zeros((1, pad), dtype=torch.bool, device=dev))
     else:
         labels = batch["labels"]
 
@@ -129,6 +132,8 @@ def shard_batch_for_sp(batch: dict[str, Any], sp_rank: int, sp_size: int, pad_id
     out["input_ids"] = input_ids[:, cols].contiguous()
     out["labels"] = labels[:, cols].contiguous()
     out["position_ids"] = position_ids[:, cols].contiguous()
+    if out.get("token_mask") is not None:
+        out["token_mask"] = out["token_mask"][:, cols].contiguous()
     return out
 
 

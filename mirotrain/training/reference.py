@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mirotrain.modules.loss.logprobs import DEFAULT_CHUNK_SIZE, pair_logprobs
+from mirotrain.training.forward import forward_hidden
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ def forward_pair_logprobs(model: nn.Module, batch: Mapping[str, Any], *, chunk_s
     start at ``sp_rank * T_local`` and the partial sums are reduced over ``sp_group``.
     """
     src = cpu_batch if cpu_batch is not None else batch
-    hidden = model.forward_hidden(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"),
-                                  batch.get("max_seqlen"))
+    hidden = forward_hidden(model, batch)
     labels = src["labels"]
     offset = sp_rank * labels.shape[-1]
     out = pair_logprobs(hidden, model.lm_head_weight, labels, src["cu_seqlens"], src["chosen_index"],

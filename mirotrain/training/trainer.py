@@ -37,6 +37,7 @@ from mirotrain.checkpoint.step_checkpointer import StepCheckpointer
 from mirotrain.config import instantiate
 from mirotrain.parallel.fsdp import fsdp_modules
 from mirotrain.training import builders
+from mirotrain.training.forward import forward_hidden
 from mirotrain.training.builders import DTYPES, cfg_value
 from mirotrain.training.distributed import broadcast_object, init_distributed
 from mirotrain.training.fault import fault_armed, fault_step, inject_fault
@@ -350,7 +351,7 @@ class Trainer:
             pad_id = getattr(self.tokenizer, "pad_id", 0) if self.tokenizer is not None else 0
             batch = shard_batch_for_sp(dict(batch), self.sp_rank, self.sp_size, pad_id)
         out = dict(batch)
-        for key in ("input_ids", "position_ids", "cu_seqlens"):
+        for key in ("input_ids", "position_ids", "cu_seqlens", "token_mask"):
             if out.get(key) is not None:
                 out[key] = out[key].to(self.device, non_blocking=True)
         return out
@@ -362,8 +363,7 @@ class Trainer:
 
     def forward_hidden(self, batch: Mapping[str, Any]) -> torch.Tensor:
         with self._activation_offload():
-            return self.model.forward_hidden(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"),
-                                             batch.get("max_seqlen"))
+            return forward_hidden(self.model, batch)
 
     def forward_backward(self, batch: Mapping[str, Any], grad_scale: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns this rank's Σ token losses (detached).

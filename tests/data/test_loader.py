@@ -75,8 +75,18 @@ def test_collate_keeps_padding_out_of_documents():
     assert b["labels"].tolist() == [[2, 3, -100, 5, -100, -100, -100, -100]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert b["cu_seqlens"].tolist() == [0, 3, 5, 8] and b["max_seqlen"] == 3
+    assert b["token_mask"].tolist() == [[True] * 5 + [False] * 3]
     full = collate_packed([row], pad_id=PAD, packed_seq_len=5)
-    assert full["cu_seqlens"].tolist() == [0, 3, 5]
+    assert full["cu_seqlens"].tolist() == [0, 3, 5] and bool(full["token_mask"].all())
+
+
+def test_padded_collate_marks_padding():
+    from mirotrain.data.collate import padded_collate_sft
+
+    rows = [{"input_ids": np.array([1, 2, 3]), "labels": np.array([2, 3, -100])},
+            {"input_ids": np.array([4]), "labels": np.array([-100])}]
+    b = padded_collate_sft(rows, pad_id=PAD)
+    assert b["token_mask"].tolist() == [[True, True, True], [True, False, False]]
 
 
 def test_unpacked_batches_cover_every_sample_once(sft_file, tok):

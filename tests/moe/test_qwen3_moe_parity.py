@@ -170,3 +170,30 @@ def test_reads_transformers5_config():
     config = Qwen3MoeConfig(**scaled_down()).to_dict()
     config.pop("num_experts", None)
     assert args_from_hf_config(config).num_experts == 16
+
+
+def test_training_forward_leaves_collated_padding_out_of_the_aux_loss(tmp_path):
+    """The trainer's forward (collate_packed -> forward_hidden) gives the same aux loss for a row padded to
+    packed_seq_len as for the row without padding; without the mask the padding would shift it."""
+    import numpy as np
+
+    from mirotrain.data.collate import collate_packed
+    from mirotrain.training.forward import forward_hidden
+
+    cfg = CONFIGS["30b_a3b_shape"]
+    ours = from_pretrained(save_hf(random_hf_model(cfg, seed=3), tmp_path)).eval()
+    lengths = [9, 14]
+    rng = np.random.default_rng(0)
+    row = {"input_ids": rng.integers(0, cfg["vocab_size"], sum(lengths)), "labels": np.full(sum(lengths), -100),
+           "position_ids": np.concatenate([np.arange(n) for n in lengths]), "seq_lens": np.array(lengths)}
+
+    def aux_of(batch):
+        with torch.no_grad():
+            forward_hidden(ours, batch)
+        return ours.router_losses()[0].item()
+
+    padded = collate_packed([row], pad_id=0, packed_seq_len=40)
+    unpadded = collate_packed([row], pad_id=0)
+    assert aux_of(padded) == pytest.approx(aux_of(unpadded), abs=TOL)
+    padded.pop("token_mask")
+    assert abs(aux_of(padded) - aux_of(unpadded)) > 1e-4

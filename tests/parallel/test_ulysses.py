@@ -247,6 +247,15 @@ def test_shard_batch_pads_with_an_ignored_segment_and_slices_columns():
     assert row["cu_seqlens"].tolist() == [0, 4, 11]  # input untouched
 
 
+def test_shard_batch_slices_the_token_mask_and_masks_its_padding():
+    row = make_row([0, 4, 11], seed=0)
+    row["token_mask"] = torch.ones(1, 11, dtype=torch.bool)
+    row["token_mask"][0, 9:] = False  # the row's own padding segment
+    shards = [shard_batch_for_sp(row, r, 4, pad_id=7) for r in range(4)]
+    assert all(s["token_mask"].shape == (1, 3) for s in shards)
+    assert torch.cat([s["token_mask"] for s in shards], dim=1).tolist() == [[True] * 9 + [False] * 3]
+
+
 def test_shard_batch_aligned_row_is_only_sliced():
     row = make_row([0, 3, 8], seed=1)
     shard = shard_batch_for_sp(row, 1, 2, pad_id=0)
