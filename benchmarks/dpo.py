@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,37 +124,11 @@ def base_config(ns: argparse.Namespace, work: Path, recipe: str, shard_dir: str)
 
 
 def time_recipe(trainer, warmup: int, steps: int) -> dict:
-    """Median step time and rates of ``steps`` optimizer steps after ``warmup`` (through ``train_step``)."""
-    import torch
-    import torch.distributed as dist
+    """``benchmarks/sft.py``'s step timing for either recipe; peak memory over warmup and timed steps."""
+    from benchmarks.sft import time_steps
 
-    dev = trainer.device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    trainer.train_loader.set_epoch(0)
-    it = iter(trainer.train_loader)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, tokens, flops = [], [], []
-    for i in range(warmup + steps):
-        batches = trainer._micro_batches(it)
-        sync()
-        dist.barrier()
-        t0 = time.perf_counter()
-        result = trainer.train_step(batches)
-        sync()
-        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=dev)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank ends
-        if i >= warmup:
-            times.append(float(t))
-            tokens.append(result.tokens)
-            flops.append(result.flops)
-    loss = float(result.loss_sum) / max(float(result.n_targets), 1.0)
-    med = statistics.median(times)
-    out = {"step_s": med, "tokens_per_step_per_gpu": statistics.mean(tokens),
-           "tokens_per_s_per_gpu": statistics.mean(tokens) / med, "flops_per_step_per_gpu": statistics.mean(flops),
-           "last_loss_rank0": loss}
-    if dev.type == "cuda":
-        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out = time_steps(trainer, warmup, steps, peak_over_warmup=True)
+    out["last_loss_rank0"] = out.pop("loss")
     return out
 
 

@@ -107,8 +107,9 @@ def base_config(ns: argparse.Namespace, work: Path, shard_dir: str) -> dict:
     }
 
 
-def time_steps(trainer, warmup: int, steps: int) -> dict:
-    """Median optimizer-step time (slowest rank) after ``warmup`` steps; rates from the trainer's own counts."""
+def time_steps(trainer, warmup: int, steps: int, peak_over_warmup: bool = False) -> dict:
+    """Median optimizer-step time (slowest rank) after ``warmup`` steps; rates from the trainer's own counts.
+    Peak memory covers the timed steps, or every step with ``peak_over_warmup``."""
     import torch
     import torch.distributed as dist
 
@@ -118,7 +119,7 @@ def time_steps(trainer, warmup: int, steps: int) -> dict:
     it = iter(trainer.train_loader)
     times, tokens, flops = [], [], []
     for i in range(warmup + steps):
-        if i == warmup and dev.type == "cuda":
+        if i == (0 if peak_over_warmup else warmup) and dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         batches = trainer._micro_batches(it)
         sync()
@@ -127,11 +128,12 @@ def time_steps(trainer, warmup: int, steps: int) -> dict:
         result = trainer.train_step(batches)
         sync()
         t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=dev)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank ends
         if i >= warmup:
             times.append(float(t)), tokens.append(result.tokens), flops.append(result.flops)
     med = statistics.median(times)
-    out = {"step_s": med, "tokens_per_s_per_gpu": statistics.mean(tokens) / med,
+    out = {"step_s": med, "tokens_per_step_per_gpu": statistics.mean(tokens),
+           "tokens_per_s_per_gpu": statistics.mean(tokens) / med,
            "flops_per_step_per_gpu": statistics.mean(flops),
            "loss": float(result.loss_sum) / max(float(result.n_targets), 1.0)}
     if dev.type == "cuda":
