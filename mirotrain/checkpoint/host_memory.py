@@ -10,11 +10,12 @@ synchronously instead (DCP then streams tensor by tensor).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
+from mirotrain.checkpoint.staging import tensor_layout
 
 # Share of the available memory the staged copies may take (the rest: dataloader workers, page cache, Python).
 HOST_MEMORY_FRACTION = 0.8
@@ -29,22 +30,9 @@ def pinned_bytes(nbytes: int) -> int:
 def staged_bytes(state: dict[str, Any], keys: tuple[str, ...], pinned: bool = False) -> int:
     """Host bytes that copies of this rank's tensors (DTensors: local shards) under ``keys`` take."""
     total = 0
-
-    def visit(value: Any) -> None:
-        nonlocal total
-        if isinstance(value, torch.Tensor):
-            local = value.to_local() if hasattr(value, "to_local") else value
-            nbytes = local.numel() * local.element_size()
-            total += pinned_bytes(nbytes) if pinned else nbytes
-        elif isinstance(value, dict):
-            for v in value.values():
-                visit(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v)
-
-    for key in keys:
-        visit(state.get(key))
+    for _, shape, dtype in tensor_layout({key: state.get(key) for key in keys}):
+        nbytes = math.prod(shape) * dtype.itemsize
+        total += pinned_bytes(nbytes) if pinned else nbytes
     return total
 
 

@@ -1,8 +1,8 @@
 """Asynchronous DCP step checkpoints for auto-resume (the same mechanism serves SFT and DPO).
 
 Save (every rank, at a step boundary): the state is copied to reused host buffers (pinned on CUDA; see
-``staging.py``), so a step is blocked only for the device-to-host copy, and written by a background thread through DCP on a dedicated gloo group (it must
-not interleave with the training collectives). When the write finished on every rank (DCP's final gather
+``staging.py``), so a step is blocked only for the device-to-host copy, and written by a background thread
+through DCP on a dedicated gloo group (it must not interleave with the training collectives). When the write finished on every rank (DCP's final gather
 proves it on rank 0), rank 0 writes the ``COMPLETE`` manifest, logs
 ``Step-based checkpoint is saved asynchronously to PATH successfully.`` and applies retention. A save that
 finds the previous one still running waits for it, with a warning.

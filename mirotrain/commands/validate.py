@@ -52,8 +52,9 @@ def checkpoint_footprint(model: torch.nn.Module, world_size: int, gpus_per_node:
     size = sum(12 * p.numel() for p in model.parameters())
     per_rank = 0
     for p in model.parameters():
-        shard_rows = -(-p.shape[0] // world_size) if p.dim() else 1
-        per_rank += 3 * pinned_bytes(4 * shard_rows * (p.numel() // max(p.shape[0], 1) if p.dim() else 1))
+        rows = p.shape[0] if p.dim() else 1
+        shard_numel = -(-rows // world_size) * (p.numel() // max(rows, 1))  # FSDP2 pads dim 0 to the world size
+        per_rank += 3 * pinned_bytes(4 * shard_numel)
     return {"size": size / GIB, "host_per_node": per_rank * min(gpus_per_node, world_size) / GIB}
 
 

@@ -68,8 +68,8 @@ def shard_batch_for_sp(batch: dict[str, Any], sp_rank: int, sp_size: int, pad_id
     document of its own (``cu_seqlens`` gains one boundary, its position ids restart at 0), so no real
     token attends to it and varlen kernels never see rows outside ``cu_seqlens``. Rank r keeps columns
     ``[r·T/sp, (r+1)·T/sp)`` of ``input_ids``, ``labels``, ``position_ids`` and ``token_mask`` (False on the
-    padding); ``cu_seqlens`` and
-    ``max_seqlen`` stay global because attention runs over the full row after the exchange. Position ids
+    padding); ``cu_seqlens`` and ``max_seqlen`` stay global because attention runs over the full row after
+    the exchange. Position ids
     are always materialised, since the model's default ``arange(T_local)`` would be wrong on rank r > 0.
     Other keys pass through unchanged. Tensors may live on any device; no host sync except reading
     ``cu_seqlens[-1]`` when ``cu_seqlens`` is on an accelerator (shard while the batch is still on CPU).
