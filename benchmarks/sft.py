@@ -132,10 +132,12 @@ def time_steps(trainer, warmup: int, steps: int, peak_over_warmup: bool = False)
         if i >= warmup:
             times.append(float(t)), tokens.append(result.tokens), flops.append(result.flops)
     med = statistics.median(times)
+    loss_sum = result.loss_sum.detach().clone()
+    dist.all_reduce(loss_sum, group=trainer.loss_group)  # every rank's share (an SP rank may hold only a prompt)
     out = {"step_s": med, "tokens_per_step_per_gpu": statistics.mean(tokens),
            "tokens_per_s_per_gpu": statistics.mean(tokens) / med,
            "flops_per_step_per_gpu": statistics.mean(flops),
-           "loss": float(result.loss_sum) / max(float(result.n_targets), 1.0)}
+           "loss": float(loss_sum) / max(float(result.n_targets), 1.0)}
     if dev.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out

@@ -1,8 +1,7 @@
 """How much host memory an async save would pin, and how much the node (or its cgroup) has left.
 
 Async saves keep a host copy of every rank's model and optimizer state for the whole run (fp32 weights +
-AdamW: 12 bytes per parameter, each pinned block rounded up to a power of two): Qwen3-8B on 4 GPUs pins
-~122 GiB of the node, Qwen3-32B on 8 GPUs ~420 GiB.
+AdamW: 12 bytes per parameter): Qwen3-8B on 4 GPUs keeps ~92 GiB of the node, Qwen3-32B on 8 GPUs ~366 GiB.
 Where that does not fit, the first save would take the node down with an out-of-memory kill, and
 auto-resume would crash at the same save again. The step checkpointer asks here first and saves
 synchronously instead (DCP then streams tensor by tensor).
@@ -21,19 +20,9 @@ from mirotrain.checkpoint.staging import tensor_layout
 HOST_MEMORY_FRACTION = 0.8
 
 
-def pinned_bytes(nbytes: int) -> int:
-    """Host memory a pinned buffer of ``nbytes`` takes: torch's caching host allocator rounds every block up
-    to a power of two (a 594 MiB embedding shard pins 1 GiB)."""
-    return 1 << (nbytes - 1).bit_length() if nbytes > 1 else nbytes
-
-
-def staged_bytes(state: dict[str, Any], keys: tuple[str, ...], pinned: bool = False) -> int:
+def staged_bytes(state: dict[str, Any], keys: tuple[str, ...]) -> int:
     """Host bytes that copies of this rank's tensors (DTensors: local shards) under ``keys`` take."""
-    total = 0
-    for _, shape, dtype in tensor_layout({key: state.get(key) for key in keys}):
-        nbytes = math.prod(shape) * dtype.itemsize
-        total += pinned_bytes(nbytes) if pinned else nbytes
-    return total
+    return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in tensor_layout({key: state.get(key) for key in keys}))
 
 
 def _read_int(path: Path) -> int | None:

@@ -58,14 +58,14 @@ class StepCheckpointer:
         self.rank = dist.get_rank()
         # A gloo group of its own: the background writer's collectives must not interleave with training's.
         self.group = dist.new_group(backend="gloo")
-        self._stager = ReusedBufferStager(pin_memory=device.type == "cuda") if async_save else None
+        self._stager = ReusedBufferStager(pin_memory=device.type == "cuda", device=device) if async_save else None
         self._pending: Future | None = None
         self._pending_path: Path | None = None
         self._finished = threading.Event()
         self._lock = threading.Lock()
         self.last_error: BaseException | None = None
         self.blocked_seconds: list[float] = []
-        self._host_memory_checked = False
+        self.prepared = False
 
     # ------------------------------------------------------------------------------------------ find
 
@@ -81,13 +81,24 @@ class StepCheckpointer:
 
     # ------------------------------------------------------------------------------------------ save
 
+    def prepare(self, state: dict[str, Any]) -> None:
+        """Decide between async and sync saves (host memory) and start allocating the async host buffers in the
+        background, so the first save does not wait for them. Collective; call once the optimizer state exists
+        (the trainer does after its first step); ``save`` calls it if nobody did."""
+        if self.prepared:
+            return
+        self.prepared = True
+        if not self.async_save:
+            return
+        if not self._staging_fits_in_host_memory(state):
+            self.async_save, self._stager = False, None
+            return
+        self._stager.prepare(state)
+
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
         """Checkpoint ``state`` (a DCP state dict) as step ``step``; returns once staged (async) or written."""
         self.wait(warn=True)
-        if self.async_save and not self._host_memory_checked:
-            self._host_memory_checked = True
-            if not self._staging_fits_in_host_memory(state):
-                self.async_save, self._stager = False, None
+        self.prepare(state)
         path = step_path(self.root, step)
         start = time.perf_counter()
         if self.rank == 0:
@@ -107,7 +118,7 @@ class StepCheckpointer:
 
     def _staging_fits_in_host_memory(self, state: dict[str, Any]) -> bool:
         """Whether every node can hold its ranks' host copies; agreed by all ranks (one mode for everyone)."""
-        need = staged_bytes(state, FIXED_SHAPE_KEYS, pinned=self._stager.pin_memory) * local_world_size()
+        need = staged_bytes(state, FIXED_SHAPE_KEYS) * local_world_size()
         have = available_host_bytes()
         fits = have is None or need <= HOST_MEMORY_FRACTION * have
         flag = torch.tensor([int(fits)], dtype=torch.int32)
@@ -194,5 +205,5 @@ class StepCheckpointer:
         try:
             self.wait()
         finally:
-            if self._stager is not None and hasattr(self._stager, "close"):
+            if self._stager is not None:
                 self._stager.close()

@@ -12,7 +12,6 @@ import sys
 import torch
 
 from mirotrain.config import ConfigError, instantiate, load_config
-from mirotrain.checkpoint.host_memory import pinned_bytes
 from mirotrain.config.validation import validate_config
 
 GIB = 2**30
@@ -47,14 +46,14 @@ def estimate_memory(model: torch.nn.Module, cfg: dict, world_size: int) -> dict[
 
 def checkpoint_footprint(model: torch.nn.Module, world_size: int, gpus_per_node: int) -> dict[str, float]:
     """Step-checkpoint sizes (GiB). On disk: fp32 weights + AdamW's two moments, 12 bytes per parameter. In
-    host memory for async saves, per node: each rank's dim-0 shard of those three tensors per parameter,
-    every one a pinned block rounded up to a power of two (checkpoint/host_memory.py)."""
+    host memory for async saves, per node: each rank's dim-0 shard of those three tensors per parameter
+    (checkpoint/staging.py)."""
     size = sum(12 * p.numel() for p in model.parameters())
     per_rank = 0
     for p in model.parameters():
         rows = p.shape[0] if p.dim() else 1
         shard_numel = -(-rows // world_size) * (p.numel() // max(rows, 1))  # FSDP2 pads dim 0 to the world size
-        per_rank += 3 * pinned_bytes(4 * shard_numel)
+        per_rank += 3 * 4 * shard_numel
     return {"size": size / GIB, "host_per_node": per_rank * min(gpus_per_node, world_size) / GIB}
 
 

@@ -466,6 +466,9 @@ class Trainer:
         self._memory_trace(step)
         if self.checkpointer is not None and step % int(cfg_value(self.cfg, "checkpoint_steps_for_auto_resume")) == 0:
             self.save_checkpoint()
+        elif self.checkpointer is not None and not self.checkpointer.prepared:
+            # the optimizer state exists now: the async-save host buffers are allocated meanwhile, in the background
+            self.checkpointer.prepare(self.checkpoint_state_dict())
         if self._fault and step == fault_step():
             log.warning("MIROTRAIN_FAULT_AFTER_STEP=%d: killing this process group (test fault injection)", step)
             inject_fault()
@@ -554,12 +557,15 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Step checkpoint of the full training state (asynchronous unless configured otherwise)."""
-        self.state.extra.update(self.recipe_state())
-        state = checkpoint_state(self.model, self.optimizer, self.lr_scheduler, self.train_loader, self.state,
-                                 self.rank, self.device)
+        state = self.checkpoint_state_dict()
         if self.is_main:
             log.info("Starting to save a step-based checkpoint for epoch_%d step_%d", self.state.epoch, self.state.step)
         self.checkpointer.save(self.state.step, state, self.checkpoint_meta())
+
+    def checkpoint_state_dict(self) -> dict[str, Any]:
+        self.state.extra.update(self.recipe_state())
+        return checkpoint_state(self.model, self.optimizer, self.lr_scheduler, self.train_loader, self.state,
+                                self.rank, self.device)
 
     def _end_epoch(self) -> None:
         epoch = self.state.epoch

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from mirotrain.checkpoint import step_checkpointer
-from mirotrain.checkpoint.host_memory import available_host_bytes, pinned_bytes, staged_bytes
+from mirotrain.checkpoint.host_memory import available_host_bytes, staged_bytes
 from mirotrain.checkpoint.layout import MARKER
 from mirotrain.checkpoint.step_checkpointer import StepCheckpointer
 
@@ -27,13 +27,11 @@ def test_available_memory_is_the_lower_of_meminfo_and_the_cgroup_headroom(tmp_pa
     assert available_host_bytes(tmp_path / "missing", tmp_path / "none") is None
 
 
-def test_staged_bytes_counts_only_the_named_entries_and_pinned_blocks_round_up():
+def test_staged_bytes_counts_only_the_named_entries():
     state = {"model": {"w": torch.zeros(10, 4)}, "optim": {"w": {"exp_avg": torch.zeros(10, 4, dtype=torch.bfloat16),
                                                                     "step": torch.tensor(1.0)}},
              "extra/train_state": torch.zeros(1000, dtype=torch.uint8)}
     assert staged_bytes(state, ("model", "optim")) == 160 + 80 + 4
-    assert staged_bytes(state, ("model", "optim"), pinned=True) == 256 + 128 + 4
-    assert [pinned_bytes(n) for n in (0, 1, 2, 3, 4096, 4097, 594 * 2**20)] == [0, 1, 2, 4, 4096, 8192, 2**30]
 
 
 @pytest.fixture

@@ -1,8 +1,22 @@
 """The async-save stager: reused host buffers for model/optimizer, fresh copies for entries that change size."""
 
-import torch
+import math
 
+import pytest
+import torch
+import torch.distributed as dist
+
+from mirotrain.checkpoint import staging
 from mirotrain.checkpoint.staging import ReusedBufferStager
+
+
+@pytest.fixture
+def single_process_mesh(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
 
 
 def _state(step: int, extra_len: int) -> dict:
@@ -40,3 +54,36 @@ def test_buffers_are_reallocated_when_the_optimizer_state_gains_entries():
     live = _state(2, 10)
     staged = stager.stage(live)
     torch.testing.assert_close(staged["optim"], live["optim"], rtol=0, atol=0)
+
+
+def test_prepare_allocates_in_the_background_and_the_first_save_uses_those_buffers():
+    stager = ReusedBufferStager(pin_memory=False)
+    live = _state(3, 7)
+    stager.prepare(live)
+    staged = stager.stage(live)
+    assert staged["model"]["w"].data_ptr() == stager._buffers.tree["model"]["w"].data_ptr()
+    torch.testing.assert_close(staged["optim"], live["optim"], rtol=0, atol=0)
+
+
+def test_every_tensor_lies_inside_one_chunk(monkeypatch):
+    """One registration per chunk: a copy into a tensor straddling two registrations would not be pinned."""
+    monkeypatch.setattr(staging, "CHUNK_BYTES", 256)  # padded sizes 64, 128, 64 | 448 | 64
+    state = {"model": {f"w{i}": torch.randn(n) for i, n in enumerate((5, 20, 3, 100, 1))}}
+    buffers = staging.HostBuffers(state, pin_memory=False)
+    for (chunk, offset), (_, shape, dtype) in zip(buffers._places, buffers.layout):
+        nbytes = math.prod(shape) * dtype.itemsize
+        assert offset % staging.ALIGN_BYTES == 0
+        assert offset + nbytes <= buffers._chunks[chunk].numel()
+    assert [c.numel() for c in buffers._chunks] == [256, 448, 64]  # a larger tensor gets a chunk of its own
+    torch.testing.assert_close(buffers.fill(state), state, rtol=0, atol=0)
+
+
+def test_dtensor_shards_stage_as_cpu_dtensors_with_the_same_placement(single_process_mesh):
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    full = torch.arange(24.0).reshape(6, 4)
+    live = {"model": {"w": distribute_tensor(full, single_process_mesh, [Shard(0)])}, "optim": {}}
+    staged = ReusedBufferStager(pin_memory=False).stage(live)
+    w = staged["model"]["w"]
+    assert isinstance(w, DTensor) and w.placements == live["model"]["w"].placements and w.shape == (6, 4)
+    assert torch.equal(w.to_local(), full) and w.to_local().data_ptr() != live["model"]["w"].to_local().data_ptr()
