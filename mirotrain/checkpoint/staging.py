@@ -25,6 +25,7 @@ import threading
 import weakref
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
@@ -56,17 +57,27 @@ def _padded_nbytes(shape: tuple, dtype: torch.dtype) -> int:
     return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
 
 
-def _register(chunk: torch.Tensor) -> bool:
-    """Page-lock ``chunk`` for CUDA copies, unlocked again when the chunk is freed; False if the driver refused
-    (the chunk then stays pageable: slower copies, same result)."""
+def _register(chunk: torch.Tensor, owner: object) -> bool:
+    """Page-lock ``chunk`` for CUDA copies, unlocked again when ``owner`` (what every view of the chunk keeps
+    alive) is freed; False if the driver refused (the chunk then stays pageable: slower copies, same result)."""
     ptr, nbytes = chunk.data_ptr(), chunk.numel()
     error = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 1))  # 1: cudaHostRegisterPortable
     if error != 0:
         log.warning("Page-locking %.0f MiB of checkpoint staging memory failed (cudaError %d); async saves copy "
                     "to pageable memory instead (they block the step longer).", nbytes / 2**20, error)
         return False
-    weakref.finalize(chunk, torch.cuda.cudart().cudaHostUnregister, ptr)
+    weakref.finalize(owner, torch.cuda.cudart().cudaHostUnregister, ptr)
     return True
+
+
+def _exact_view(chunk: np.ndarray, offset: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over ``chunk``'s bytes at ``offset`` whose storage is exactly its own bytes: DCP's writer clones
+    any tensor whose storage is larger than the tensor (a plain slice would be cloned at every save), and the
+    buffer reference keeps the chunk array (and so its page lock) alive as long as the tensor lives."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(memoryview(chunk)[offset:offset + nbytes], dtype=dtype).view(shape)
 
 
 class HostBuffers:
@@ -82,7 +93,7 @@ class HostBuffers:
     def __init__(self, state: dict[str, Any], pin_memory: bool, device: torch.device | None = None):
         self.layout = tensor_layout(state)
         sizes = [_padded_nbytes(shape, dtype) for _, shape, dtype in self.layout]
-        self._chunks: list[torch.Tensor] = []
+        self._chunks: list[np.ndarray] = []
         self._places: list[tuple[int, int]] = []  # (chunk index, byte offset) of every tensor, in layout order
         chunk_sizes: list[int] = []
         for size in sizes:
@@ -94,9 +105,10 @@ class HostBuffers:
             torch.cuda.set_device(device)  # a fresh thread would otherwise open a context on GPU 0
         for size in chunk_sizes:
             chunk = torch.zeros(max(size, 1), dtype=torch.uint8)  # touches every page before it is locked
+            array = chunk.numpy()  # the tensor object may die before its views; this array does not
             if pin_memory:
-                pin_memory = _register(chunk)
-            self._chunks.append(chunk)
+                pin_memory = _register(chunk, owner=array)
+            self._chunks.append(array)
         self.nbytes = sum(chunk_sizes)
         self.tree = self._mirror(state, iter(range(len(self.layout))))
 
@@ -104,8 +116,7 @@ class HostBuffers:
         if isinstance(state, torch.Tensor):
             local = state.to_local() if isinstance(state, DTensor) else state
             chunk, offset = self._places[next(index)]
-            nbytes = local.numel() * local.element_size()
-            view = self._chunks[chunk][offset:offset + nbytes].view(local.dtype).view(local.shape)
+            view = _exact_view(self._chunks[chunk], offset, local.shape, local.dtype)
             return DTensor(view, state._spec, requires_grad=False) if isinstance(state, DTensor) else view
         if isinstance(state, dict):
             return {key: self._mirror(state[key], index) for key in sorted(state, key=str)}

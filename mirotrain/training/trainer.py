@@ -466,7 +466,7 @@ class Trainer:
         self._memory_trace(step)
         if self.checkpointer is not None and step % int(cfg_value(self.cfg, "checkpoint_steps_for_auto_resume")) == 0:
             self.save_checkpoint()
-        elif self.checkpointer is not None and not self.checkpointer.prepared:
+        elif self.checkpointer is not None and self.checkpointer.async_save and not self.checkpointer.prepared:
             # the optimizer state exists now: the async-save host buffers are allocated meanwhile, in the background
             self.checkpointer.prepare(self.checkpoint_state_dict())
         if self._fault and step == fault_step():

@@ -73,8 +73,10 @@ def test_every_tensor_lies_inside_one_chunk(monkeypatch):
     for (chunk, offset), (_, shape, dtype) in zip(buffers._places, buffers.layout):
         nbytes = math.prod(shape) * dtype.itemsize
         assert offset % staging.ALIGN_BYTES == 0
-        assert offset + nbytes <= buffers._chunks[chunk].numel()
-    assert [c.numel() for c in buffers._chunks] == [256, 448, 64]  # a larger tensor gets a chunk of its own
+        assert offset + nbytes <= buffers._chunks[chunk].nbytes
+    for name, staged in buffers.tree["model"].items():  # DCP's writer clones tensors with larger storages
+        assert staged.untyped_storage().nbytes() == staged.nbytes, name
+    assert [c.nbytes for c in buffers._chunks] == [256, 448, 64]  # a larger tensor gets a chunk of its own
     torch.testing.assert_close(buffers.fill(state), state, rtol=0, atol=0)
 
 
@@ -87,3 +89,22 @@ def test_dtensor_shards_stage_as_cpu_dtensors_with_the_same_placement(single_pro
     w = staged["model"]["w"]
     assert isinstance(w, DTensor) and w.placements == live["model"]["w"].placements and w.shape == (6, 4)
     assert torch.equal(w.to_local(), full) and w.to_local().data_ptr() != live["model"]["w"].to_local().data_ptr()
+
+
+def test_a_chunk_outlives_every_staged_tensor_over_it():
+    """The page lock is released when the chunk array dies: never while a staged tensor (e.g. one the DCP writer
+    thread still reads) points into it."""
+    import gc
+    import weakref
+
+    live = {"model": {"w": torch.randn(4, 3)}, "optim": {}}
+    buffers = staging.HostBuffers(live, pin_memory=False)
+    released = []
+    weakref.finalize(buffers._chunks[0], released.append, True)
+    staged = buffers.fill(live)["model"]["w"]
+    del buffers
+    gc.collect()
+    assert not released and torch.equal(staged, live["model"]["w"])
+    del staged
+    gc.collect()
+    assert released
