@@ -61,3 +61,14 @@ def test_configured_mfu_peak_is_used(monkeypatch):
     assert validate(["--config", str(CONFIG_ROOT / "tiny" / "sft.yaml"), "--no-file-check", "mfu_peak_tflops=500"]) == 0
     assert peak_flops(torch.device("cpu"), torch.bfloat16, 500) == 500e12
     assert peak_flops(torch.device("cpu"), torch.bfloat16, None) is None
+
+
+def test_validate_warns_when_the_memory_estimate_exceeds_the_gpu(capsys):
+    """Qwen3-32B on 8× 80 GB: SP=1 (~80 GiB/GPU) would run out of memory; the shipped SP=4 (~68) fits."""
+    path = str(CONFIG_ROOT / "qwen3" / "32B_full_sft.yaml")
+    assert validate(["--config", path, "--world-size", "8", "--no-file-check", "ulysses_sequence_parallel_size=1"]) == 0
+    assert "warning:     that is above 90% of a 79.2 GiB GPU" in capsys.readouterr().out
+    assert validate(["--config", path, "--world-size", "8", "--no-file-check"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert validate(["--config", path, "--world-size", "8", "--no-file-check", "--gpu-memory-gib", "70"]) == 0
+    assert "warning:     that is above 90% of a 70 GiB GPU" in capsys.readouterr().out
