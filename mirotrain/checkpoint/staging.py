@@ -109,7 +109,6 @@ class HostBuffers:
             if pin_memory:
                 pin_memory = _register(chunk, owner=array)
             self._chunks.append(array)
-        self.nbytes = sum(chunk_sizes)
         self.tree = self._mirror(state, iter(range(len(self.layout))))
 
     def _mirror(self, state: Any, index: Any) -> Any:
@@ -172,16 +171,22 @@ class ReusedBufferStager(AsyncStager):
             self._error = error
 
     def _ready_buffers(self, fixed: dict[str, Any]) -> HostBuffers:
+        self._join()
+        self._raise_allocation_error()
+        if self._buffers is None or self._buffers.layout != tensor_layout(fixed):  # first save, or state grew
+            self._allocate(fixed)
+            self._raise_allocation_error()
+        return self._buffers
+
+    def _join(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def _raise_allocation_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError("allocating the host buffers for async checkpointing failed") from error
-        if self._buffers is None or self._buffers.layout != tensor_layout(fixed):  # first save, or state grew
-            self._allocate(fixed)
-            return self._ready_buffers(fixed)
-        return self._buffers
 
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         fixed = _fixed(state_dict)
@@ -195,9 +200,7 @@ class ReusedBufferStager(AsyncStager):
         """Nothing to wait for: ``stage`` returns once the copy is done."""
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._join()
         self._buffers = None
 
 

@@ -108,3 +108,15 @@ def test_a_chunk_outlives_every_staged_tensor_over_it():
     del staged
     gc.collect()
     assert released
+
+
+def test_a_failed_background_allocation_surfaces_at_the_next_save(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise MemoryError("no host memory")
+
+    stager = ReusedBufferStager(pin_memory=False)
+    monkeypatch.setattr(staging, "HostBuffers", refuse)
+    stager.prepare(_state(1, 4))
+    with pytest.raises(RuntimeError, match="allocating the host buffers") as info:
+        stager.stage(_state(1, 4))
+    assert isinstance(info.value.__cause__, MemoryError)
