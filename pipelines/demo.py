@@ -8,11 +8,14 @@ Runs the real ``post-train`` flow in Prefect's ephemeral mode (no server) on a l
 2. ``post_train``: download (from a ``file://`` URL, the same fsspec code path as s3:// or the Hub's
    resumable download) -> pack SFT data -> SFT -> pack preference data -> reference log-probs -> DPO from
    the SFT weights -> HF export, with artifacts;
-3. loads the export with ``transformers`` and generates a reply.
+3. loads the export with ``transformers`` and generates a reply. The model is tiny and starts from random
+   weights, so the reply is gibberish: the demo shows the pipeline working, not a useful model.
 
 Prefect state (database, cached results) lives in ``WORKDIR/.prefect`` unless ``PREFECT_HOME`` or
-``PREFECT_API_URL`` is set, so a second run with the same workdir reuses the download and pack caches and
-resumes training from its checkpoints -- which is also how to recover a demo that was killed mid-run.
+``PREFECT_API_URL`` is set. Every demo is a new flow run and so a new training run
+(``WORKDIR/runs/{sft,dpo}/<run>``, ``WORKDIR/export/<run>``; pipelines/runs.py): running it again trains
+again, with the download and pack results from the cache. ``--resume-from <run>`` continues a demo that
+was killed mid-run from its newest step checkpoints instead.
 """
 
 import argparse
@@ -87,28 +90,39 @@ def _configure_prefect(workdir: Path) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run_demo(workdir: str | os.PathLike = "demo-run") -> dict[str, Any]:
-    """Run the embedded default end to end; returns the outcome (paths, losses, the generated reply, timings)."""
+GIBBERISH = ("The tiny model starts from random weights and trains for a few dozen steps, so its reply is "
+             "gibberish: the demo shows the pipeline working end to end, not a useful model.")
+
+
+def run_demo(workdir: str | os.PathLike = "demo-run", resume_from: str | None = None) -> dict[str, Any]:
+    """Run the embedded default end to end; returns the outcome (run name, paths, losses, the reply, timings).
+
+    Args:
+        workdir: Where the tiny model, data, runs, exports and Prefect state go.
+        resume_from: An earlier demo run to continue (its run name); default: a new run.
+    """
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     _configure_prefect(work)
     t0 = time.monotonic()
     inputs = prepare_demo_inputs(work)
     from pipelines.post_train import post_train
+    from pipelines.runs import name_of_flow_run
 
-    state = post_train(**demo_parameters(work, inputs), return_state=True)
+    state = post_train(**demo_parameters(work, inputs), resume_from=resume_from, return_state=True)
     if not state.is_completed():
-        raise RuntimeError(f"post-train flow ended {state.type.value}: {state.message} (re-run the same command to "
-                           f"resume from the cached steps and the newest checkpoint)")
+        run = name_of_flow_run(state.state_details.flow_run_id)
+        raise RuntimeError(f"post-train flow run {run} ended {state.type.value}: {state.message}\n"
+                           f"continue it with: mirotrain demo --workdir {workdir} --resume-from {run}")
     outcome = state.result()
     t_flow = time.monotonic() - t0
     reply = generate_reply(outcome.export_dir)
     result = {
-        "workdir": str(work), "export_dir": outcome.export_dir,
+        "run_name": outcome.run_name, "workdir": str(work), "export_dir": outcome.export_dir,
         "sft": {"steps": outcome.sft.steps, "first_loss": outcome.sft.first_loss, "final_loss": outcome.sft.final_loss,
-                "output_dir": outcome.sft.output_dir},
+                "output_dir": outcome.sft.output_dir, "resumed_from": outcome.sft.resumed_from},
         "dpo": {"steps": outcome.dpo.steps, "first_loss": outcome.dpo.first_loss, "final_loss": outcome.dpo.final_loss,
-                "output_dir": outcome.dpo.output_dir},
+                "output_dir": outcome.dpo.output_dir, "resumed_from": outcome.dpo.resumed_from},
         "reply": reply, "flow_seconds": round(t_flow, 1), "total_seconds": round(time.monotonic() - t0, 1),
         "prefect_home": os.environ.get("PREFECT_HOME"),
     }
@@ -116,16 +130,47 @@ def run_demo(workdir: str | os.PathLike = "demo-run") -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
+def _loss(x: float | None) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else "n/a"
+
+
+def summary_text(result: dict[str, Any]) -> str:
+    """What a person reads at the end of the demo: what ran, the losses, where everything is."""
+    sft, dpo = result["sft"], result["dpo"]
+    home = result.get("prefect_home")
+    lines = [
+        "",
+        f"Demo run {result['run_name']} finished in {result['total_seconds']:.0f} s.",
+        "What ran: the post-train Prefect flow (ephemeral mode, no server) on a tiny random Qwen3: download ->",
+        "  pack -> SFT -> pack preference pairs -> reference log-probs -> DPO -> HF export -> one reply.",
+        f"Losses:  SFT {_loss(sft['first_loss'])} -> {_loss(sft['final_loss'])} over {sft['steps']} steps;  "
+        f"DPO {_loss(dpo['first_loss'])} -> {_loss(dpo['final_loss'])} over {dpo['steps']} steps.",
+        "Outputs:",
+        f"  SFT run dir  {sft['output_dir']}  (metrics.jsonl, loss_curve.png, checkpoints/, hf/final)",
+        f"  DPO run dir  {dpo['output_dir']}",
+        f"  HF export    {result['export_dir']}  (loads with transformers.AutoModelForCausalLM)",
+        f"  this summary {Path(result['workdir']) / 'demo_result.json'}",
+    ]
+    if home:
+        lines.append(f"  Prefect      PREFECT_HOME={home} prefect artifact ls   (run summaries, metrics, links)")
+    lines += [
+        f"Reply from the exported model: {result['reply']!r}",
+        f"  {GIBBERISH}",
+        "Running the demo again starts a new run (download and pack come from the cache); "
+        "--resume-from <run> continues a killed one.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m pipelines.demo") -> int:
+    """The demo's command line (``mirotrain demo`` is this with its own ``prog``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="demo-run", help="where the tiny model, data, runs and Prefect state go")
+    parser.add_argument("--resume-from", default=None, metavar="RUN",
+                        help="continue this earlier demo run (its run name) instead of starting a new one")
     args = parser.parse_args(argv)
-    result = run_demo(args.workdir)
-    print(f"\nSFT loss {result['sft']['first_loss']} -> {result['sft']['final_loss']}; "
-          f"DPO loss {result['dpo']['first_loss']} -> {result['dpo']['final_loss']}")
-    print(f"HF export: {result['export_dir']}")
-    print(f"reply from the exported model: {result['reply']!r}")
-    print(f"done in {result['total_seconds']}s (details: {Path(result['workdir']) / 'demo_result.json'})")
+    print(GIBBERISH, flush=True)
+    print(summary_text(run_demo(args.workdir, args.resume_from)))
     return 0
 
 

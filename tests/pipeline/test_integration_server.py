@@ -1,7 +1,9 @@
-"""Integration: a real Prefect server, deployments from deployments/prefect.yaml, a process worker, and a
-`prefect deployment run 'post-train/adhoc'` of the embedded default, waited on until Completed.
+"""Integration: a real Prefect server, deployments from deployments/prefect.yaml (created with the commands of
+docs/pipeline.md's setup block), a process worker, and `prefect deployment run 'post-train/adhoc'` of the
+embedded default three times: two new runs, each training all its steps into run directories of its own,
+then a run with ``resume_from`` that continues the first.
 
-Marked ``integration`` (several minutes on 2 cores). Everything runs in a temporary PREFECT_HOME on
+Marked ``integration`` (about ten minutes on 2 cores). Everything runs in a temporary PREFECT_HOME on
 127.0.0.1 and every process it starts is stopped at the end, pass or fail.
 """
 
@@ -18,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from test_docs_setup import setup_block
+
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
 
 
 def _free_port() -> int:
@@ -46,7 +50,7 @@ def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
     proc.wait()
 
 
-def _reset_sigint() -> None:  # a background child may inherit SIGINT=ignored (prefect-notes P6)
+def _reset_sigint() -> None:  # a background child may inherit SIGINT=ignored, and ignore _stop's SIGINT
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -93,8 +97,11 @@ def test_deployment_run_post_train(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "prefect server did not come up"
             time.sleep(1)
 
-        cli("work-pool", "create", "mirotrain-process", "--type", "process")
-        cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", timeout=300)
+        block_env = {**env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])}
+        for tokens in setup_block():  # the block's own commands for the pool and the deployments
+            if tokens[0] == "prefect" and ("work-pool" in tokens or "deploy" in tokens):
+                r = subprocess.run(tokens, env=block_env, cwd=REPO, capture_output=True, text=True, timeout=300)
+                assert r.returncode == 0, f"{' '.join(tokens)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         deployments = cli("deployment", "ls")
         for name in ("post-train/adhoc", "post-train/nightly", "sft/adhoc", "dpo/adhoc"):
             assert name in deployments, deployments
@@ -103,27 +110,72 @@ def test_deployment_run_post_train(tmp_path: Path) -> None:
 
         work = tmp_path / "work"
         params = demo_parameters(work, prepare_demo_inputs(work))
-        run_args = [a for k, v in params.items() for a in ("--param", f"{k}={json.dumps(v)}")]
-        out = cli("deployment", "run", "post-train/adhoc", *run_args)
-        run_id = next(tok for line in out.splitlines() if "UUID" in line for tok in line.split() if tok.count("-") == 4)
+        planned = {"sft": _planned(params["sft_stage"]), "dpo": _planned(params["dpo_stage"])}
 
-        deadline = time.monotonic() + 1500
-        state = None
-        while time.monotonic() < deadline:
-            run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
-            state = run["state"]["type"]
-            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                break
-            time.sleep(5)
-        assert state == "COMPLETED", f"flow run ended {state}\nworker log:\n{(logs / 'worker.log').read_text()[-6000:]}"
+        def run_deployment(extra: dict) -> dict:
+            """`prefect deployment run` as an operator types it; waits for the end; returns the flow run."""
+            run_args = [a for k, v in {**params, **extra}.items() for a in ("--param", f"{k}={json.dumps(v)}")]
+            out = cli("deployment", "run", "post-train/adhoc", *run_args)
+            print(out)
+            run_id = next(tok for line in out.splitlines() if "UUID" in line for tok in line.split() if tok.count("-") == 4)
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
+                if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                    break
+                time.sleep(5)
+            assert run["state"]["type"] == "COMPLETED", (
+                f"flow run ended {run['state']['type']}\nworker log:\n{(logs / 'worker.log').read_text()[-6000:]}")
+            return run
 
-        artifacts = httpx.post(f"{api}/artifacts/filter", json={"limit": 200}, timeout=10).json()
+        def artifacts_of(run: dict) -> dict[str, dict]:
+            found = httpx.post(f"{api}/artifacts/filter", timeout=10,
+                               json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}).json()
+            return {a["key"]: a for a in found if a.get("key")}
+
+        names = []
+        for _ in range(2):  # two runs of the same deployment in a row: each trains everything, apart
+            run = run_deployment({})
+            name = f"{run['name']}-{run['id'].replace('-', '')[:8]}"
+            names.append(name)
+            for recipe, steps in planned.items():
+                run_dir = work / "runs" / recipe / name
+                rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                logged = [r["step"] for r in rows if "loss" in r]
+                assert logged[0] == 1 and logged[-1] == steps, (recipe, name, logged)
+                assert json.loads((run_dir / "summary.json").read_text())["steps"] == steps
+            export = work / "export" / name
+            assert (export / "config.json").is_file() and list(export.glob("*.safetensors"))
+            parent = artifacts_of(run)
+            for key in ("post-train-summary", "post-train-stages", "post-train-export", "post-train-sft-run-dir",
+                        "post-train-dpo-run-dir"):
+                assert key in parent, sorted(parent)
+            assert f"({export.resolve().as_uri()})" in parent["post-train-export"]["data"]  # a markdown link
+            summary = parent["post-train-summary"]["data"]
+            assert name in summary and str(export.resolve()) in summary
+            stages = parent["post-train-stages"]["data"]
+            assert "SFT run" in stages and "DPO run" in stages and "data:image/png;base64," in stages
+            print(f"\n--- post-train-summary of {name} ---\n{summary}\n--- post-train-export link: "
+                  f"{parent['post-train-export']['data']}")
+        assert names[0] != names[1]
+        assert sorted(p.name for p in (work / "runs" / "sft").iterdir()) == sorted(names)
+
+        # resume_from, by the flow-run name an operator reads in the UI: continues the first run, no new directory
+        resumed = run_deployment({"resume_from": names[0][:-9]})
+        assert names[0] in artifacts_of(resumed)["post-train-summary"]["data"]
+        assert sorted(p.name for p in (work / "runs" / "sft").iterdir()) == sorted(names)
+
+        artifacts = httpx.post(f"{api}/artifacts/filter", json={"limit": 500}, timeout=10).json()
         keys = {a.get("key") for a in artifacts}
-        for key in ("post-train-summary", "sft-summary", "dpo-summary", "sft-metrics", "dpo-metrics",
-                    "sft-loss-curve", "dpo-loss-curve", "sft-progress", "dpo-progress"):
+        for key in ("sft-summary", "dpo-summary", "sft-metrics", "dpo-metrics", "sft-loss-curve", "dpo-loss-curve",
+                    "sft-progress", "dpo-progress", "sft-run-dir", "dpo-run-dir"):
             assert key in keys, sorted(k for k in keys if k)
-        export = Path(params["export_dir"])
-        assert (export / "config.json").is_file() and list(export.glob("*.safetensors"))
     finally:
-        for p in reversed(started):  # worker before server (prefect-notes P6)
+        for p in reversed(started):  # worker before server
             _stop(p)
+
+
+def _planned(stage: dict) -> int:
+    """epochs x max_steps_per_epoch from a stage's overrides (the demo caps both)."""
+    values = dict(o.split("=", 1) for o in stage["overrides"])
+    return int(values["epochs"]) * int(values["max_steps_per_epoch"])
