@@ -42,6 +42,13 @@ class DownloadError(RuntimeError):
     """Raised when a source cannot be read or the downloaded files fail verification."""
 
 
+class SourceNotFound(DownloadError):
+    """The source does not exist (no such path, URL, Hub repo, revision or file): retrying cannot help.
+
+    Kept apart from other :class:`DownloadError` s (network, truncated copy), which a retry may fix.
+    """
+
+
 @dataclass
 class DownloadReport:
     """What :func:`download` did; also the content of ``DIR/.mirotrain_download.json``."""
@@ -75,7 +82,7 @@ def classify_source(source: str) -> str:
         return "local"
     if _REPO_ID.match(source):
         return "hub"
-    raise DownloadError(f"source {source!r} is not an existing path, a URL or an 'org/name' Hub repo id")
+    raise SourceNotFound(f"source {source!r} is not an existing path, a URL or an 'org/name' Hub repo id")
 
 
 def _redact(text: str, token: str | None) -> str:
@@ -221,10 +228,11 @@ def _list_fsspec(source: str, kind: str) -> tuple[object, str, dict[str, int]]:
     if kind == "local":
         source = str(Path(source).expanduser().resolve())
     fs, root = fsspec.core.url_to_fs(source)
-    if not fs.exists(root):
-        raise DownloadError(f"source {source!r} does not exist")
-    if fs.isfile(root):
+    try:  # not fs.exists(): it answers False for any error, which would make a network error look like "not found"
         info = fs.info(root)
+    except FileNotFoundError:
+        raise SourceNotFound(f"source {source!r} does not exist") from None
+    if info.get("type") == "file":
         return fs, root.rsplit("/", 1)[0], {root.rsplit("/", 1)[-1]: int(info["size"])}
     listing = fs.find(root, detail=True)
     root_s = root.rstrip("/")
@@ -235,6 +243,41 @@ def _list_fsspec(source: str, kind: str) -> tuple[object, str, dict[str, int]]:
         rel = path[len(root_s) :].lstrip("/")
         files[rel] = int(info.get("size") or 0)
     return fs, root_s, files
+
+
+def hub_not_found(exc: BaseException) -> bool:
+    """True if a ``huggingface_hub`` error says the repo, revision or file does not exist (HTTP 404).
+
+    ``LocalEntryNotFoundError`` is excluded: the Hub raises it when it could not be reached and the file is not
+    in the local cache, which is a network problem, not a missing file.
+    """
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    if isinstance(exc, LocalEntryNotFoundError):
+        return False
+    if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError)):
+        return True
+    response = getattr(exc, "response", None) if isinstance(exc, HfHubHTTPError) else None
+    return getattr(response, "status_code", None) == 404
+
+
+def hub_dataset_revision(repo: str, revision: str | None = None, token: str | None = None,
+                         timeout_s: float = 10.0) -> str | None:
+    """The commit sha a Hub dataset's ``revision`` (default: main) points at now; ``revision`` itself when
+    the Hub cannot be reached (offline), so a cache key still changes when the requested revision does.
+
+    Raises :class:`SourceNotFound` when the Hub answers that the dataset or revision does not exist.
+    """
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(repo.removeprefix("hf://"), revision=revision, token=token, timeout=timeout_s).sha
+    except Exception as exc:  # noqa: BLE001 - every failure but "not found" means "could not ask"
+        if hub_not_found(exc):
+            raise SourceNotFound(_redact(f"Hub dataset {repo!r} (revision {revision or 'main'}) not found: {exc}",
+                                         token)) from None
+        return revision
 
 
 def _download_hub(repo: str, out: Path, token: str | None, revision: str | None, include: list[str] | None,
@@ -259,7 +302,8 @@ def _download_hub(repo: str, out: Path, token: str | None, revision: str | None,
     except DownloadError:
         raise
     except Exception as exc:  # network / auth / missing repo: keep the type in the text, never the token
-        raise DownloadError(_redact(f"hub download of {repo!r} failed: {type(exc).__name__}: {exc}", token)) from None
+        error = SourceNotFound if hub_not_found(exc) else DownloadError
+        raise error(_redact(f"hub download of {repo!r} failed: {type(exc).__name__}: {exc}", token)) from None
     report.files = expected
     report.downloaded = [k for k in expected if k not in report.skipped]
 

@@ -1,6 +1,5 @@
 """Glue shared by the flows: launch parameters to task keyword arguments, the stage outcome record."""
 
-from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import BaseModel
@@ -9,24 +8,18 @@ from pipelines.params import Launch, ModelSource, StageConfig
 
 
 class StageOutcome(BaseModel):
-    """What a training flow hands to the next stage: small paths and numbers, never tensors.
-
-    Every path is absolute (or a URL): artifacts and the parent run read them from another directory.
-    """
+    """What a training flow hands to the next stage: small paths and numbers, never tensors."""
 
     recipe: str
-    run_name: str  # the run directory's last component (pipelines/runs.py)
     output_dir: str
     hf_dir: Optional[str]
     export_dir: Optional[str] = None
     steps: Optional[int]
     final_loss: Optional[float]
     first_loss: Optional[float] = None
-    resumed_from: Optional[str] = None  # the step checkpoint the successful attempt started from
     shards: list[str]
     model_dir: Optional[str] = None
     loss_curve_png: Optional[str] = None
-    summary_markdown: str = ""  # the stage's summary artifact, repeated on the parent post-train run
 
 
 def launch_kwargs(launch: Launch) -> dict[str, Any]:
@@ -40,9 +33,30 @@ def retry_options(launch: Launch) -> dict[str, Any]:
     return {"retries": launch.retries, "retry_delay_seconds": launch.retry_delay_s}
 
 
+def world_size(launch: Launch) -> Optional[int]:
+    """Training processes the launch parameters fix (None when the platform decides: GPUs, Slurm, Kubernetes)."""
+    return launch.nproc_per_node * (launch.nnodes or 1) if launch.nproc_per_node else None
+
+
+def validate_stage(train: StageConfig, model_dir: Optional[str], *, model_pending: bool,
+                   launch: Optional[Launch] = None) -> None:
+    """Validate a stage's config with the overrides it will train with, before anything is downloaded or run.
+
+    ``model_pending``: the model directory is produced later in the flow (a download, the previous stage's
+    export), so the stage's model keys need not exist yet; ``model_dir`` may then be None (not known yet).
+    """
+    from pipelines.params import stage_overrides
+    from tasks.validate_config import validate_config
+
+    validate_config(train.config, stage_overrides(train, model_dir),
+                    pending_keys=list(train.model_keys) if model_pending else [],
+                    world_size=world_size(launch) if launch else None)
+
+
 def prepare_stage(train: StageConfig, model: Optional[ModelSource], model_dir: Optional[str]
                   ) -> tuple[Optional[str], list[str], list[str]]:
-    """The steps before training, shared by the sft and dpo flows: [download] -> pack every dataset section.
+    """The steps before training, shared by the sft and dpo flows: validate -> [download] -> pack every
+    dataset section.
 
     Returns (model_dir, overrides, shard dirs); the overrides point the trainer at exactly the shards just
     packed (and cached), so it never packs a second time.
@@ -51,6 +65,7 @@ def prepare_stage(train: StageConfig, model: Optional[ModelSource], model_dir: O
     from tasks.download_weights import download_weights
     from tasks.pack_dataset import dataset_sections, pack_dataset
 
+    validate_stage(train, model.output_dir if model is not None else model_dir, model_pending=model is not None)
     if model is not None:
         model_dir = download_weights(model.source, model.output_dir, revision=model.revision,
                                      hf_token_secret=model.hf_token_secret).path
@@ -63,24 +78,15 @@ def prepare_stage(train: StageConfig, model: Optional[ModelSource], model_dir: O
 
 def finish_stage(recipe: str, title: str, result: Any, train: StageConfig, launch: Launch,
                  model_dir: Optional[str], shards: list[str], export_dir: Optional[str]) -> StageOutcome:
-    """The steps after training, shared by the sft and dpo flows: report -> [HF export to
-    ``<export_dir>/<run name>``] -> summary and link artifacts."""
-    from pipelines.outputs import absolute, publish_links
-    from pipelines.runs import under
+    """The steps after training, shared by the sft and dpo flows: report -> [HF export] -> summary artifact."""
     from tasks.convert_checkpoint import convert_checkpoint
     from tasks.report_run import publish_summary, report_run
 
-    run = Path(result.output_dir).name
     report = report_run(result.output_dir, key=recipe)
-    export = (convert_checkpoint(result.output_dir, under(export_dir, run), config=train.config).path
-              if export_dir else None)
-    outcome = StageOutcome(recipe=recipe, run_name=run, output_dir=absolute(result.output_dir),
-                           hf_dir=absolute(result.hf_dir), export_dir=absolute(export), steps=report.steps,
-                           final_loss=report.final_loss, first_loss=report.first_loss,
-                           resumed_from=result.resumed_from, shards=[absolute(s) for s in shards],
-                           model_dir=absolute(model_dir), loss_curve_png=absolute(report.loss_curve_png))
-    outcome.summary_markdown = publish_summary(
-        f"{title} {run}", recipe, {"train": train.model_dump(), "model_dir": model_dir, "launch": launch.model_dump()},
-        [report], {k: v for k, v in outcome.model_dump().items() if k.endswith("dir") and v})
-    publish_links(recipe, {"run-dir": outcome.output_dir, "export": outcome.export_dir})
+    export = convert_checkpoint(result.output_dir, export_dir, config=train.config).path if export_dir else None
+    outcome = StageOutcome(recipe=recipe, output_dir=result.output_dir, hf_dir=result.hf_dir, export_dir=export,
+                           steps=report.steps, final_loss=report.final_loss, first_loss=report.first_loss,
+                           shards=shards, model_dir=model_dir, loss_curve_png=report.loss_curve_png)
+    publish_summary(title, recipe, {"train": train.model_dump(), "model_dir": model_dir, "launch": launch.model_dump()},
+                    [report], {k: v for k, v in outcome.model_dump().items() if k.endswith("dir") and v})
     return outcome

@@ -2,13 +2,17 @@
 renders as a form and the server enforces when a run is created (bad values fail at submission time, not
 an hour into a GPU job).
 
-A ``--param`` on the command line replaces a whole top-level parameter (prefect-notes P11): pass complete
-objects, e.g. ``--param sft='{"config": "cfg.yaml", "overrides": ["max_steps=50"]}'``.
+A ``--param`` on the command line replaces a whole top-level parameter: pass complete objects, e.g.
+``--param sft='{"config": "cfg.yaml", "overrides": ["max_steps=50"]}'``.
+
+Every model forbids unknown keys (``extra="forbid"``, which the schema carries as
+``additionalProperties: false``): a typo such as ``launch={"nproc_per_nod": 1}`` is refused when the run
+is created, instead of being dropped while the run silently uses the default.
 """
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 # Where a training config takes its initial weights and tokenizer. torchtune-style configs (the seed's)
 # name the HF directory in both places; the flows set every key listed here to the model they chain in.
@@ -17,6 +21,8 @@ DEFAULT_MODEL_KEYS = ["checkpointer.checkpoint_dir", "tokenizer.path"]
 
 class ModelSource(BaseModel):
     """Where the starting weights come from and where the download goes."""
+
+    model_config = ConfigDict(extra="forbid")
 
     source: str = Field(description="Hub repo id (Qwen/Qwen3-8B), fsspec URL (s3://, file://) or local path")
     output_dir: str = Field(description="Local directory for the downloaded checkpoint (re-runs resume into it)")
@@ -28,9 +34,12 @@ class ModelSource(BaseModel):
 class StageConfig(BaseModel):
     """One training stage: the engine config plus overrides."""
 
+    model_config = ConfigDict(extra="forbid")
+
     config: str = Field(description="Engine config YAML (e.g. mirotrain/configs/qwen3/8B_full_sft.yaml)")
     overrides: list[str] = Field(default_factory=list, description="key=value config overrides")
-    output_dir: Optional[str] = Field(default=None, description="Override the config's output_dir")
+    output_dir: Optional[str] = Field(default=None, description="Base directory of this stage's runs (default: the "
+                                      "config's output_dir); each flow run trains in <output_dir>/<run name>")
     model_keys: list[str] = Field(default_factory=lambda: list(DEFAULT_MODEL_KEYS),
                                   description="Config keys that receive the chained-in model directory")
 
@@ -38,6 +47,8 @@ class StageConfig(BaseModel):
 class Launch(BaseModel):
     """How torchrun is started and how failures are retried. Unset rendezvous fields come from the
     Kubernetes (WORKER_*) or Slurm environment, else one local node."""
+
+    model_config = ConfigDict(extra="forbid")
 
     nproc_per_node: Optional[int] = Field(default=None, ge=1, description="Processes (GPUs) per node")
     nnodes: Optional[int] = Field(default=None, ge=1, description="Number of nodes")

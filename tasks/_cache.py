@@ -1,15 +1,21 @@
 """Cache policies for steps whose result is a directory on disk (downloaded weights, packed shards).
 
-Prefect's ``INPUTS + TASK_SOURCE`` key says "same arguments, same code" but not "the output is still there":
-a cached record pointing at a deleted or half-rewritten directory would hand a missing path to training
-(prefect-notes P10). Two additions fix that:
+Prefect's ``INPUTS + TASK_SOURCE`` key says "same arguments, same code" but neither "same data" nor "the
+output is still there". Three additions fix that:
 
-- :class:`FileContents` folds the *contents* of file arguments (the YAML config) into the key, so editing
-  the config is a cache miss even though its path did not change;
+- :class:`FileContents` folds the *contents* of file arguments into the key, so editing a file is a cache
+  miss even though its path did not change;
+- :class:`InputFingerprint` folds in whatever a task-specific function derives from the arguments -- for
+  packing, a stamp (size, mtime or etag) of every data file, the tokenizer's digest and the resolved dataset
+  section -- so data changed in place is a miss;
 - :class:`ValidatedCache` reads the record stored under the key and asks a validator whether its output
   still exists and matches what was recorded (sizes, manifest digest). If not, the key moves one step along
   a deterministic chain (``K -> H(K, "stale")``), which is a miss: the task runs again and stores its fresh
   result under the new key, where the next run finds it. Nothing is deleted from result storage.
+
+Validators take the stored result by structure (:func:`as_model`), not by class identity: a record written by
+another process may hold a class that unpickles as a different object (classes defined in ``__main__`` are
+pickled by value), and an identity check would then reject a valid record and grow the chain on every call.
 """
 
 from __future__ import annotations
@@ -18,12 +24,25 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
+from pydantic import BaseModel, ValidationError
 
 _MAX_CHAIN = 64
+M = TypeVar("M", bound=BaseModel)
+
+
+def as_model(record: Any, model: type[M]) -> M | None:
+    """``record`` as an instance of ``model`` if it has the model's fields (any class, or a dict), else None."""
+    if isinstance(record, model):
+        return record
+    data = record.model_dump() if isinstance(record, BaseModel) else record
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        return None
 
 
 def _fs(path: str | Path):
@@ -81,6 +100,17 @@ class FileContents(CachePolicy):
 
 
 @dataclass
+class InputFingerprint(CachePolicy):
+    """Key on ``fingerprint(**inputs)``: a digest of what the arguments point at (data files, tokenizer)."""
+
+    fingerprint: Callable[..., str] = field(default=lambda **inputs: "")
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> Optional[str]:
+        return hashlib.sha256(self.fingerprint(**inputs).encode()).hexdigest()
+
+
+@dataclass
 class ValidatedCache(CachePolicy):
     """Wrap ``base`` so a cached result is only reused if ``validator(result)`` says its outputs are intact."""
 
@@ -107,9 +137,13 @@ class ValidatedCache(CachePolicy):
         return key
 
 
-def output_cache(validator: Callable[[Any], bool], file_args: list[str] | None = None) -> CachePolicy:
-    """``INPUTS + TASK_SOURCE`` (+ contents of ``file_args``), reused only while ``validator`` accepts the result."""
+def output_cache(validator: Callable[[Any], bool], file_args: list[str] | None = None,
+                 fingerprint: Callable[..., str] | None = None) -> CachePolicy:
+    """``INPUTS + TASK_SOURCE`` (+ contents of ``file_args``, + ``fingerprint(**inputs)``), reused only while
+    ``validator`` accepts the stored result."""
     base = INPUTS + TASK_SOURCE
     if file_args:
         base = base + FileContents(arg_names=file_args)
+    if fingerprint:
+        base = base + InputFingerprint(fingerprint=fingerprint)
     return ValidatedCache(base=base, validator=validator)

@@ -2,13 +2,19 @@
 
 The parser is derived from the function's type hints and defaults (one ``--flag`` per parameter, ``_`` ->
 ``-``), so the CLI and the task cannot drift apart. By default the task runs inside a one-task flow named
-``task-<name>``: standalone task runs do not send their logs to the Prefect API (prefect-notes P9), a flow run
-does. ``--no-prefect`` calls the plain function instead (no API needed, e.g. inside a Slurm step).
+``task-<name>``: standalone task runs do not send their logs to the Prefect API, a flow run does.
+``--no-prefect`` calls the plain function instead (no API needed, e.g. inside a Slurm step).
+
+Under ``python -m tasks.<name>`` the module runs as ``__main__``, and a task taken from there would store
+results whose classes live in ``__main__`` (pickled by value, a new class on every load) under a key hashed
+from ``__main__``'s code. So the CLI runs the task imported from its real module, ``tasks.<name>``: a second
+call with the same inputs then finds the first call's record and reports ``Cached``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import sys
@@ -89,26 +95,37 @@ def build_parser(fn: Callable[..., Any], prog: str) -> argparse.ArgumentParser:
 
 
 def run_task_cli(task_obj: Any, argv: list[str] | None = None, module: str | None = None) -> int:
-    """Parse ``argv`` against the task's signature, run it (inside a flow unless ``--no-prefect``), print the result."""
+    """Parse ``argv`` against the task's signature, run it (inside a flow unless ``--no-prefect``), print the result.
+
+    ``module`` names the task's module under ``tasks``; the task object is re-imported from there (see above).
+    """
     apply_prefect_env_defaults()
+    if module:
+        task_obj = getattr(importlib.import_module(f"tasks.{module}"), task_obj.fn.__name__)
     fn = task_obj.fn
     name = task_obj.name
     args = vars(build_parser(fn, f"python -m tasks.{module or name}").parse_args(argv))
     no_prefect = args.pop("no_prefect")
     if no_prefect:
-        result = fn(**args)
+        try:
+            result = fn(**args)
+        except Exception as exc:  # noqa: BLE001 - one clear line, as the flow path prints its failed state
+            print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            return 1
     else:
         from prefect import flow
 
         @flow(name=f"task-{name}", log_prints=True, validate_parameters=False)
-        def _one_task_flow(params: dict[str, Any]) -> Any:
-            return task_obj(**params)
+        def _one_task_flow(params: dict[str, Any]) -> tuple[str, Any]:
+            task_state = task_obj(**params, return_state=True)
+            return task_state.name, task_state.result()  # raises the task's error: the flow fails with it
 
         state = _one_task_flow(params=args, return_state=True)
         if not state.is_completed():
             print(f"{name}: {state.type.value}: {state.message}", file=sys.stderr, flush=True)
             return 1
-        result = state.result()
+        task_state_name, result = state.result()
+        print(f"{name}: {task_state_name}", file=sys.stderr, flush=True)  # Completed, or Cached on a cache hit
     if hasattr(result, "model_dump_json"):
         print(result.model_dump_json(indent=2))
     else:

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from mirotrain.hub import verify_dir
+from tasks._retry import retry_unless_permanent
 from tasks._runtime import run_logger
 from tasks._subprocess import run_streaming
 from tasks.train import newest_complete_checkpoint
@@ -31,7 +32,8 @@ class ConvertResult(BaseModel):
     files: list[str]
 
 
-@task(name="convert_checkpoint", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE, persist_result=True)
+@task(name="convert_checkpoint", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE, persist_result=True,
+      retry_condition_fn=retry_unless_permanent)
 def convert_checkpoint(checkpoint: str, output: str, config: str | None = None) -> ConvertResult:
     """Convert a step checkpoint (or a run's newest complete one) to an HF safetensors directory.
 

@@ -2,7 +2,9 @@
 
 Wraps :func:`mirotrain.hub.download` (the engine side of `mirotrain download`). Cached on its inputs and
 source code, and reused only while every recorded file is still on disk with its recorded size; otherwise
-it runs again, and the engine skips whatever is already complete.
+it runs again, and the engine skips whatever is already complete. A source that does not exist
+(:class:`mirotrain.hub.SourceNotFound`) fails after one attempt; network errors and failed verifications are
+retried (``tasks/_retry.py``).
 
 The Hub token is read from a Prefect Secret block (``hf_token_secret``) or ``HF_TOKEN``; it is never a
 parameter value, so it never lands in the run's stored parameters, logs or cache key.
@@ -19,8 +21,9 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel
 
-from mirotrain.hub import DownloadError, download, read_record
-from tasks._cache import listing_matches, output_cache
+from mirotrain.hub import DownloadError, SourceNotFound, download, read_record
+from tasks._cache import as_model, listing_matches, output_cache
+from tasks._retry import retry_unless_permanent
 from tasks._runtime import run_logger
 
 
@@ -34,8 +37,9 @@ class DownloadResult(BaseModel):
     total_bytes: int
 
 
-def _still_on_disk(result: Any) -> bool:
-    return isinstance(result, DownloadResult) and read_record(result.path) is not None and listing_matches(
+def _still_on_disk(record: Any) -> bool:
+    result = as_model(record, DownloadResult)
+    return result is not None and read_record(result.path) is not None and listing_matches(
         result.path, {k: v for k, v in result.files.items() if v >= 0})
 
 
@@ -48,7 +52,7 @@ def _resolve_token(secret_block: str | None) -> str | None:
 
 
 @task(name="download_weights", retries=3, retry_delay_seconds=[10, 30, 90], persist_result=True,
-      cache_policy=output_cache(_still_on_disk))
+      retry_condition_fn=retry_unless_permanent, cache_policy=output_cache(_still_on_disk))
 def download_weights(source: str, output_dir: str, revision: str | None = None,
                      include: list[str] | None = None, hf_token_secret: str | None = None) -> DownloadResult:
     """Download model weights into ``output_dir``, resuming and verifying (sizes, safetensors headers, index).
@@ -65,6 +69,8 @@ def download_weights(source: str, output_dir: str, revision: str | None = None,
     try:
         report = download(source, output_dir, token=token, revision=revision, include=include or None,
                           progress=logger.info)
+    except SourceNotFound:
+        raise  # permanent: not retried
     except DownloadError as exc:
         raise RuntimeError(str(exc)) from None  # a plain failure: Prefect retries it
     return DownloadResult(path=str(Path(report.output_dir)), source=source, revision=report.revision,

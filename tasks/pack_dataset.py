@@ -2,22 +2,26 @@
 
 Calls the engine's Python API (:func:`mirotrain.data.pack.pack_dataset`, the function behind `mirotrain pack`) in
 the task process: packing is single-process CPU work and the shard directory it returns is keyed by the
-engine on config + tokenizer hashes. The Prefect cache key adds the config file's *bytes* to the inputs and
-task source, and a cached result is reused only while ``manifest.json`` has the recorded digest and every
-shard file its recorded size -- so a re-run with the same inputs is a cache hit, and a deleted or
-rewritten shard directory is packed again.
+engine on config + tokenizer hashes. The Prefect cache key (:func:`pack_fingerprint`) adds what the
+arguments point at: a stamp (size, mtime or etag) of every data file, a Hub dataset's current revision, the
+tokenizer's digest and the resolved dataset and tokenizer sections -- so a data file changed in place is
+packed again. A cached result is reused only while ``manifest.json`` has the recorded digest and every shard
+file its recorded size, so a deleted or rewritten shard directory is packed again too. Missing data files
+and config errors fail at once; other errors are retried (``tasks/_retry.py``).
 
     python -m tasks.pack_dataset --config mirotrain/configs/tiny/sft.yaml --overrides dataset.source=data.jsonl
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from prefect import task
 from pydantic import BaseModel
 
-from tasks._cache import dir_listing, file_digest, listing_matches, output_cache
+from tasks._cache import as_model, dir_listing, file_digest, listing_matches, output_cache
+from tasks._retry import retry_unless_permanent
 from tasks._runtime import run_logger
 
 
@@ -31,8 +35,9 @@ class PackResult(BaseModel):
     manifest: dict[str, Any]
 
 
-def _still_on_disk(result: Any) -> bool:
-    if not isinstance(result, PackResult):
+def _still_on_disk(record: Any) -> bool:
+    result = as_model(record, PackResult)
+    if result is None:
         return False
     try:
         digest = file_digest(f"{result.path.rstrip('/')}/manifest.json")
@@ -41,8 +46,29 @@ def _still_on_disk(result: Any) -> bool:
     return digest == result.manifest_sha256 and listing_matches(result.path, result.files)
 
 
+def pack_fingerprint(config: str, overrides: list[str] | None = None, section: str = "dataset") -> str:
+    """Everything outside the arguments that decides the packed output, as one JSON string (the cache key's
+    data part): the resolved ``section`` and ``tokenizer`` config, the engine's shard directory for them (its
+    name hashes the tokenizer files and every packing option), a stamp of each data file, and for a Hub
+    dataset the commit its revision points at."""
+    from mirotrain.config import load_config
+    from mirotrain.data.pack import build_dataset, output_root, shard_dir_for
+    from mirotrain.hub import hub_dataset_revision
+    from tasks._data_inputs import data_stamps, is_hub_dataset
+
+    cfg = load_config(config, list(overrides or []))
+    ds = build_dataset(cfg, section)
+    spec = ds.source
+    hub_revision = (hub_dataset_revision(spec.source, spec.load_kwargs.get("revision")) if is_hub_dataset(spec)
+                    else None)
+    return json.dumps({"section": cfg.get(section), "tokenizer": cfg.get("tokenizer"),
+                       "shard_dir": shard_dir_for(ds, output_root(cfg, section)), "files": data_stamps(spec),
+                       "hub_revision": hub_revision}, sort_keys=True, default=str)
+
+
 @task(name="pack_dataset", retries=2, retry_delay_seconds=[5, 30], persist_result=True,
-      cache_policy=output_cache(_still_on_disk, file_args=["config"]))
+      retry_condition_fn=retry_unless_permanent,
+      cache_policy=output_cache(_still_on_disk, file_args=["config"], fingerprint=pack_fingerprint))
 def pack_dataset(config: str, overrides: list[str] | None = None,
                  section: Literal["dataset", "dataset_val"] = "dataset") -> PackResult:
     """Pack one dataset section of a training config into Arrow shards; returns the shard directory.

@@ -15,11 +15,13 @@ from typing import Literal
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks._retry import retry_unless_permanent
 from tasks._runtime import run_logger
 from tasks.train import run_engine
 
 
-@task(name="reference_logprobs", retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
+@task(name="reference_logprobs", retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_permanent)
 def reference_logprobs(config: str, overrides: list[str] | None = None, nproc_per_node: int | None = None,
                        nnodes: int | None = None, node_rank: int | None = None, master_addr: str | None = None,
                        master_port: int | None = None, launcher: Literal["auto", "torchrun", "python"] = "auto",

@@ -5,10 +5,8 @@ What the task adds around the engine:
 - rendezvous from parameters, else the Kubernetes (WORKER_0_HOST, WORKER_0_PORT, WORKER_NUM, ROLE_INDEX,
   WORKER_GPU) or Slurm variables (``tasks/_rendezvous.py``);
 - ``auto_resume=True`` appended after the user's overrides, so every retry -- task retry, flow retry, or a
-  manual ``prefect flow-run retry`` after a crash -- continues from the newest complete step checkpoint in
-  ``output_dir`` and recomputes at most one checkpoint interval. Which directory that is, is the caller's
-  choice: the flows give each flow run a run directory of its own (``pipelines/runs.py``), so a new flow run
-  starts fresh and only retries resume; called on its own (the CLI below) the task uses ``output_dir`` as is;
+  manual ``prefect flow-run retry`` after a crash -- continues from the newest complete step checkpoint and
+  recomputes at most one checkpoint interval;
 - output streamed line by line into the Prefect run log, a progress artifact updated as steps go by;
 - the whole process group killed on cancellation, timeout or flow-process death (``tasks/_subprocess.py``);
 - a non-zero exit is a task failure, retried with a delay (``retries``/``retry_delay_seconds``, override
@@ -34,6 +32,7 @@ from pydantic import BaseModel
 
 import mirotrain
 from tasks._rendezvous import engine_command, resolve_rendezvous
+from tasks._retry import retry_unless_permanent
 from tasks._runtime import in_run, run_logger
 from tasks._subprocess import run_streaming
 
@@ -145,7 +144,8 @@ def run_engine(args: list[str], *, nproc_per_node: int | None, nnodes: int | Non
                   on_start=lambda pid: logger.info(f"engine process group {pid}"))
 
 
-@task(name="train", retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE, persist_result=True)
+@task(name="train", retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE, persist_result=True,
+      retry_condition_fn=retry_unless_permanent)
 def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | None = None,
           output_dir: str | None = None, nproc_per_node: int | None = None, nnodes: int | None = None,
           node_rank: int | None = None, master_addr: str | None = None, master_port: int | None = None,
@@ -157,7 +157,7 @@ def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | Non
         recipe: sft or dpo.
         config: Training config YAML.
         overrides: key=value config overrides (auto_resume=True is always appended).
-        output_dir: Overrides the config's output_dir (used as is: the run directory to train or resume in).
+        output_dir: Overrides the config's output_dir.
         nproc_per_node: Processes (GPUs) per node; default from WORKER_GPU / Slurm / visible GPUs / 1.
         nnodes: Number of nodes; default from WORKER_NUM / SLURM_NNODES / 1.
         node_rank: This node's rank; default from ROLE_INDEX / SLURM_NODEID / 0.
@@ -172,7 +172,7 @@ def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | Non
     if output_dir:
         overrides.append(f"output_dir={output_dir}")
     overrides.append("auto_resume=True")
-    out = str(Path(resolve_output_dir(config, overrides)).resolve())  # artifacts are read from elsewhere
+    out = resolve_output_dir(config, overrides)
     resume_from = newest_complete_checkpoint(out)
     logger.info(f"{recipe}: output_dir={out}; " + (f"will resume from {resume_from}" if resume_from else "fresh start"))
     progress = _Progress(key=f"{recipe}-progress", description=f"{recipe} steps ({out})",
@@ -183,7 +183,6 @@ def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | Non
     progress.push(100.0)
     summary = _read_summary(out)
     hf_dir = summary.get("hf_dir") or (str(Path(out) / "hf" / "final") if (Path(out) / "hf" / "final").is_dir() else None)
-    hf_dir = str(Path(hf_dir).resolve()) if hf_dir else None
     ckpts = sorted((str(p) for p in (Path(out) / "checkpoints").glob("step_*") if (p / "COMPLETE").exists()),
                    key=lambda s: int(s.rsplit("_", 1)[-1]))
     return TrainResult(recipe=recipe, output_dir=out, hf_dir=hf_dir, steps=summary.get("steps"),

@@ -30,3 +30,22 @@ def test_download_cache_hit_then_refresh_when_files_vanish(prefect_api: str, tmp
     result: DownloadResult = refreshed.result()
     assert (out / "model-00001-of-00002.safetensors").stat().st_size == result.files["model-00001-of-00002.safetensors"]
     assert cached_after.name == "Cached"
+
+
+def test_cached_record_accepted_by_structure(tmp_path: Path, make_checkpoint) -> None:
+    """A record whose class was pickled by value (what a task run as ``__main__`` stores) is still a valid hit."""
+    import cloudpickle
+    from pydantic import create_model
+
+    from mirotrain.hub import download
+    from tasks.download_weights import _still_on_disk
+
+    report = download(str(make_checkpoint(tmp_path / "src")), tmp_path / "out", progress=lambda line: None)
+    fields = {name: (info.annotation, info.default if not info.is_required() else ...)
+              for name, info in DownloadResult.model_fields.items()}
+    main_class = create_model("DownloadResult", __module__="__main__", **fields)
+    record = cloudpickle.loads(cloudpickle.dumps(main_class(path=report.output_dir, source="src", files=report.files,
+                                                            total_bytes=report.total_bytes)))
+    assert type(record) is not DownloadResult and not isinstance(record, DownloadResult)
+    assert _still_on_disk(record)
+    assert not _still_on_disk({"path": report.output_dir})  # not the shape of a download result

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from mirotrain.hub import RECORD_NAME, DownloadError, classify_source, download, read_record, verify_dir
+from mirotrain.hub import (RECORD_NAME, DownloadError, SourceNotFound, classify_source, download, read_record,
+                           verify_dir)
 
 
 def test_classify_source(tmp_path: Path) -> None:
@@ -76,3 +77,11 @@ def test_download_weights_task_cli(api_env: dict, tmp_path: Path, make_checkpoin
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert out["files"]["config.json"] == (src / "config.json").stat().st_size
+
+
+@pytest.mark.parametrize("source", ["/nonexistent/model", "file:///nonexistent/model", "memory://nonexistent/model",
+                                    "not a repo id"])
+def test_missing_source_is_not_found(tmp_path: Path, source: str) -> None:
+    """A source that does not exist is SourceNotFound (never retried), not a plain DownloadError."""
+    with pytest.raises(SourceNotFound, match="nonexistent|not an existing path"):
+        download(source, tmp_path / "out", progress=lambda line: None)

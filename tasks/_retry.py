@@ -1,0 +1,98 @@
+"""Which failures are worth another attempt: permanent errors end a run at once, transient ones are retried.
+
+A permanent error gives the same answer on every attempt, so a retry only delays the report (a config typo
+used to be retried for minutes): config errors (:class:`mirotrain.config.ConfigError`), missing files and
+not-found sources (``FileNotFoundError``, :class:`mirotrain.hub.SourceNotFound`), and an engine that exits
+with code 2 (the engine's exit code for a config error, ``mirotrain/commands/recipe.py``). Everything else --
+network errors, preemption, a SIGKILLed rank, other exit codes, a timeout -- is transient and keeps the
+retries it has.
+
+Two levels use the same rule:
+
+- tasks: ``retry_condition_fn=retry_unless_permanent`` (a Prefect task option);
+- flows: Prefect 3 flows have no retry condition, and flow retries are decided by the server (it turns a
+  proposed Failed state into AwaitingRetry while ``run_count <= retries``). :func:`no_flow_retry_on_permanent`
+  wraps a flow function so that a permanent error first sets this flow run's retry budget to zero through
+  the API, then re-raises: the server accepts the Failed state and the run ends after one attempt.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable, TypeVar
+
+# Exit code 2 from the engine = a config or usage error (mirotrain/cli.py, mirotrain/commands/recipe.py).
+PERMANENT_EXIT_CODE = 2
+# torchrun reports each failed rank as "exitcode  : 2 (pid: ...)" in its error summary.
+_TORCHRUN_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _engine_exit_codes(exc: BaseException) -> list[int]:
+    """Exit codes of a failed engine command: torchrun's per-rank codes when it printed them, else its own."""
+    from tasks._subprocess import CommandFailed
+
+    if not isinstance(exc, CommandFailed):
+        return []
+    ranks = [int(m.group(1)) for line in exc.tail for m in _TORCHRUN_EXITCODE.finditer(line)]
+    return ranks or [exc.returncode]
+
+
+def is_permanent(exc: BaseException | None) -> bool:
+    """True for an error that another attempt cannot fix (see the module docstring for the list)."""
+    from mirotrain.config import ConfigError
+    from mirotrain.hub import SourceNotFound
+
+    if exc is None:
+        return False
+    if isinstance(exc, (ConfigError, SourceNotFound, FileNotFoundError, NotADirectoryError)):
+        return True
+    codes = _engine_exit_codes(exc)
+    return bool(codes) and all(code == PERMANENT_EXIT_CODE for code in codes)
+
+
+def _state_exception(state: Any) -> BaseException | None:
+    data = getattr(state, "data", None)
+    return data if isinstance(data, BaseException) else None
+
+
+def retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry a failed task run unless its exception is permanent."""
+    exc = _state_exception(state)
+    if is_permanent(exc):
+        from tasks._runtime import run_logger
+
+        run_logger().error(f"not retrying {task.name}: permanent error ({type(exc).__name__}): {exc}")
+        return False
+    return True
+
+
+def _end_flow_retries() -> None:
+    """Set the current flow run's retry budget to 0, so the server lets its Failed state stand."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    policy = ctx.flow_run.empirical_policy.model_copy(update={"retries": 0})
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run_id=ctx.flow_run.id, empirical_policy=policy)
+    ctx.flow_run.empirical_policy = policy
+
+
+def no_flow_retry_on_permanent(fn: F) -> F:
+    """Decorate a flow function (under ``@flow``) so a permanent error ends its flow run without flow retries."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if is_permanent(exc):
+                _end_flow_retries()
+            raise
+
+    return wrapper  # type: ignore[return-value]
