@@ -1,5 +1,6 @@
 """Glue shared by the flows: launch parameters to task keyword arguments, the stage outcome record."""
 
+from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import BaseModel
@@ -8,18 +9,24 @@ from pipelines.params import Launch, ModelSource, StageConfig
 
 
 class StageOutcome(BaseModel):
-    """What a training flow hands to the next stage: small paths and numbers, never tensors."""
+    """What a training flow hands to the next stage: small paths and numbers, never tensors.
+
+    Every path is absolute (or a URL): artifacts and the parent run read them from another directory.
+    """
 
     recipe: str
+    run_name: str  # the run directory's last component (pipelines/runs.py)
     output_dir: str
     hf_dir: Optional[str]
     export_dir: Optional[str] = None
     steps: Optional[int]
     final_loss: Optional[float]
     first_loss: Optional[float] = None
+    resumed_from: Optional[str] = None  # the step checkpoint the successful attempt started from
     shards: list[str]
     model_dir: Optional[str] = None
     loss_curve_png: Optional[str] = None
+    summary_markdown: str = ""  # the stage's summary artifact, repeated on the parent post-train run
 
 
 def launch_kwargs(launch: Launch) -> dict[str, Any]:
@@ -78,15 +85,24 @@ def prepare_stage(train: StageConfig, model: Optional[ModelSource], model_dir: O
 
 def finish_stage(recipe: str, title: str, result: Any, train: StageConfig, launch: Launch,
                  model_dir: Optional[str], shards: list[str], export_dir: Optional[str]) -> StageOutcome:
-    """The steps after training, shared by the sft and dpo flows: report -> [HF export] -> summary artifact."""
+    """The steps after training, shared by the sft and dpo flows: report -> [HF export to
+    ``<export_dir>/<run name>``] -> summary and link artifacts."""
+    from pipelines.outputs import absolute, publish_links
+    from pipelines.runs import under
     from tasks.convert_checkpoint import convert_checkpoint
     from tasks.report_run import publish_summary, report_run
 
+    run = Path(result.output_dir).name
     report = report_run(result.output_dir, key=recipe)
-    export = convert_checkpoint(result.output_dir, export_dir, config=train.config).path if export_dir else None
-    outcome = StageOutcome(recipe=recipe, output_dir=result.output_dir, hf_dir=result.hf_dir, export_dir=export,
-                           steps=report.steps, final_loss=report.final_loss, first_loss=report.first_loss,
-                           shards=shards, model_dir=model_dir, loss_curve_png=report.loss_curve_png)
-    publish_summary(title, recipe, {"train": train.model_dump(), "model_dir": model_dir, "launch": launch.model_dump()},
-                    [report], {k: v for k, v in outcome.model_dump().items() if k.endswith("dir") and v})
+    export = (convert_checkpoint(result.output_dir, under(export_dir, run), config=train.config).path
+              if export_dir else None)
+    outcome = StageOutcome(recipe=recipe, run_name=run, output_dir=absolute(result.output_dir),
+                           hf_dir=absolute(result.hf_dir), export_dir=absolute(export), steps=report.steps,
+                           final_loss=report.final_loss, first_loss=report.first_loss,
+                           resumed_from=result.resumed_from, shards=[absolute(s) for s in shards],
+                           model_dir=absolute(model_dir), loss_curve_png=absolute(report.loss_curve_png))
+    outcome.summary_markdown = publish_summary(
+        f"{title} {run}", recipe, {"train": train.model_dump(), "model_dir": model_dir, "launch": launch.model_dump()},
+        [report], {k: v for k, v in outcome.model_dump().items() if k.endswith("dir") and v})
+    publish_links(recipe, {"run-dir": outcome.output_dir, "export": outcome.export_dir})
     return outcome

@@ -5,8 +5,10 @@ What the task adds around the engine:
 - rendezvous from parameters, else the Kubernetes (WORKER_0_HOST, WORKER_0_PORT, WORKER_NUM, ROLE_INDEX,
   WORKER_GPU) or Slurm variables (``tasks/_rendezvous.py``);
 - ``auto_resume=True`` appended after the user's overrides, so every retry -- task retry, flow retry, or a
-  manual ``prefect flow-run retry`` after a crash -- continues from the newest complete step checkpoint and
-  recomputes at most one checkpoint interval;
+  manual ``prefect flow-run retry`` after a crash -- continues from the newest complete step checkpoint in
+  ``output_dir`` and recomputes at most one checkpoint interval. Which directory that is, is the caller's
+  choice: the flows give each flow run a run directory of its own (``pipelines/runs.py``), so a new flow run
+  starts fresh and only retries resume; called on its own (the CLI below) the task uses ``output_dir`` as is;
 - output streamed line by line into the Prefect run log, a progress artifact updated as steps go by;
 - the whole process group killed on cancellation, timeout or flow-process death (``tasks/_subprocess.py``);
 - a non-zero exit is a task failure, retried with a delay (``retries``/``retry_delay_seconds``, override
@@ -157,7 +159,7 @@ def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | Non
         recipe: sft or dpo.
         config: Training config YAML.
         overrides: key=value config overrides (auto_resume=True is always appended).
-        output_dir: Overrides the config's output_dir.
+        output_dir: Overrides the config's output_dir (used as is: the run directory to train or resume in).
         nproc_per_node: Processes (GPUs) per node; default from WORKER_GPU / Slurm / visible GPUs / 1.
         nnodes: Number of nodes; default from WORKER_NUM / SLURM_NNODES / 1.
         node_rank: This node's rank; default from ROLE_INDEX / SLURM_NODEID / 0.
@@ -172,7 +174,7 @@ def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | Non
     if output_dir:
         overrides.append(f"output_dir={output_dir}")
     overrides.append("auto_resume=True")
-    out = resolve_output_dir(config, overrides)
+    out = str(Path(resolve_output_dir(config, overrides)).resolve())  # artifacts are read from elsewhere
     resume_from = newest_complete_checkpoint(out)
     logger.info(f"{recipe}: output_dir={out}; " + (f"will resume from {resume_from}" if resume_from else "fresh start"))
     progress = _Progress(key=f"{recipe}-progress", description=f"{recipe} steps ({out})",
@@ -183,6 +185,7 @@ def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | Non
     progress.push(100.0)
     summary = _read_summary(out)
     hf_dir = summary.get("hf_dir") or (str(Path(out) / "hf" / "final") if (Path(out) / "hf" / "final").is_dir() else None)
+    hf_dir = str(Path(hf_dir).resolve()) if hf_dir else None
     ckpts = sorted((str(p) for p in (Path(out) / "checkpoints").glob("step_*") if (p / "COMPLETE").exists()),
                    key=lambda s: int(s.rsplit("_", 1)[-1]))
     return TrainResult(recipe=recipe, output_dir=out, hf_dir=hf_dir, steps=summary.get("steps"),
