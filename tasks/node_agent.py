@@ -1,0 +1,144 @@
+"""The multi-node entry: every node of one job runs ``python -m tasks.node_agent [--] COMMAND ...``.
+
+Which node this is comes from the same rendezvous rules as the train task (``tasks/_rendezvous.py``:
+``NODE_RANK``, ``PET_NODE_RANK``, ``ROLE_INDEX``, ``SLURM_NODEID``, ...).
+
+- Node 0 runs COMMAND: on Kubernetes the worker's ``prefect flow-run execute`` (the one flow run of the job),
+  on Slurm ``python -m tasks.train ...``. Its train steps start torchrun as node 0 and publish every launch
+  in the job's launch directory (``MIROTRAIN_LAUNCH_DIR``, ``tasks/_launch_spec.py``). When COMMAND ends,
+  node 0 writes ``FINISHED`` there and exits with COMMAND's exit code. SIGTERM and SIGINT are passed on to
+  COMMAND, so the flow run handles a pod eviction as it would without this wrapper.
+- Every other node waits for node 0's launches and runs each one through the train task's own launcher
+  (``tasks.train.run_engine``) with its own node rank and node 0's master address, port and engine
+  arguments. A launch that fails here is logged and the agent waits for the next one (node 0's task owns
+  retries: its retry is a new launch). The agent exits 0 when node 0 wrote ``FINISHED`` or, where
+  ``PREFECT__FLOW_RUN_ID`` and the API are available, when that flow run reached a final state.
+
+With one node, or without a launch directory, COMMAND simply replaces this process (node 0) and the other
+nodes have nothing to follow (exit 2). Exit code 2 also means a rendezvous setting is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from tasks._launch_spec import (FINISHED, LAUNCH_DIR_VARIABLE, LaunchSpec, acknowledge, finish, finished, is_done,
+                                launch_dir, published_seqs, read_spec)
+from tasks._rendezvous import Rendezvous, RendezvousConfigError, resolve_rendezvous
+from tasks._runtime import apply_prefect_env_defaults, run_logger
+
+
+def lead(command: Sequence[str], directory: Path) -> int:
+    """Node 0: run ``command`` as a child (signals forwarded), then tell the agents it finished."""
+    proc = subprocess.Popen(list(command))
+
+    def forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    rc = proc.wait()
+    finish(directory, rc)
+    run_logger().info(f"node 0: command exited with {rc}; wrote {directory / FINISHED}")
+    return rc
+
+
+def _flow_run_final(flow_run_id: str) -> bool:
+    """True when the flow run is Completed, Failed, Crashed or Cancelled; False if the API cannot say."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+    except Exception as exc:  # noqa: BLE001 - an unreachable API must not end the agent; FINISHED still will
+        run_logger().warning(f"cannot read flow run {flow_run_id}: {exc}")
+        return False
+    return state is not None and state.is_final()
+
+
+def run_launch(directory: Path, spec: LaunchSpec, rdzv: Rendezvous) -> None:
+    """Start node 0's launch ``spec`` on this node, through the train task's launcher."""
+    from tasks.train import run_engine
+
+    logger = run_logger()
+    acknowledge(directory, spec.seq, rdzv.node_rank)
+    logger.info(f"node {rdzv.node_rank}: launch {spec.seq}: {' '.join(spec.args[:3])} ...")
+    if Path(spec.cwd).is_dir():
+        os.chdir(spec.cwd)  # relative config paths in the engine arguments mean node 0's directory
+    try:
+        run_engine(spec.args, nproc_per_node=spec.nproc_per_node, nnodes=spec.nnodes, node_rank=rdzv.node_rank,
+                   master_addr=spec.master_addr, master_port=spec.master_port, launcher=spec.launcher,
+                   timeout_s=spec.timeout_s, env=spec.env)
+    except (RuntimeError, TimeoutError) as exc:  # a failed or timed-out torchrun; a refused setting propagates
+        logger.error(f"node {rdzv.node_rank}: launch {spec.seq} failed: {str(exc).splitlines()[0]}")
+
+
+def follow(directory: Path, rdzv: Rendezvous, flow_run_id: str | None = None, poll_s: float = 1.0,
+           api_check_s: float = 30.0) -> int:
+    """Nodes 1..N-1: run each new launch node 0 publishes until node 0 (or its flow run) is finished."""
+    logger = run_logger()
+    logger.info(f"node {rdzv.node_rank} of {rdzv.nnodes}: following launches in {directory}")
+    last = 0
+    next_api_check = time.monotonic() + api_check_s
+    while True:
+        if finished(directory):
+            logger.info(f"node {rdzv.node_rank}: node 0 finished; exiting")
+            return 0
+        if flow_run_id and time.monotonic() > next_api_check:
+            if _flow_run_final(flow_run_id):
+                logger.info(f"node {rdzv.node_rank}: flow run {flow_run_id} is in a final state; exiting")
+                return 0
+            next_api_check = time.monotonic() + api_check_s
+        pending = [s for s in published_seqs(directory) if s > last and not is_done(directory, s)] \
+            if directory.is_dir() else []
+        if pending:
+            last = pending[-1]  # an older launch without its done marker was abandoned by node 0
+            run_launch(directory, read_spec(directory, last), rdzv)
+            continue
+        time.sleep(poll_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.node_agent", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--poll-s", type=float, default=1.0, help="how often an agent looks for node 0's launches")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="what node 0 runs (e.g. prefect flow-run execute)")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    apply_prefect_env_defaults()
+    try:
+        rdzv = resolve_rendezvous()
+    except RendezvousConfigError as exc:
+        print(f"node_agent: {exc}", file=sys.stderr, flush=True)
+        return 2
+    directory = launch_dir()
+    if rdzv.node_rank == 0:
+        if not command:
+            print("node_agent: node 0 needs the command to run (e.g. prefect flow-run execute)", file=sys.stderr)
+            return 2
+        if rdzv.nnodes == 1 or directory is None:
+            os.execvp(command[0], command)
+        return lead(command, directory)
+    if directory is None:
+        print(f"node_agent: node {rdzv.node_rank} of {rdzv.nnodes} has nothing to follow: set {LAUNCH_DIR_VARIABLE} "
+              f"to a directory shared with node 0", file=sys.stderr)
+        return 2
+    # SIGTERM (pod deletion, scancel) unwinds through the launcher, which kills torchrun and its ranks.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return follow(directory, rdzv, os.environ.get("PREFECT__FLOW_RUN_ID"), poll_s=args.poll_s)
+    except RendezvousConfigError as exc:
+        print(f"node_agent: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

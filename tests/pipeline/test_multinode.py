@@ -1,0 +1,159 @@
+"""Multi-node through the node entry the Kubernetes template and the Slurm script run (tasks/node_agent.py).
+
+Two "nodes" on localhost (CPU, gloo, one process each): node 0 runs the train task's CLI as its command and
+publishes the launch, node 1 is a node agent that follows it. Together they must train exactly what one
+node with two processes trains; with a wrong master address they must fail in bounded time, say where the
+address came from, and leave the output directory untouched. The protocol's edges (a missing agent, done
+launches, the end of the job) are checked without processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline_helpers import REPO, tiny_stage_overrides
+from tasks._launch_spec import FollowersMissing, finish, node_launch, publish, spec_path
+from tasks._rendezvous import resolve_rendezvous
+from tasks.node_agent import follow
+
+STEPS = ["epochs=1", "max_steps_per_epoch=4", "checkpoint_steps_for_auto_resume=2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_env(rank: int, master_addr: str, port: int, launch_dir: Path, extra: dict[str, str] = {}) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "SLURM_", "WORKER_"))
+           and k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "ROLE_INDEX")}
+    return {**env, "PYTHONPATH": str(REPO), "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(port), "PET_NPROC_PER_NODE": "1", "MIROTRAIN_LAUNCH_DIR": str(launch_dir), **extra}
+
+
+def _two_nodes(train_cli: list[str], master_addr: str, launch_dir: Path, log_dir: Path,
+               extra_env: dict[str, str] = {}) -> tuple[list[int], list[str], float]:
+    """Start node 0 and node 1 exactly as the pods start (same command on both), wait; (codes, outputs, seconds)."""
+    port = _free_port()
+    entry = [sys.executable, "-m", "tasks.node_agent", "--poll-s", "0.2", "--", *train_cli]
+    t0 = time.monotonic()
+    procs = []
+    for rank in (0, 1):
+        log = open(log_dir / f"node{rank}.log", "w")
+        procs.append((subprocess.Popen(entry, cwd=REPO, env=_node_env(rank, master_addr, port, launch_dir, extra_env),
+                                       stdout=log, stderr=subprocess.STDOUT, text=True), log))
+    codes = []
+    try:
+        for proc, log in procs:
+            codes.append(proc.wait(timeout=700))
+            log.close()
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+    elapsed = time.monotonic() - t0
+    return codes, [(log_dir / f"node{r}.log").read_text() for r in (0, 1)], elapsed
+
+
+def _train_cli(config: str, overrides: list[str], output_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "tasks.train", "--no-prefect", "--recipe", "sft", "--config", config,
+            "--output-dir", str(output_dir), *extra, "--overrides", *overrides]
+
+
+def _losses(output_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
+
+
+def _weights(output_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted((output_dir / "hf" / "final").glob("*.safetensors")):
+        tensors.update(load_file(f))
+    assert tensors, f"no HF export under {output_dir}"
+    return tensors
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_two_nodes_train_exactly_what_one_node_with_two_processes_trains(demo_inputs: dict, tmp_path: Path) -> None:
+    """Done-when #7. Same world size (2), same global ranks, same data shards, gloo on CPU: a two-rank sum is
+    the same in either order, so losses and final weights must be bit-identical, and are compared exactly."""
+    import torch
+
+    config, overrides = tiny_stage_overrides(demo_inputs, "sft", tmp_path, STEPS)
+    two, one = tmp_path / "two-nodes", tmp_path / "one-node"
+    codes, logs, elapsed = _two_nodes(_train_cli(config, overrides, two), "127.0.0.1", tmp_path / "launch", tmp_path)
+    print(f"2 nodes x 1 process: {elapsed:.0f}s")
+    assert codes == [0, 0], f"node 0:\n{logs[0][-4000:]}\nnode 1:\n{logs[1][-4000:]}"
+    assert "node 1: launch 1: sft" in logs[1] and "--nnodes 2 --node_rank 1" in logs[1]  # node 1's own torchrun
+    assert "node 0 finished; exiting" in logs[1]
+
+    t0 = time.monotonic()
+    single = subprocess.run(_train_cli(config, overrides, one, "--nproc-per-node", "2", "--master-port",
+                                       str(_free_port())), cwd=REPO, capture_output=True, text=True, timeout=700,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    print(f"1 node x 2 processes: {time.monotonic() - t0:.0f}s")
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+
+    assert _losses(two) == _losses(one) and len(_losses(one)) == 4
+    a, b = _weights(two), _weights(one)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_wrong_master_address_fails_fast_names_its_source_and_writes_nothing(demo_inputs: dict, tmp_path: Path) -> None:
+    """Done-when #8: an unroutable master address; the rendezvous timeout bounds the failure."""
+    config, overrides = tiny_stage_overrides(demo_inputs, "sft", tmp_path, STEPS)
+    out = tmp_path / "never-trained"
+    codes, logs, elapsed = _two_nodes(_train_cli(config, overrides, out), "10.255.255.1", tmp_path / "launch",
+                                      tmp_path, {"MIROTRAIN_RDZV_TIMEOUT_S": "20"})
+    print(f"wrong master address: both nodes done in {elapsed:.0f}s")
+    assert codes[0] != 0 and codes[1] == 0, logs
+    message = [line for line in logs[0].splitlines() if line.startswith("train: RendezvousFailed")]
+    assert message, logs[0][-4000:]
+    print(message[0])
+    assert "could not rendezvous with the master 10.255.255.1:" in message[0]
+    assert "(address from MASTER_ADDR, port from MASTER_PORT) within 20s" in message[0]
+    assert "launch 1 failed: node 1 of 2 could not rendezvous with the master 10.255.255.1" in logs[1]
+    assert elapsed < 150, f"took {elapsed:.0f}s"
+    assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
+
+
+def _two_node_rdzv(rank: int) -> object:
+    return resolve_rendezvous(nproc_per_node=1, rdzv_timeout_s=1.0,
+                              env={"NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1"})
+
+
+def test_node_zero_fails_in_one_line_when_no_agent_picks_up_its_launch(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MIROTRAIN_LAUNCH_DIR", str(tmp_path))
+    ran = []
+    with pytest.raises(FollowersMissing, match=r"node\(s\) 1 of 2 did not pick up launch 1 .* within 1s"):
+        with node_launch(["sft", "--config", "c.yaml"], _two_node_rdzv(0), launcher="auto", timeout_s=None, env={}):
+            ran.append("torchrun")
+    assert ran == [] and spec_path(tmp_path, 1).with_suffix(".done").exists()  # agents will never start it
+
+
+def test_agent_skips_finished_launches_and_exits_when_node_zero_finished(tmp_path: Path) -> None:
+    fields = {"args": ["sft"], "cwd": str(tmp_path), "nnodes": 2, "master_addr": "127.0.0.1", "master_port": 1,
+              "nproc_per_node": 1, "launcher": "auto", "timeout_s": None}
+    spec = publish(tmp_path, fields)
+    spec_path(tmp_path, spec.seq).with_suffix(".done").write_text("{}")
+    assert publish(tmp_path, fields).seq == 2
+    spec_path(tmp_path, 2).with_suffix(".done").write_text("{}")
+    finish(tmp_path, 0)
+    assert follow(tmp_path, _two_node_rdzv(1), poll_s=0.05) == 0
+    assert not list(tmp_path.glob("*.node-1"))  # it started neither launch
