@@ -3,8 +3,9 @@
 Reads what the engine wrote (``metrics.jsonl``, ``summary.json``; docs/contracts.md) and publishes:
 
 - ``<key>-metrics``: a table artifact of the logged steps (subsampled to at most ``max_rows``);
-- ``<key>-loss-curve``: a markdown artifact with the loss curve as an inline PNG (matplotlib), also saved as
-  ``output_dir/loss_curve.png`` so it outlives the Prefect database.
+- ``<key>-loss-curve``: a markdown artifact with the loss curve as an inline PNG, drawn by the engine's
+  ``mirotrain.training.loss_curve`` (the same plot ``mirotrain sft``/``dpo`` leave in the output_dir) and
+  saved as ``output_dir/loss_curve.png`` so it outlives the Prefect database.
 
 The flows' markdown run summary is built from the returned :class:`RunReport` by :func:`publish_summary`.
 
@@ -22,6 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from mirotrain.training.loss_curve import loss_key, read_metrics, write_loss_curve
 from tasks._runtime import in_run, run_logger
 
 
@@ -36,54 +38,6 @@ class RunReport(BaseModel):
     loss_curve_png: str | None
     metrics_rows: int
     summary: dict[str, Any]
-
-
-def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    """Every JSON line of ``metrics.jsonl`` (lines that do not parse are skipped: a run may be mid-write)."""
-    rows = []
-    p = Path(output_dir) / "metrics.jsonl"
-    if p.is_file():
-        for line in p.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
-def _loss_key(rows: list[dict[str, Any]]) -> str | None:
-    for k in ("loss", "train_loss", "train/loss"):
-        if any(k in r for r in rows):
-            return k
-    return None
-
-
-def plot_loss(rows: list[dict[str, Any]], out_png: Path, title: str) -> Path | None:
-    """Loss (and validation loss, when logged) against step; None when there is nothing to plot."""
-    key = _loss_key(rows)
-    if key is None:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key, lw=1.5)
-    val = [(r.get("step", i), r[k]) for i, r in enumerate(rows) for k in ("val_loss", "eval_loss") if isinstance(r.get(k), (int, float))]
-    if val:
-        ax.plot([p[0] for p in val], [p[1] for p in val], "o-", label="val_loss", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
 
 
 def _table(rows: list[dict[str, Any]], max_rows: int) -> list[dict[str, Any]]:
@@ -109,9 +63,9 @@ def report_run(output_dir: str, key: str, max_rows: int = 100) -> RunReport:
     rows = read_metrics(output_dir)
     summary_path = Path(output_dir) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    lk = _loss_key(rows)
+    lk = loss_key(rows)
     losses = [r[lk] for r in rows if lk and isinstance(r.get(lk), (int, float))]
-    png = plot_loss(rows, Path(output_dir) / "loss_curve.png", f"{key}: training loss")
+    png = write_loss_curve(output_dir, f"{key}: training loss")
     if in_run():
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 

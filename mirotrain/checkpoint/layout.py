@@ -114,6 +114,36 @@ def newest_valid(root: Path, remove_invalid_newer: bool = False) -> StepDir | No
     return None
 
 
+class CheckpointInputError(ValueError):
+    """A named checkpoint that cannot be used (missing, not a checkpoint, incomplete, not matching the model):
+    a permanent error of the caller's arguments, never worth retrying."""
+
+
+def resolve_checkpoint(path: str | Path) -> StepDir:
+    """The step checkpoint ``path`` names: a step directory (``OUT/checkpoints/step_N``) as is, or, for a training
+    output_dir (or its ``checkpoints/``), the newest complete step checkpoint in it -- the same choice
+    auto-resume makes, and the final step of a finished run (the trainer checkpoints its last step)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointInputError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointInputError(f"{path} is not a directory")
+    match = _STEP_RE.match(path.name)
+    if match or (path / MARKER).exists() or (path / META).exists():
+        reason = check_step_dir(path)
+        if reason is not None:
+            raise CheckpointInputError(f"{path} is not a usable step checkpoint: {reason}")
+        return StepDir(int(match.group(1)) if match else int(read_meta(path)["step"]), path)
+    root = path if list_step_dirs(path) else path / "checkpoints"
+    if not root.is_dir():
+        raise CheckpointInputError(f"{path} is neither a step checkpoint (OUT/checkpoints/step_N) nor a training "
+                                   f"output_dir (it has no checkpoints/ directory)")
+    found = newest_valid(root)
+    if found is None:
+        raise CheckpointInputError(f"{root} holds no complete step checkpoint")
+    return found
+
+
 def apply_retention(root: Path, keep_last_n: int, newest_complete_step: int) -> list[Path]:
     """Delete complete checkpoints beyond the newest ``keep_last_n`` and incomplete ones older than the newest
     complete one (leftovers of crashed saves). The newest complete one is never deleted. Returns what went."""

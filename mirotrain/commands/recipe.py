@@ -1,12 +1,14 @@
 """What `mirotrain sft` and `mirotrain dpo` share: the `--config X [key=value ...]` parser and the run wrapper.
 
 Both load the config, run the recipe under the (possibly torchrun-launched) process group, report config
-errors as exit code 2 with the command's name, and always tear the process group down.
+errors and a refused run lock (another training owns the output_dir) as exit code 2 with the command's name,
+and always tear the process group down.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable
 
@@ -21,7 +23,8 @@ def config_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 
 def run_recipe(prog: str, args: argparse.Namespace, run: Callable[[dict], Any]) -> int:
-    """Load ``args.config`` with ``args.overrides`` and call ``run(cfg)``; 2 on a config error, else 0."""
+    """Load ``args.config`` with ``args.overrides`` and call ``run(cfg)``; 2 on a config error or a locked
+    output_dir, else 0."""
     from mirotrain.config import ConfigError, load_config
 
     try:
@@ -30,11 +33,16 @@ def run_recipe(prog: str, args: argparse.Namespace, run: Callable[[dict], Any]) 
         print(f"{prog}: {exc}", file=sys.stderr, flush=True)
         return 2
     from mirotrain.training.distributed import destroy_distributed
+    from mirotrain.training.run_lock import RunLockedError
 
     try:
         run(cfg)
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except RunLockedError as exc:
+        if os.environ.get("RANK", "0") == "0":  # every rank stops; global rank 0 says why, once
+            print(f"{prog}: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
         destroy_distributed()

@@ -2,7 +2,7 @@
 
 Loading streams tensor by tensor from (possibly sharded) safetensors, and for FSDP-sharded parameters
 (DTensors) reads only the rows the rank owns, so no rank ever holds the full model. Saving gathers one
-parameter at a time and writes sharded safetensors + index on rank 0. Weights are only ever read from
+parameter at a time and hands it to the one HF directory writer (``hf_writer.py``) on rank 0. Weights are only ever read from
 safetensors: nothing here unpickles a file.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,14 +18,12 @@ from typing import Any, Callable, Iterator
 import fsspec
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from mirotrain.models.hf_writer import HFDirWriter, parse_size
 from mirotrain.models.qwen3.model import Qwen3Args, Qwen3Transformer
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -297,15 +294,6 @@ def build_model(args: Qwen3Args, device: str | torch.device = "meta") -> Qwen3Tr
 # ------------------------------------------------------------------------------------------ writing
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B\s*", size.upper())
-    if not m:
-        raise ValueError(f"max_shard_size {size!r}: expected bytes or e.g. '5GB'")
-    return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_"))
-
-
 def _full_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor on CPU) one at a time; DTensors are gathered (a collective on every rank)."""
     from torch.distributed.tensor import DTensor
@@ -327,7 +315,8 @@ def _full_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, t
 def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
                     max_shard_size: int | str = "5GB", dtype: torch.dtype = torch.bfloat16,
                     is_writer: bool | None = None) -> Path | None:
-    """Write ``model`` as an HF checkpoint (config.json, sharded safetensors + index, tokenizer files).
+    """Write ``model`` as an HF checkpoint (config.json, sharded safetensors + index, tokenizer files) through
+    :class:`~mirotrain.models.hf_writer.HFDirWriter` (files 0644, directories 0755).
 
     Under torch.distributed every rank must call this (parameters are gathered one by one); only rank 0
     (or ``is_writer``) writes. Tied models write no ``lm_head.weight``, as the published checkpoints do.
@@ -338,67 +327,12 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir:
     _import_family_mappers(args)
     if is_writer is None:
         is_writer = not dist.is_initialized() or dist.get_rank() == 0
-    out = Path(out_dir)
-    limit = _parse_size(max_shard_size)
-    tmp = out.with_name(out.name + ".tmp")
-    if is_writer:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    shards: list[list[str]] = [[]]
-    buffer: dict[str, torch.Tensor] = {}
-    size = 0
-    total = 0
-
-    def flush() -> None:
-        nonlocal buffer, size
-        if buffer and is_writer:
-            save_file(buffer, str(tmp / f"shard-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
-            shards.append([])
-        elif buffer:
-            shards.append([])
-        buffer, size = {}, 0
-
+    limit = parse_size(max_shard_size)  # on every rank: a bad size must not leave the others in a collective
+    writer = HFDirWriter(out_dir, limit) if is_writer else None
     for name, tensor in _full_tensors(model, dtype):
-        nbytes = tensor.numel() * tensor.element_size()
-        if buffer and size + nbytes > limit:
-            flush()
-        if is_writer:
-            buffer[name] = tensor
-        else:
-            buffer[name] = torch.empty(0)
-        shards[-1].append(name)
-        size += nbytes
-        total += nbytes
-    flush()
-    if not is_writer:
+        if writer is not None:
+            writer.add(name, tensor)
+    if writer is None:
         return None
-    shards = [s for s in shards if s]
-    weight_map = {}
-    for i, names in enumerate(shards, start=1):
-        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-        (tmp / f"shard-{i:05d}.safetensors").rename(tmp / final)
-        weight_map.update({n: final for n in names})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(hf_config_from_args(args, dtype), indent=2))
-    if tokenizer_dir is not None:
-        copy_tokenizer_files(tokenizer_dir, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
-def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy tokenizer (and generation config) files that exist in ``src`` (local or fsspec URL)."""
-    fs, root = fsspec.core.url_to_fs(str(src))
-    copied = []
-    for name in TOKENIZER_FILES:
-        path = f"{root.rstrip('/')}/{name}"
-        if fs.isfile(path):
-            fs.get(path, str(Path(dst) / name))
-            copied.append(name)
-    if "tokenizer_config.json" not in copied and "tokenizer.json" not in copied:
-        raise FileNotFoundError(f"tokenizer directory {src} holds no tokenizer.json / tokenizer_config.json")
-    return copied
+    writer.finish(hf_config_from_args(args, dtype), tokenizer_dir)
+    return writer.out

@@ -5,7 +5,7 @@ Layout (keys of the DCP state dict):
   ``optim``                     sharded optimizer state tensors
   ``extra/optim_param_groups``  hyper-parameters of the optimizer groups (lr, betas, ...), JSON
   ``extra/lr_scheduler``        LR scheduler state, JSON
-  ``extra/train_state``         step, epoch, step_in_epoch, seed, token counters, JSON
+  ``extra/train_state``         step, epoch, step_in_epoch, seed, token counters, first and last logged metrics, JSON
   ``extra/rank{r}/dataloader``  the dataloader position of rank r, JSON
   ``extra/rank{r}/rng``         python / numpy / torch CPU / CUDA RNG states of rank r, JSON
 Non-tensor state is stored as JSON in uint8 tensors (mirotrain.checkpoint.codec), so nothing is pickled.
@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainState:
-    """Counters of the loop. ``step`` counts optimizer steps over the whole run."""
+    """Counters of the loop. ``step`` counts optimizer steps over the whole run. ``first_loss`` (the first logged
+    loss) and ``last_metrics`` (the last logged step's metrics) ride along so that a resumed run's summary
+    describes the whole run, also when it trains no step at all."""
 
     step: int = 0
     epoch: int = 0
@@ -39,6 +41,8 @@ class TrainState:
     seed: int = 0
     trained_tokens: int = 0
     total_tokens: int = 0
+    first_loss: float | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from torch import nn
 
 from mirotrain.checkpoint.step_checkpointer import StepCheckpointer
 from mirotrain.config import instantiate
+from mirotrain.models.hf_writer import make_public_dirs
 from mirotrain.parallel.fsdp import fsdp_modules
 from mirotrain.training import builders
 from mirotrain.training.forward import forward_hidden
@@ -42,10 +43,12 @@ from mirotrain.training.builders import DTYPES, cfg_value
 from mirotrain.training.distributed import broadcast_object, init_distributed
 from mirotrain.training.fault import fault_armed, fault_step, inject_fault
 from mirotrain.training.grad_clip import clip_grad_norm_
+from mirotrain.training.loss_curve import write_loss_curve
 from mirotrain.training.metric_logging import JsonlLogger, StdoutLogger, TensorBoardLogger, format_metrics, \
     tensorboard_available
 from mirotrain.training.metrics import matmul_params, peak_flops, peak_memory, reset_peak_memory, step_flops
 from mirotrain.training.rng import draw_seed, seed_everything
+from mirotrain.training.run_lock import RunLock
 from mirotrain.training.state import TrainState, checkpoint_state, restore_state
 
 log = logging.getLogger("mirotrain.train")
@@ -107,7 +110,8 @@ class Trainer:
         if not cfg.get("output_dir"):
             raise ValueError("config key 'output_dir' is required")
         self.output_dir = Path(cfg["output_dir"])
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        make_public_dirs(self.output_dir)  # 0755: the HF exports inside must be reachable by other users
+        self.run_lock = RunLock.acquire(self.output_dir, self.rank, self.world_size)
         self._check_config()
         self.dtype = DTYPES[cfg_value(cfg, "dtype")]
         self.ga = int(cfg_value(cfg, "gradient_accumulation_steps"))
@@ -337,7 +341,6 @@ class Trainer:
         self._fault = bool(broadcast_object(fault_armed() if self.rank == 0 else None))
         self._window: list[StepResult] = []
         self._window_start = time.perf_counter()
-        self.last_metrics: dict[str, float] = {}
         self.last_val_loss: float | None = None
         self._last_val_step = -1
 
@@ -424,10 +427,20 @@ class Trainer:
         return batches
 
     def train(self) -> dict[str, Any]:
-        """Run all epochs; returns the summary (also written to ``output_dir/summary.json``)."""
+        """Run all epochs; returns the summary (also written to ``output_dir/summary.json``, with the loss curve
+        ``output_dir/loss_curve.png`` beside it).
+
+        A run resumed from its last step checkpoint (a re-run of a finished run) trains nothing; it only
+        finishes what follows the last step (end-of-epoch validation, the final HF export, the summary), which
+        also completes a run that crashed after its last checkpoint.
+        """
         from tqdm import tqdm
 
         start = time.perf_counter()
+        start_step = self.state.step
+        if start_step >= self.total_steps and self.is_main:
+            log.info("%s already trained all %d steps (resumed from its last step checkpoint): nothing to train.",
+                     self.output_dir, self.total_steps)
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.recipe, dynamic_ncols=True,
                    disable=True if not self.is_main else None)
         profiler = self._profiler()
@@ -449,7 +462,7 @@ class Trainer:
             bar.close()
             if profiler is not None:
                 profiler.__exit__(None, None, None)
-        summary = self._summary(hf_dir, time.perf_counter() - start)
+        summary = self._summary(hf_dir, time.perf_counter() - start, start_step)
         self.close()
         return summary
 
@@ -464,7 +477,10 @@ class Trainer:
         if self.val_loader is not None and val_every and step % int(val_every) == 0:
             self._log_val(step)
         self._memory_trace(step)
-        if self.checkpointer is not None and step % int(cfg_value(self.cfg, "checkpoint_steps_for_auto_resume")) == 0:
+        # the last step too: a re-run of a finished run resumes there and trains nothing, and a conversion of
+        # the run directory (its newest complete step) exports the final weights
+        if self.checkpointer is not None and (step % int(cfg_value(self.cfg, "checkpoint_steps_for_auto_resume")) == 0
+                                              or last):
             self.save_checkpoint()
         elif self.checkpointer is not None and self.checkpointer.async_save and not self.checkpointer.prepared:
             # the optimizer state exists now: the async-save host buffers are allocated meanwhile, in the background
@@ -501,7 +517,9 @@ class Trainer:
             metrics.update(peak_memory(self.device))
             reset_peak_memory(self.device)
         metrics.update(self.extra_metrics())
-        self.last_metrics = metrics
+        self.state.last_metrics = metrics
+        if self.state.first_loss is None:
+            self.state.first_loss = metrics["loss"]
         if self.is_main:
             if not math.isfinite(metrics["loss"]):
                 log.warning("Step %d: loss is %s", step, metrics["loss"])
@@ -593,21 +611,35 @@ class Trainer:
         dist.barrier()
         return out
 
-    def _summary(self, hf_dir: Path, wall: float) -> dict[str, Any]:
-        summary = {"recipe": self.recipe, "steps": self.state.step, "epochs": self.epochs,
-                   "final_loss": self.last_metrics.get("loss"), "val_loss": self.last_val_loss,
-                   "hf_dir": str(hf_dir), "output_dir": str(self.output_dir), "seed": self.seed,
+    def _summary(self, hf_dir: Path, wall: float, start_step: int) -> dict[str, Any]:
+        """The run's summary; rank 0 also draws the loss curve and writes both into the output_dir.
+
+        The losses and counters are the whole run's, not this process's: ``first_loss`` and the last logged
+        metrics travel in every step checkpoint's train state, so a resumed run, even one that trained 0 steps
+        (a re-run of a finished run), carries the previous values forward instead of writing nulls.
+        ``steps_trained`` and ``wall_time_s`` are this process's; ``resumed_from_step`` says where it started.
+        """
+        png = write_loss_curve(self.metrics_dir(), f"{self.recipe}: training loss") if self.is_main else None
+        summary = {"recipe": self.recipe, "steps": self.state.step, "steps_trained": self.state.step - start_step,
+                   "resumed_from_step": start_step or None, "epochs": self.epochs,
+                   "first_loss": self.state.first_loss, "final_loss": self.state.last_metrics.get("loss"),
+                   "val_loss": self.last_val_loss, "hf_dir": str(hf_dir), "output_dir": str(self.output_dir),
+                   "loss_curve_png": str(png) if png else None, "seed": self.seed,
                    "trained_tokens": self.state.trained_tokens, "total_tokens": self.state.total_tokens,
-                   "world_size": self.world_size, "wall_time_s": wall, "last_metrics": self.last_metrics}
+                   "world_size": self.world_size, "wall_time_s": wall, "last_metrics": self.state.last_metrics}
         if self.is_main:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
 
     def close(self) -> None:
-        if self.checkpointer is not None:
-            self.checkpointer.close()
-        for sink in getattr(self, "sinks", []):
-            sink.close()
+        """Finish the pending checkpoint, close the metric sinks, then free the output_dir for the next run."""
+        try:
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+            for sink in getattr(self, "sinks", []):
+                sink.close()
+        finally:
+            self.run_lock.release()
 
     # --------------------------------------------------------------------------------- profiling
 
@@ -651,7 +683,7 @@ def _link_tree(src: Path, dst: Path) -> None:
 
     if dst.exists():
         shutil.rmtree(dst)
-    dst.mkdir(parents=True)
+    make_public_dirs(dst)
     for f in src.iterdir():
         try:
             os.link(f, dst / f.name)

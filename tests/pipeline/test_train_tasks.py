@@ -116,8 +116,8 @@ def test_task_clis_train_convert_report_reference(api_env: dict, demo_inputs: di
 
 
 def test_report_run_plots_and_tables_without_prefect(tmp_path: Path) -> None:
-    """report_run's reading and plotting on a metrics file shaped like the engine's (no API needed)."""
-    from tasks.report_run import plot_loss, read_metrics
+    """report_run's reading and plotting (mirotrain.training.loss_curve) on an engine-shaped metrics file."""
+    from mirotrain.training.loss_curve import plot_loss, read_metrics
 
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps({"step": i, "loss": 2.0 / i}) for i in range(1, 11)) + "\n{partial")
     rows = read_metrics(tmp_path)

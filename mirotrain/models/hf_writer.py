@@ -1,0 +1,129 @@
+"""The one writer of Hugging Face model directories: sharded safetensors + index, config.json, tokenizer files.
+
+Both exports use it: the trainer's in-training export (``save_pretrained``, tensors gathered from FSDP one at a
+time) and ``mirotrain convert`` (tensors streamed from a DCP step checkpoint). Tensors arrive one at a time
+in HF order and are appended to the current shard, which is written once adding the next tensor would pass
+``max_shard_size``; so at most one shard is held in memory.
+
+The directory is built as ``OUT.tmp`` and renamed to ``OUT`` at the end, so ``OUT`` is either the previous
+export or a complete new one, never half written. Everything in it is made readable by other users (files
+0644, directories 0755, and the same for parent directories the writer creates) whatever the process umask,
+because the exports are read by serving processes that run as other users.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import save_file
+
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as ``'5GB'`` / ``'500MiB'`` (binary units)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B\s*", size.upper())
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or e.g. '5GB'")
+    return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_"))
+
+
+def make_public_dirs(path: Path) -> None:
+    """``mkdir -p path`` where every directory created here gets mode 0755 (existing ones are left alone)."""
+    missing = []
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        p.mkdir(exist_ok=True)
+        os.chmod(p, DIR_MODE)
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy tokenizer (and generation config) files that exist in ``src`` (local or fsspec URL)."""
+    fs, root = fsspec.core.url_to_fs(str(src))
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = f"{root.rstrip('/')}/{name}"
+        if fs.isfile(path):
+            fs.get(path, str(Path(dst) / name))
+            copied.append(name)
+    if "tokenizer_config.json" not in copied and "tokenizer.json" not in copied:
+        raise FileNotFoundError(f"tokenizer directory {src} holds no tokenizer.json / tokenizer_config.json")
+    return copied
+
+
+class HFDirWriter:
+    """Builds one HF model directory at ``out`` (see the module docstring): ``add`` every tensor, then ``finish``.
+
+    Args:
+        out: the directory to create (replaced if it exists).
+        max_shard_size: bytes per safetensors shard (or a string such as ``'5GB'``).
+    """
+
+    def __init__(self, out: str | os.PathLike, max_shard_size: int | str = "5GB"):
+        self.out = Path(out)
+        self.limit = parse_size(max_shard_size)
+        self.tmp = self.out.with_name(self.out.name + ".tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        make_public_dirs(self.tmp)
+        self._shards: list[list[str]] = []
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append HF tensor ``name`` (a contiguous CPU tensor) to the current shard."""
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.limit:
+            self._flush()
+        self._buffer[name] = tensor
+        self._buffer_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        if self._buffer:
+            save_file(self._buffer, str(self.tmp / f"part-{len(self._shards):05d}.safetensors"), metadata={"format": "pt"})
+            self._shards.append(list(self._buffer))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    @property
+    def n_shards(self) -> int:
+        return len(self._shards)
+
+    def finish(self, config: dict[str, Any], tokenizer_dir: str | os.PathLike | None) -> dict[str, str]:
+        """Write the last shard, the index (when sharded), ``config.json`` and the tokenizer files; set the modes;
+        move the directory into place. Returns the weight map (HF name -> file)."""
+        self._flush()
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for i, names in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+            (self.tmp / f"part-{i:05d}.safetensors").rename(self.tmp / final)
+            weight_map.update({name: final for name in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, self.tmp)
+        for f in self.tmp.iterdir():
+            os.chmod(f, FILE_MODE)
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        self.tmp.rename(self.out)
+        return weight_map

@@ -1,0 +1,70 @@
+"""The run lock: one training per output_dir, released by the kernel when its holder dies.
+
+A first `mirotrain sft` (one CPU process) is frozen with SIGSTOP once it has a step checkpoint, so it holds
+the lock without finishing. A second training into the same output_dir, one process or two under torchrun,
+is refused with exit code 2 and one line naming the directory and the owner, having changed nothing there.
+After SIGKILL of the holder, the same command takes the lock and resumes from the holder's checkpoint.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sft_helpers import REPO, assert_ok, run_sft, tiny_config, write_config, write_shards  # noqa: E402
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every path under root: any write shows."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the holder ended (exit {proc.returncode}) before writing {path}"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_second_writer_is_refused_and_a_killed_holder_frees_the_lock(tmp_path):
+    shards = write_shards(tmp_path / "shards", n_rows=600, seq_len=64, seed=1)
+    out = tmp_path / "run"
+    config = write_config(tiny_config(out, shards, auto_resume=True, checkpoint_steps_for_auto_resume=5),
+                          tmp_path / "run.yaml")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(tmp_path / "holder.log", "w") as holder_log:
+        holder = subprocess.Popen([sys.executable, "-m", "mirotrain", "sft", "--config", str(config)], env=env,
+                                  cwd=str(REPO), stdout=holder_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(out / "checkpoints" / "step_5" / "COMPLETE", holder)
+        os.kill(holder.pid, signal.SIGSTOP)  # frozen while it holds the lock
+        owner = json.loads((out / "run.lock").read_text())
+        assert owner["pid"] == holder.pid and owner["world_size"] == 1
+        before = _tree(out)
+
+        for nproc in (1, 2):
+            second = run_sft(config, nproc=nproc)
+            assert second.returncode == (2 if nproc == 1 else 1), second.stderr[-3000:]  # torchrun reports 1
+            refusals = [line for line in second.stderr.splitlines() if "is in use by another training" in line]
+            assert refusals == [f"mirotrain sft: output_dir {out} is in use by another training (owner: host "
+                                f"{owner['host']}, pid {holder.pid}, started {owner['started']}, world size 1); "
+                                f"refusing to write into it (lock file {out / 'run.lock'})"], second.stderr[-3000:]
+            assert "Step 1 |" not in second.stdout + second.stderr
+            assert _tree(out) == before, f"the refused run (nproc={nproc}) changed the output_dir"
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+
+    third = run_sft(config)
+    assert_ok(third)
+    log = third.stdout + third.stderr
+    assert "Resumed from" in log and "is in use" not in log
+    assert json.loads((out / "run.lock").read_text())["pid"] != holder.pid
