@@ -40,6 +40,14 @@ def _engine_exit_codes(exc: BaseException) -> list[int]:
     return ranks or [exc.returncode]
 
 
+def _hub_unreachable(exc: BaseException) -> bool:
+    """``huggingface_hub`` raises LocalEntryNotFoundError, a FileNotFoundError, when the Hub cannot be reached
+    and the file is not cached (e.g. ``datasets.load_dataset`` offline): a network error, not a missing file."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    return isinstance(exc, LocalEntryNotFoundError)
+
+
 def is_permanent(exc: BaseException | None) -> bool:
     """True for an error that another attempt cannot fix (see the module docstring for the list)."""
     from mirotrain.config import ConfigError
@@ -47,8 +55,10 @@ def is_permanent(exc: BaseException | None) -> bool:
 
     if exc is None:
         return False
-    if isinstance(exc, (ConfigError, SourceNotFound, FileNotFoundError, NotADirectoryError)):
+    if isinstance(exc, (ConfigError, SourceNotFound, NotADirectoryError)):
         return True
+    if isinstance(exc, FileNotFoundError):
+        return not _hub_unreachable(exc)
     codes = _engine_exit_codes(exc)
     return bool(codes) and all(code == PERMANENT_EXIT_CODE for code in codes)
 

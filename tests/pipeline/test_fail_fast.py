@@ -51,6 +51,7 @@ def test_permanent_and_transient_errors_are_told_apart() -> None:
     assert not is_permanent(CommandFailed(1, ["python"], []))
     assert not is_permanent(ConnectionError("reset by peer"))
     assert not is_permanent(TimeoutError("slow"))
+    assert not is_permanent(LocalEntryNotFoundError("the Hub cannot be reached and the file is not cached"))
 
     request = httpx2.Request("GET", "https://huggingface.co/api/models/no/such-model")
     assert hub_not_found(RepositoryNotFoundError("404 Client Error", response=httpx2.Response(404, request=request)))
