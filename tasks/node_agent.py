@@ -14,8 +14,8 @@ Which node this is comes from the same rendezvous rules as the train task (``tas
   retries: its retry is a new launch). The agent exits 0 when node 0 wrote ``FINISHED`` or, where
   ``PREFECT__FLOW_RUN_ID`` and the API are available, when that flow run reached a final state.
 
-With one node, or without a launch directory, COMMAND simply replaces this process (node 0) and the other
-nodes have nothing to follow (exit 2). Exit code 2 also means a rendezvous setting is refused.
+With one node, COMMAND simply replaces this process. Several nodes without a launch directory, or a
+rendezvous setting that is refused (``tasks/_rendezvous.py``), end every node at once with exit code 2.
 """
 
 from __future__ import annotations
@@ -120,17 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"node_agent: {exc}", file=sys.stderr, flush=True)
         return 2
     directory = launch_dir()
-    if rdzv.node_rank == 0:
-        if not command:
-            print("node_agent: node 0 needs the command to run (e.g. prefect flow-run execute)", file=sys.stderr)
-            return 2
-        if rdzv.nnodes == 1 or directory is None:
-            os.execvp(command[0], command)
-        return lead(command, directory)
-    if directory is None:
-        print(f"node_agent: node {rdzv.node_rank} of {rdzv.nnodes} has nothing to follow: set {LAUNCH_DIR_VARIABLE} "
-              f"to a directory shared with node 0", file=sys.stderr)
+    if rdzv.node_rank == 0 and not command:
+        print("node_agent: node 0 needs the command to run (e.g. prefect flow-run execute)", file=sys.stderr)
         return 2
+    if rdzv.nnodes == 1:
+        os.execvp(command[0], command)
+    if directory is None:
+        print(f"node_agent: node {rdzv.node_rank} of {rdzv.nnodes}: set {LAUNCH_DIR_VARIABLE} to a directory that "
+              f"all nodes of this job share (and no other job)", file=sys.stderr)
+        return 2
+    if rdzv.node_rank == 0:
+        return lead(command, directory)
     # SIGTERM (pod deletion, scancel) unwinds through the launcher, which kills torchrun and its ranks.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

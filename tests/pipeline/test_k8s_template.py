@@ -111,3 +111,22 @@ def test_every_pod_of_the_rendered_job_resolves_the_same_rendezvous() -> None:
         assert r.master_port == service["spec"]["ports"][0]["port"] == container["ports"][0]["containerPort"]
         assert env["MIROTRAIN_LAUNCH_DIR"] == f"/shared/.mirotrain-launch/{job}"
         assert Path(env["MIROTRAIN_LAUNCH_DIR"]).is_relative_to(container["volumeMounts"][0]["mountPath"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_operator_creates_the_pool_with_the_documented_command(api_env: dict) -> None:
+    """`prefect work-pool create --type kubernetes --base-job-template ...` against a real server keeps the template."""
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+
+    cmd = [str(Path(sys.executable).parent / "prefect"), "work-pool", "create", "mirotrain-k8s", "--type",
+           "kubernetes", "--base-job-template", str(TEMPLATE)]
+    created = subprocess.run(cmd, env=api_env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert created.returncode == 0, created.stdout + created.stderr
+    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool("mirotrain-k8s")
+    assert pool.type == "kubernetes" and pool.base_job_template == _template()

@@ -157,3 +157,38 @@ def test_agent_skips_finished_launches_and_exits_when_node_zero_finished(tmp_pat
     finish(tmp_path, 0)
     assert follow(tmp_path, _two_node_rdzv(1), poll_s=0.05) == 0
     assert not list(tmp_path.glob("*.node-1"))  # it started neither launch
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_agent_exits_when_its_flow_run_is_final(prefect_api: str, tmp_path: Path) -> None:
+    """Without node 0's FINISHED marker (its pod killed outright), the agent still ends with the flow run."""
+    from prefect import flow
+
+    @flow(name="node-zero-stand-in")
+    def node_zero() -> int:
+        return 0
+
+    state = node_zero(return_state=True)
+    assert state.is_completed()
+    rdzv = _two_node_rdzv(1)
+    assert follow(tmp_path / "launch", rdzv, str(state.state_details.flow_run_id), poll_s=0.05, api_check_s=0.1) == 0
+
+
+def test_node_entry_refuses_a_half_specified_job_on_every_node(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from tasks.node_agent import main
+
+    for name in list(os.environ):
+        if name.startswith(("PET_", "SLURM_", "WORKER_", "MIROTRAIN_")) or name in ("NNODES", "NODE_RANK",
+                                                                                    "MASTER_ADDR", "WORLD_SIZE", "RANK"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("NNODES", "2")
+    monkeypatch.setenv("NODE_RANK", "1")
+    assert main(["--", "true"]) == 2
+    assert "NNODES=2 nodes but no master address" in capsys.readouterr().err
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("NODE_RANK", rank)
+        assert main(["--", "true"]) == 2
+        assert f"node {rank} of 2: set MIROTRAIN_LAUNCH_DIR" in capsys.readouterr().err
