@@ -33,6 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 import mirotrain
+from tasks._launch_spec import node_launch
 from tasks._rendezvous import engine_command, resolve_rendezvous
 from tasks._retry import retry_unless_permanent
 from tasks._runtime import in_run, run_logger
@@ -136,14 +137,16 @@ def run_engine(args: list[str], *, nproc_per_node: int | None, nnodes: int | Non
     logger = run_logger()
     rdzv = resolve_rendezvous(nproc_per_node, nnodes, node_rank, master_addr, master_port)
     cmd = engine_command(args, rdzv, launcher)
-    logger.info(f"rendezvous ({rdzv.source}): nnodes={rdzv.nnodes} node_rank={rdzv.node_rank} "
-                f"nproc_per_node={rdzv.nproc_per_node} master={rdzv.master_addr}:{rdzv.master_port}")
+    logger.info(f"rendezvous: {rdzv.describe()}")
     logger.info("launch: " + " ".join(cmd))
+    # Node 0 of a multi-node job publishes the launch to the other nodes' agents (tasks/_launch_spec.py).
+    launch = node_launch(args, rdzv, launcher=launcher, timeout_s=timeout_s, env=env)
     # The children import the same engine as this process, whatever their working directory.
     engine_root = str(Path(mirotrain.__file__).resolve().parents[1])
     env = {**(env or {}), "PYTHONPATH": os.pathsep.join(p for p in (engine_root, os.environ.get("PYTHONPATH")) if p)}
-    run_streaming(cmd, env=env, log=logger.info, on_line=on_line, timeout_s=timeout_s,
-                  on_start=lambda pid: logger.info(f"engine process group {pid}"))
+    with launch:
+        run_streaming(cmd, env=env, log=logger.info, on_line=on_line, timeout_s=timeout_s,
+                      on_start=lambda pid: logger.info(f"engine process group {pid}"))
 
 
 @task(name="train", retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE, persist_result=True,
