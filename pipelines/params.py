@@ -46,7 +46,7 @@ class StageConfig(BaseModel):
 
 class Launch(BaseModel):
     """How torchrun is started and how failures are retried. Unset rendezvous fields come from the
-    Kubernetes (WORKER_*) or Slurm environment, else one local node."""
+    environment (torchrun/Kubeflow, WORKER_*, Slurm variables; tasks/_rendezvous.py), else one local node."""
 
     model_config = ConfigDict(extra="forbid")
 

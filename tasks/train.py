@@ -2,8 +2,9 @@
 
 What the task adds around the engine:
 
-- rendezvous from parameters, else the Kubernetes (WORKER_0_HOST, WORKER_0_PORT, WORKER_NUM, ROLE_INDEX,
-  WORKER_GPU) or Slurm variables (``tasks/_rendezvous.py``);
+- rendezvous from parameters, else torchrun's or Kubeflow's variables (PET_*, NNODES, NODE_RANK, MASTER_ADDR,
+  ...), the platform's WORKER_* or Slurm's (``tasks/_rendezvous.py``); on node 0 of a multi-node job each
+  launch is published to the other nodes' agents (``tasks/node_agent.py``);
 - ``auto_resume=True`` appended after the user's overrides, so every retry -- task retry, flow retry, or a
   manual ``prefect flow-run retry`` after a crash -- continues from the newest complete step checkpoint in
   ``output_dir`` and recomputes at most one checkpoint interval. Which directory that is, is the caller's
@@ -163,11 +164,14 @@ def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | Non
         config: Training config YAML.
         overrides: key=value config overrides (auto_resume=True is always appended).
         output_dir: Overrides the config's output_dir (used as is: the run directory to train or resume in).
-        nproc_per_node: Processes (GPUs) per node; default from WORKER_GPU / Slurm / visible GPUs / 1.
-        nnodes: Number of nodes; default from WORKER_NUM / SLURM_NNODES / 1.
-        node_rank: This node's rank; default from ROLE_INDEX / SLURM_NODEID / 0.
-        master_addr: Rendezvous host; default from WORKER_0_HOST / the first Slurm node / 127.0.0.1.
-        master_port: Rendezvous port; default from WORKER_0_PORT / MASTER_PORT / 29500.
+        nproc_per_node: Processes (GPUs) per node; default from PET_NPROC_PER_NODE / WORKER_GPU / Slurm /
+            visible GPUs / 1.
+        nnodes: Number of nodes; default from PET_NNODES / NNODES / WORLD_SIZE / WORKER_NUM / SLURM_NNODES / 1.
+        node_rank: This node's rank; default from PET_NODE_RANK / NODE_RANK / RANK / ROLE_INDEX / SLURM_NODEID / 0.
+        master_addr: Rendezvous host; default from PET_MASTER_ADDR / MASTER_ADDR / WORKER_0_HOST / the first
+            Slurm node / 127.0.0.1.
+        master_port: Rendezvous port; default from PET_MASTER_PORT / MASTER_PORT / WORKER_0_PORT / Slurm job
+            id / 29500.
         launcher: auto (torchrun when more than one process), torchrun, or python (one process).
         timeout_s: Wall-clock limit; the process group is killed when it is reached.
         env: Extra environment variables for the engine (e.g. NCCL settings).
