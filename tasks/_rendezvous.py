@@ -122,6 +122,11 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def _say(name: str, origin: str, value: object) -> str:
+    """``NNODES=2`` for a variable, ``nnodes=2 (parameter)`` for an explicit parameter: what an error shows."""
+    return f"{name}={value} (parameter)" if origin == "parameter" else f"{origin}={value}"
+
+
 def _int(value: object, origin: str) -> int:
     try:
         return int(str(value).strip())
@@ -238,27 +243,30 @@ def resolve_rendezvous(nproc_per_node: int | None = None, nnodes: int | None = N
     n = _nnodes(chosen, origins)
     rank = _node_value(chosen["node_rank"], origins["node_rank"]) if "node_rank" in chosen else 0
     if n > 1 and "master_addr" not in chosen:
-        raise RendezvousConfigError(f"{origins['nnodes']}={n} nodes but no master address: set MASTER_ADDR "
-                                    f"(or PET_MASTER_ADDR, WORKER_0_HOST) to node 0's address, or pass master_addr")
+        raise RendezvousConfigError(f"{_say('nnodes', origins['nnodes'], n)} nodes but no master address: set "
+                                    f"MASTER_ADDR (or PET_MASTER_ADDR, WORKER_0_HOST) to node 0's address, or pass "
+                                    f"master_addr")
     if n > 1 and "node_rank" not in chosen:
-        raise RendezvousConfigError(f"{origins['nnodes']}={n} nodes but no node rank: set NODE_RANK "
+        raise RendezvousConfigError(f"{_say('nnodes', origins['nnodes'], n)} nodes but no node rank: set NODE_RANK "
                                     f"(or PET_NODE_RANK, ROLE_INDEX) on every node, or pass node_rank")
     if rank < 0:
-        raise RendezvousConfigError(f"{origins['node_rank']}={rank} is negative")
+        raise RendezvousConfigError(f"{_say('node_rank', origins['node_rank'], rank)} is negative")
     if rank >= n and "nnodes" not in chosen:
-        raise RendezvousConfigError(f"{origins['node_rank']}={rank} but no node count is set (one node): set NNODES "
-                                    f"(or PET_NNODES, WORKER_NUM) or pass nnodes")
+        raise RendezvousConfigError(f"{_say('node_rank', origins['node_rank'], rank)} but no node count is set (one "
+                                    f"node): set NNODES (or PET_NNODES, WORKER_NUM) or pass nnodes")
     if rank >= n:
-        raise RendezvousConfigError(f"{origins['node_rank']}={rank} is not below {origins['nnodes']}={n}")
+        raise RendezvousConfigError(f"{_say('node_rank', origins['node_rank'], rank)} is not below "
+                                    f"{_say('nnodes', origins['nnodes'], n)}")
     port = _int(chosen.get("master_port", DEFAULT_PORT), origins.get("master_port", "default"))
     if not 0 < port < 65536:
-        raise RendezvousConfigError(f"{origins['master_port']}={port} is not a TCP port")
+        raise RendezvousConfigError(f"{_say('master_port', origins['master_port'], port)} is not a TCP port")
     if "nproc_per_node" in chosen:
         nproc = _int(chosen["nproc_per_node"], origins["nproc_per_node"])
     else:
         nproc, origins["nproc_per_node"] = max(_local_gpu_count(), 1), "visible GPUs"
     if nproc < 1:
-        raise RendezvousConfigError(f"{origins['nproc_per_node']}={nproc}: need at least one process per node")
+        raise RendezvousConfigError(f"{_say('nproc_per_node', origins['nproc_per_node'], nproc)}: need at least one "
+                                    f"process per node")
     timeout, origins["timeout_s"] = _timeout(rdzv_timeout_s, env)
     return Rendezvous(nproc_per_node=nproc, nnodes=n, node_rank=rank,
                       master_addr=str(chosen.get("master_addr", "127.0.0.1")).strip(), master_port=port,
@@ -271,7 +279,7 @@ def _nnodes(chosen: dict[str, object], origins: dict[str, str]) -> int:
     origin = origins["nnodes"]
     n = _node_value(chosen["nnodes"], origin)
     if n < 1:
-        raise RendezvousConfigError(f"{origin}={n}: need at least one node")
+        raise RendezvousConfigError(f"{_say('nnodes', origin, n)}: need at least one node")
     return n
 
 

@@ -125,3 +125,10 @@ def test_rendezvous_failure_names_the_master_and_its_variables() -> None:
     assert "No training process was started" in str(err) and "\n" not in str(err)
     # a failure after the rendezvous (a rank crashed) is left as it is
     assert rendezvous_failure(CommandFailed(1, ["torchrun"], ["RuntimeError: CUDA out of memory"]), r) is None
+
+
+def test_refusals_name_an_explicit_parameter_as_a_parameter() -> None:
+    with pytest.raises(RendezvousConfigError, match=r"^nnodes=2 \(parameter\) nodes but no master address"):
+        resolve_rendezvous(nnodes=2, node_rank=0, nproc_per_node=1, env={})
+    with pytest.raises(RendezvousConfigError, match=r"^node_rank=3 \(parameter\) is not below NNODES=2"):
+        resolve_rendezvous(node_rank=3, nproc_per_node=1, env={"NNODES": "2", "MASTER_ADDR": "m"})
