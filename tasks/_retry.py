@@ -102,7 +102,12 @@ def no_flow_retry_on_permanent(fn: F) -> F:
             return fn(*args, **kwargs)
         except Exception as exc:
             if is_permanent(exc):
-                _end_flow_retries()
+                try:
+                    _end_flow_retries()
+                except Exception as api_error:  # noqa: BLE001 - the run's own error is the one to report
+                    from tasks._runtime import run_logger
+
+                    run_logger().warning(f"could not switch off flow retries for a permanent error: {api_error}")
             raise
 
     return wrapper  # type: ignore[return-value]

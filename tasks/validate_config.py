@@ -56,7 +56,7 @@ def _data_problems(cfg: dict[str, Any], known: set[str]) -> list[Any]:
             else:
                 data_stamps(spec)
         except (FileNotFoundError, SourceNotFound) as exc:
-            problems.append(ConfigError(key if spec.data_files else f"{name}.source", str(exc).strip("'\"")))
+            problems.append(ConfigError(key if spec.data_files else f"{name}.source", str(exc)))
     return problems
 
 

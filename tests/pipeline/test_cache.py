@@ -1,9 +1,11 @@
-"""Download caching: a re-run is a cache hit, and a cache entry whose files vanished is refreshed."""
+"""Caches of the steps that produce directories: a re-run is a cache hit, a cache entry whose files vanished is
+refreshed, a record is judged by its structure (not its class), and the pack key follows the data's revision."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prefect import flow
 
 from tasks.download_weights import DownloadResult, download_weights
@@ -49,3 +51,15 @@ def test_cached_record_accepted_by_structure(tmp_path: Path, make_checkpoint) ->
     assert type(record) is not DownloadResult and not isinstance(record, DownloadResult)
     assert _still_on_disk(record)
     assert not _still_on_disk({"path": report.output_dir})  # not the shape of a download result
+
+
+@pytest.mark.slow  # up to 3 x the 10 s Hub timeout offline, plus the tokenizer
+def test_pack_fingerprint_follows_hub_dataset_revision(sft_pack_config: Path) -> None:
+    """A Hub dataset keys the pack cache on its revision (the commit the Hub resolves it to, or -- when the Hub
+    cannot be asked, as here offline -- the requested revision), so a new revision is packed again."""
+    from tasks.pack_dataset import pack_fingerprint
+
+    hub = ["dataset.source=example-org/agent-traces", "~dataset.data_files"]
+    v1 = pack_fingerprint(str(sft_pack_config), [*hub, "dataset.revision=v1"])
+    assert pack_fingerprint(str(sft_pack_config), [*hub, "dataset.revision=v1"]) == v1
+    assert pack_fingerprint(str(sft_pack_config), [*hub, "dataset.revision=v2"]) != v1
