@@ -38,7 +38,8 @@ class ValidationResult(BaseModel):
 
 
 def _data_problems(cfg: dict[str, Any], known: set[str]) -> list[Any]:
-    """A ConfigError per data file or Hub dataset that does not exist (keys already reported are skipped)."""
+    """A ConfigError per data file or Hub dataset that does not exist (sections whose data files or component
+    the engine's validation already reported are skipped)."""
     from mirotrain.config import ConfigError
     from mirotrain.hub import SourceNotFound, hub_dataset_revision
     from tasks._data_inputs import data_stamps, is_hub_dataset, section_source
@@ -47,7 +48,7 @@ def _data_problems(cfg: dict[str, Any], known: set[str]) -> list[Any]:
     for name in DATA_SECTIONS:
         section = cfg.get(name)
         key = f"{name}.data_files"
-        if not isinstance(section, dict) or "_component_" not in section or key in known:
+        if not isinstance(section, dict) or "_component_" not in section or {key, f"{name}._component_"} & known:
             continue
         spec = section_source(section)
         try:
