@@ -222,7 +222,17 @@ def _copy_fsspec(fs, src_root: str, files: dict[str, int], out: Path, report: Do
         progress(f"[download] {i}/{len(files)} {rel}: {_human(size)} ({_human(done)}/{_human(total)})")
 
 
-def _list_fsspec(source: str, kind: str) -> tuple[object, str, dict[str, int]]:
+# fsspec ``info`` fields that change when a file's contents change: size, local mtime, object-store etags.
+STAMP_FIELDS = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "md5", "generation")
+
+
+def info_stamp(info: dict) -> dict[str, str]:
+    """The fields of an fsspec ``info`` record that change when the file changes (see :data:`STAMP_FIELDS`)."""
+    return {k: str(info[k]) for k in STAMP_FIELDS if info.get(k) is not None}
+
+
+def _list_fsspec_info(source: str, kind: str) -> tuple[object, str, dict[str, dict]]:
+    """(filesystem, root, relative path -> fsspec info) of every file of a local path or fsspec URL."""
     import fsspec
 
     if kind == "local":
@@ -233,16 +243,15 @@ def _list_fsspec(source: str, kind: str) -> tuple[object, str, dict[str, int]]:
     except FileNotFoundError:
         raise SourceNotFound(f"source {source!r} does not exist") from None
     if info.get("type") == "file":
-        return fs, root.rsplit("/", 1)[0], {root.rsplit("/", 1)[-1]: int(info["size"])}
-    listing = fs.find(root, detail=True)
+        return fs, root.rsplit("/", 1)[0], {root.rsplit("/", 1)[-1]: info}
     root_s = root.rstrip("/")
-    files: dict[str, int] = {}
-    for path, info in listing.items():
-        if info.get("type", "file") != "file":
-            continue
-        rel = path[len(root_s) :].lstrip("/")
-        files[rel] = int(info.get("size") or 0)
-    return fs, root_s, files
+    return fs, root_s, {path[len(root_s):].lstrip("/"): info for path, info in fs.find(root, detail=True).items()
+                        if info.get("type", "file") == "file"}
+
+
+def _list_fsspec(source: str, kind: str) -> tuple[object, str, dict[str, int]]:
+    fs, root, infos = _list_fsspec_info(source, kind)
+    return fs, root, {rel: int(info.get("size") or 0) for rel, info in infos.items()}
 
 
 def hub_not_found(exc: BaseException) -> bool:
@@ -262,22 +271,35 @@ def hub_not_found(exc: BaseException) -> bool:
     return getattr(response, "status_code", None) == 404
 
 
-def hub_dataset_revision(repo: str, revision: str | None = None, token: str | None = None,
-                         timeout_s: float = 10.0) -> str | None:
-    """The commit sha a Hub dataset's ``revision`` (default: main) points at now; ``revision`` itself when
-    the Hub cannot be reached (offline), so a cache key still changes when the requested revision does.
+def hub_revision(repo: str, revision: str | None = None, token: str | None = None, *,
+                 repo_type: str = "model", timeout_s: float = 10.0) -> str | None:
+    """The commit sha a Hub repo's ``revision`` (default: main) points at now; ``revision`` itself when the
+    Hub cannot be reached (offline), so a cache key still changes when the requested revision does.
 
-    Raises :class:`SourceNotFound` when the Hub answers that the dataset or revision does not exist.
+    Raises :class:`SourceNotFound` when the Hub answers that the repo or revision does not exist.
     """
     from huggingface_hub import HfApi
 
     try:
-        return HfApi().dataset_info(repo.removeprefix("hf://"), revision=revision, token=token, timeout=timeout_s).sha
+        return HfApi().repo_info(repo.removeprefix("hf://"), revision=revision, repo_type=repo_type, token=token,
+                                 timeout=timeout_s).sha
     except Exception as exc:  # noqa: BLE001 - every failure but "not found" means "could not ask"
         if hub_not_found(exc):
-            raise SourceNotFound(_redact(f"Hub dataset {repo!r} (revision {revision or 'main'}) not found: {exc}",
+            raise SourceNotFound(_redact(f"Hub {repo_type} {repo!r} (revision {revision or 'main'}) not found: {exc}",
                                          token)) from None
         return revision
+
+
+def source_fingerprint(source: str, revision: str | None = None, token: str | None = None,
+                       include: list[str] | None = None) -> str:
+    """What ``source`` holds now, as one JSON string: a Hub repo's commit (see :func:`hub_revision`), or the
+    size and mtime/etag of every file under a local path or fsspec URL. Keys the download cache, so a source
+    changed in place is fetched again. Raises :class:`SourceNotFound` for a source that does not exist."""
+    kind = classify_source(source)
+    if kind == "hub":
+        return json.dumps({"hub": source.removeprefix("hf://"), "sha": hub_revision(source, revision, token)})
+    _, _, infos = _list_fsspec_info(source, kind)
+    return json.dumps({rel: info_stamp(info) for rel, info in sorted(infos.items()) if _wanted(rel, include)})
 
 
 def _download_hub(repo: str, out: Path, token: str | None, revision: str | None, include: list[str] | None,

@@ -12,9 +12,7 @@ import inspect
 from typing import Any
 
 from mirotrain.data.sources import SourceSpec
-
-# fsspec ``info`` fields that change when a file's contents change: size, local mtime, object-store etags.
-STAMP_FIELDS = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "md5", "generation")
+from mirotrain.hub import info_stamp
 
 
 def section_source(section: dict[str, Any]) -> SourceSpec:
@@ -39,8 +37,7 @@ def file_stamp(url: str) -> dict[str, Any]:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url)
-    info = fs.info(path)
-    return {"url": url, **{k: str(info[k]) for k in STAMP_FIELDS if info.get(k) is not None}}
+    return {"url": url, **info_stamp(fs.info(path))}
 
 
 def data_stamps(spec: SourceSpec) -> list[dict[str, Any]]:

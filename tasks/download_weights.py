@@ -1,8 +1,10 @@
 """Task ``download_weights``: fetch and verify a checkpoint (Hub repo, fsspec URL or local path).
 
-Wraps :func:`mirotrain.hub.download` (the engine side of `mirotrain download`). Cached on its inputs and
-source code, and reused only while every recorded file is still on disk with its recorded size; otherwise
-it runs again, and the engine skips whatever is already complete. A source that does not exist
+Wraps :func:`mirotrain.hub.download` (the engine side of `mirotrain download`). Cached on its inputs, its
+source code and what the source holds now (:func:`mirotrain.hub.source_fingerprint`: the commit a Hub
+revision points at, or each source file's size and mtime/etag), and reused only while every recorded file is
+still on disk with its recorded size; otherwise it runs again, and the engine skips whatever is already
+complete. A source that does not exist
 (:class:`mirotrain.hub.SourceNotFound`) fails after one attempt; network errors and failed verifications are
 retried (``tasks/_retry.py``).
 
@@ -21,7 +23,7 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel
 
-from mirotrain.hub import DownloadError, SourceNotFound, download, read_record
+from mirotrain.hub import DownloadError, SourceNotFound, download, read_record, source_fingerprint
 from tasks._cache import as_model, listing_matches, output_cache
 from tasks._retry import retry_unless_permanent
 from tasks._runtime import run_logger
@@ -51,8 +53,17 @@ def _resolve_token(secret_block: str | None) -> str | None:
     return os.environ.get("HF_TOKEN") or None
 
 
+def _source_now(source: str, output_dir: str, revision: str | None = None, include: list[str] | None = None,
+                hf_token_secret: str | None = None) -> str:
+    """The cache key's source part; a source that does not exist keys as such (the task then fails on it)."""
+    try:
+        return source_fingerprint(source, revision, _resolve_token(hf_token_secret), include)
+    except SourceNotFound as exc:
+        return f"not found: {exc}"
+
+
 @task(name="download_weights", retries=3, retry_delay_seconds=[10, 30, 90], persist_result=True,
-      retry_condition_fn=retry_unless_permanent, cache_policy=output_cache(_still_on_disk))
+      retry_condition_fn=retry_unless_permanent, cache_policy=output_cache(_still_on_disk, fingerprint=_source_now))
 def download_weights(source: str, output_dir: str, revision: str | None = None,
                      include: list[str] | None = None, hf_token_secret: str | None = None) -> DownloadResult:
     """Download model weights into ``output_dir``, resuming and verifying (sizes, safetensors headers, index).

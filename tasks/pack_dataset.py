@@ -53,17 +53,17 @@ def pack_fingerprint(config: str, overrides: list[str] | None = None, section: s
     dataset the commit its revision points at."""
     from mirotrain.config import load_config
     from mirotrain.data.pack import build_dataset, output_root, shard_dir_for
-    from mirotrain.hub import hub_dataset_revision
+    from mirotrain.hub import hub_revision
     from tasks._data_inputs import data_stamps, is_hub_dataset
 
     cfg = load_config(config, list(overrides or []))
     ds = build_dataset(cfg, section)
     spec = ds.source
-    hub_revision = (hub_dataset_revision(spec.source, spec.load_kwargs.get("revision")) if is_hub_dataset(spec)
-                    else None)
+    revision = (hub_revision(spec.source, spec.load_kwargs.get("revision"), repo_type="dataset")
+                if is_hub_dataset(spec) else None)
     return json.dumps({"section": cfg.get(section), "tokenizer": cfg.get("tokenizer"),
                        "shard_dir": shard_dir_for(ds, output_root(cfg, section)), "files": data_stamps(spec),
-                       "hub_revision": hub_revision}, sort_keys=True, default=str)
+                       "hub_revision": revision}, sort_keys=True, default=str)
 
 
 @task(name="pack_dataset", retries=2, retry_delay_seconds=[5, 30], persist_result=True,

@@ -41,7 +41,7 @@ def _data_problems(cfg: dict[str, Any], known: set[str]) -> list[Any]:
     """A ConfigError per data file or Hub dataset that does not exist (sections whose data files or component
     the engine's validation already reported are skipped)."""
     from mirotrain.config import ConfigError
-    from mirotrain.hub import SourceNotFound, hub_dataset_revision
+    from mirotrain.hub import SourceNotFound, hub_revision
     from tasks._data_inputs import data_stamps, is_hub_dataset, section_source
 
     problems = []
@@ -53,7 +53,7 @@ def _data_problems(cfg: dict[str, Any], known: set[str]) -> list[Any]:
         spec = section_source(section)
         try:
             if is_hub_dataset(spec):
-                hub_dataset_revision(spec.source, spec.load_kwargs.get("revision"))
+                hub_revision(spec.source, spec.load_kwargs.get("revision"), repo_type="dataset")
             else:
                 data_stamps(spec)
         except (FileNotFoundError, SourceNotFound) as exc:

@@ -63,3 +63,16 @@ def test_pack_fingerprint_follows_hub_dataset_revision(sft_pack_config: Path) ->
     v1 = pack_fingerprint(str(sft_pack_config), [*hub, "dataset.revision=v1"])
     assert pack_fingerprint(str(sft_pack_config), [*hub, "dataset.revision=v1"]) == v1
     assert pack_fingerprint(str(sft_pack_config), [*hub, "dataset.revision=v2"]) != v1
+
+
+def test_download_refetches_a_source_changed_in_place(prefect_api: str, tmp_path: Path, make_checkpoint) -> None:
+    """The download key includes what the source holds (file sizes and mtimes here): a source file rewritten in
+    place is fetched again, an unchanged source stays a cache hit."""
+    src = make_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    first, cached = _download_flow(src.as_uri(), str(out))
+    assert (first.name, cached.name) == ("Completed", "Cached")
+    (src / "config.json").write_text('{"model_type": "qwen3", "note": "rewritten in place"}')
+    changed, cached_again = _download_flow(src.as_uri(), str(out))
+    assert (changed.name, cached_again.name) == ("Completed", "Cached")
+    assert (out / "config.json").read_text() == (src / "config.json").read_text()

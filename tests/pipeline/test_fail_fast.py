@@ -108,7 +108,7 @@ def test_missing_model_source_fails_after_one_attempt(prefect_api: str, demo_inp
 
 
 class FlakyFileSystem(LocalFileSystem):
-    """The local filesystem under ``flaky://``, whose first ``info`` call fails like a dropped connection."""
+    """The local filesystem under ``flaky://``, whose first file read fails like a dropped connection."""
 
     protocol = ("flaky",)
     failures_left = 1
@@ -117,11 +117,11 @@ class FlakyFileSystem(LocalFileSystem):
     def _strip_protocol(cls, path):
         return super()._strip_protocol(path.removeprefix("flaky://") if isinstance(path, str) else path)
 
-    def info(self, path, **kwargs):
+    def _open(self, path, mode="rb", **kwargs):
         if FlakyFileSystem.failures_left > 0:
             FlakyFileSystem.failures_left -= 1
             raise ConnectionError("connection reset by peer (flaky://)")
-        return super().info(path, **kwargs)
+        return super()._open(path, mode=mode, **kwargs)
 
 
 @flow(name="test-flaky-download")
