@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mirotrain.data.datasets import IGNORE_INDEX, PreferenceDataset, SFTDataset, _BaseDataset
-from mirotrain.data.errors import SkipLog
+from mirotrain.data.errors import DataError, SkipLog
 from mirotrain.data.packing import plan_packs
 from mirotrain.data.preference import DPO_COLUMNS, build_dpo_row
 from mirotrain.data.shards import SCHEMA_VERSION, join, local_cpu_count, manifest_exists, read_manifest, write_rows
@@ -154,8 +154,8 @@ def pack(ds: _BaseDataset, output_root: str, *, num_workers: int | None = None, 
     indices, encoded, log = encode_all(ds, num_workers=num_workers, progress=progress)
     t_tok = time.time() - t0
     if not encoded:
-        raise ValueError(f"no usable samples in {ds.source.source} {ds.source.data_files or ''} "
-                         f"(skipped {log.skipped}, dropped {log.dropped}, filtered {log.filtered})")
+        raise DataError(f"{ds.source.data_files or ds.source.source}", "no usable samples "
+                        f"(skipped {log.skipped}, dropped {log.dropped}, filtered {log.filtered})")
     lengths = np.asarray([len(e) for e in encoded], dtype=np.int64)
     if isinstance(ds, PreferenceDataset):
         columns = dict(DPO_COLUMNS)

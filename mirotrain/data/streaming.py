@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mirotrain.data.datasets import SFTDataset
+from mirotrain.data.errors import DataError
 from mirotrain.data.packing import plan_packs
 
 
@@ -69,7 +70,7 @@ class StreamingPacker:
         self.lengths, self.counts = length_pass(ds, self.records)
         self.valid = np.flatnonzero(self.lengths > 0)
         if self.valid.size == 0:
-            raise ValueError(f"no usable samples in {ds.source.data_files or ds.source.source} ({self.counts})")
+            raise DataError(f"{ds.source.data_files or ds.source.source}", f"no usable samples ({self.counts})")
         self._plan_epoch: int | None = None
         self._plan: list[list[int]] = []
         # BFD processes lengths longest first; the seed only permutes equal lengths, so the number of packs
