@@ -1,13 +1,15 @@
 """Run an engine command (usually torchrun) as a child process tree that never outlives its task.
 
-Pattern from ../shared/reference/prefect-notes.md section A.8, with a wall-clock limit added because a Prefect
-task timeout cannot interrupt a blocking read when the task runs in a worker thread (issue #15760):
+It has its own wall-clock limit because a Prefect task timeout cannot interrupt a blocking read when the task
+runs in a worker thread:
 
 - the child starts in a new session, so it is one process group that we signal with ``killpg`` (the process
   worker's own group kill does not reach it). torchrun in turn starts *each rank in a session of its own*,
   so a group kill of torchrun does not reach the ranks: the runner keeps a snapshot of the child's whole
   process tree (refreshed every few seconds) and, after SIGTERM and the grace period, SIGKILLs every
-  process and process group in it that is still alive -- checked by start time, so a reused pid is spared;
+  process and process group in it that is still alive -- checked by start time, so a reused pid is spared.
+  Each rank also dies with torchrun itself (``exit_with_launcher`` in mirotrain/training/distributed.py),
+  so a torchrun killed on its own, by anyone, leaves no rank training unsupervised;
 - ``PR_SET_PDEATHSIG`` makes the child get SIGTERM if the thread that started it dies (flow process
   SIGKILLed, OOM), so a crashed flow does not leave ranks holding GPUs;
 - stdout+stderr are merged and forwarded line by line to the Prefect run logger (non-Python children only

@@ -7,16 +7,43 @@ that CPU-side collectives (async checkpoint coordination, object broadcasts) hav
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+# The process that started this one, read when the engine first imports this module, before torch's
+# seconds-long import and the model build: under torchrun, the launcher agent (see exit_with_launcher).
+STARTED_BY = os.getppid()
+
+import torch  # noqa: E402 - after STARTED_BY on purpose: the earlier it is read, the smaller the race
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: E402
 
 PG_TIMEOUT = timedelta(minutes=30)
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def exit_with_launcher(expected_parent: int = STARTED_BY) -> None:
+    """Under torchrun on Linux: SIGKILL this rank when its launcher dies, and exit now if it already has.
+
+    torchrun starts each rank in a session of its own, so neither a process-group kill nor the launcher's
+    own death signal reaches the ranks: without this, a SIGKILLed agent leaves its ranks training
+    unsupervised to the end. ``PR_SET_PDEATHSIG`` only covers a parent alive when it is set, so the parent
+    is then compared with ``expected_parent``: a launcher that died earlier has left this rank adopted by
+    another process. Outside torchrun (no ``TORCHELASTIC_RUN_ID``) and off Linux it does nothing.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != expected_parent:
+        raise SystemExit(f"rank {os.environ.get('RANK', '?')}: its launcher (pid {expected_parent}) is gone "
+                         f"(parent is now pid {os.getppid()}); exiting instead of training unsupervised")
 
 
 @dataclass
@@ -32,7 +59,12 @@ class DistInfo:
 
 
 def init_distributed(device_type: str) -> DistInfo:
-    """Initialise (or reuse) the default process group and pick this rank's device."""
+    """Initialise (or reuse) the default process group and pick this rank's device.
+
+    Every rank of an engine run passes here first, so this is where a torchrun rank ties its life to its
+    launcher (:func:`exit_with_launcher`).
+    """
+    exit_with_launcher()
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device_type!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
