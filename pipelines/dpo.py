@@ -10,6 +10,7 @@ from typing import Optional
 from prefect import flow
 
 from pipelines._common import StageOutcome, finish_stage, launch_kwargs, prepare_stage, retry_options
+from pipelines._recovery import close_crashed_attempts
 from pipelines.params import Launch, ModelSource, StageConfig
 from pipelines.runs import stage_run_dir
 from tasks.reference_logprobs import reference_logprobs
@@ -35,6 +36,7 @@ def dpo(train: StageConfig, model: Optional[ModelSource] = None, model_dir: Opti
         export_dir: If set, the run's final weights are also exported to ``<export_dir>/<run name>``.
         resume_from: Continue this earlier run (its run name, or its run directory) instead of starting one.
     """
+    close_crashed_attempts()  # a rerun after a crash first closes what the crashed attempt left open
     out = stage_run_dir(train, resume_from)
     model_dir, overrides, shards = prepare_stage(train, model, model_dir)
     if precompute_reference:

@@ -24,6 +24,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from pipelines._common import StageOutcome, validate_stage
+from pipelines._recovery import close_crashed_attempts
 from pipelines.dpo import dpo
 from pipelines.outputs import inline_png, publish_links, publish_markdown
 from pipelines.params import Launch, ModelSource, StageConfig
@@ -82,6 +83,7 @@ def post_train(model: ModelSource, sft_stage: StageConfig, dpo_stage: StageConfi
         resume_from: Continue this earlier run (its run name, its flow-run name, or its SFT or DPO run
             directory) instead of starting a new one. Empty: a new run named after this flow run.
     """
+    close_crashed_attempts()  # a rerun after a crash first closes what the crashed attempt left open
     validate_stage(sft_stage, model.output_dir, model_pending=True, launch=launch)  # fail fast: before any download
     validate_stage(dpo_stage, None, model_pending=True, launch=launch)  # its model is SFT's export
     run = run_name(stage_base(sft_stage), resume_from)
