@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pipeline_helpers import REPO, tiny_stage_overrides
-from tasks._launch_spec import FollowersMissing, finish, node_launch, publish, spec_path
+from tasks._launch_spec import FollowersMissing, finish, node_launch, publish, published_seqs, spec_path
 from tasks._rendezvous import resolve_rendezvous
 from tasks.node_agent import follow
 
@@ -33,7 +34,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _node_env(rank: int, master_addr: str, port: int, launch_dir: Path, extra: dict[str, str] = {}) -> dict:
+def _node_env(rank: int, master_addr: str, port: int, launch_dir: Path, extra: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "SLURM_", "WORKER_"))
            and k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "ROLE_INDEX")}
     return {**env, "PYTHONPATH": str(REPO), "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": master_addr,
@@ -41,7 +42,7 @@ def _node_env(rank: int, master_addr: str, port: int, launch_dir: Path, extra: d
 
 
 def _two_nodes(train_cli: list[str], master_addr: str, launch_dir: Path, log_dir: Path,
-               extra_env: dict[str, str] = {}) -> tuple[list[int], list[str], float]:
+               extra_env: dict[str, str] | None = None) -> tuple[list[int], list[str], float]:
     """Start node 0 and node 1 exactly as the pods start (same command on both), wait; (codes, outputs, seconds)."""
     port = _free_port()
     entry = [sys.executable, "-m", "tasks.node_agent", "--poll-s", "0.2", "--", *train_cli]
@@ -49,8 +50,8 @@ def _two_nodes(train_cli: list[str], master_addr: str, launch_dir: Path, log_dir
     procs = []
     for rank in (0, 1):
         log = open(log_dir / f"node{rank}.log", "w")
-        procs.append((subprocess.Popen(entry, cwd=REPO, env=_node_env(rank, master_addr, port, launch_dir, extra_env),
-                                       stdout=log, stderr=subprocess.STDOUT, text=True), log))
+        env = _node_env(rank, master_addr, port, launch_dir, extra_env or {})
+        procs.append((subprocess.Popen(entry, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log))
     codes = []
     try:
         for proc, log in procs:
@@ -133,6 +134,43 @@ def test_wrong_master_address_fails_fast_names_its_source_and_writes_nothing(dem
     assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
 
 
+# Node 0's command in the test below: the post-train flow on the embedded default, two steps per stage.
+_POST_TRAIN = """
+import json, sys
+from pipelines.demo import demo_parameters
+from pipelines.post_train import post_train
+params = demo_parameters(sys.argv[1], json.loads(sys.argv[2]))
+for stage in ("sft_stage", "dpo_stage"):
+    params[stage]["overrides"] += ["max_steps_per_epoch=2", "checkpoint_steps_for_auto_resume=2"]
+state = post_train(**params, return_state=True)
+print("post-train:", state.name, flush=True)
+sys.exit(0 if state.is_completed() else 1)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(1500)
+def test_post_train_flow_runs_every_training_launch_on_both_nodes(api_env: dict, demo_inputs: dict,
+                                                                  tmp_path: Path) -> None:
+    """One post-train flow run on node 0; node 1's agent follows SFT, the DPO reference pass and DPO."""
+    inputs = {k: demo_inputs[k] for k in ("model_source", "sft_data", "preference_data")}
+    leader = [sys.executable, "-c", _POST_TRAIN, str(tmp_path / "work"), json.dumps(inputs)]
+    launches = tmp_path / "launch"
+    codes, logs, elapsed = _two_nodes(leader, "127.0.0.1", launches, tmp_path,
+                                      {"PREFECT_API_URL": api_env["PREFECT_API_URL"]})
+    print(f"post-train on 2 nodes: {elapsed:.0f}s")
+    assert codes == [0, 0] and "post-train: Completed" in logs[0], f"{logs[0][-4000:]}\n{logs[1][-3000:]}"
+    published = published_seqs(launches)
+    assert [int(n) for n in re.findall(r"node 1: launch (\d+): ", logs[1])] == published  # all of them, in order
+    commands = [json.loads(spec_path(launches, seq).read_text())["args"] for seq in published]
+    recipes = [(c[0], "--precompute-only" in c) for c in commands]
+    # a retried launch (a new launch with the same command) may repeat a stage
+    assert [r for i, r in enumerate(recipes) if i == 0 or r != recipes[i - 1]] == [
+        ("sft", False), ("dpo", True), ("dpo", False)], recipes
+    assert "node 0 finished; exiting" in logs[1]
+
+
 def _two_node_rdzv(rank: int) -> object:
     return resolve_rendezvous(nproc_per_node=1, rdzv_timeout_s=1.0,
                               env={"NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1"})
@@ -179,9 +217,9 @@ def test_agent_exits_when_its_flow_run_is_final(prefect_api: str, tmp_path: Path
 def test_node_entry_refuses_a_half_specified_job_on_every_node(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     from tasks.node_agent import main
 
+    stray = ("NNODES", "NODE_RANK", "MASTER_ADDR", "WORLD_SIZE", "RANK")
     for name in list(os.environ):
-        if name.startswith(("PET_", "SLURM_", "WORKER_", "MIROTRAIN_")) or name in ("NNODES", "NODE_RANK",
-                                                                                    "MASTER_ADDR", "WORLD_SIZE", "RANK"):
+        if name.startswith(("PET_", "SLURM_", "WORKER_", "MIROTRAIN_")) or name in stray:
             monkeypatch.delenv(name)
     monkeypatch.setenv("NNODES", "2")
     monkeypatch.setenv("NODE_RANK", "1")
