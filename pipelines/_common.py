@@ -32,8 +32,9 @@ class StageOutcome(BaseModel):
 def launch_kwargs(launch: Launch) -> dict[str, Any]:
     """The rendezvous/launcher arguments ``train`` and ``reference_logprobs`` share."""
     return {"nproc_per_node": launch.nproc_per_node, "nnodes": launch.nnodes, "node_rank": launch.node_rank,
-            "master_addr": launch.master_addr, "master_port": launch.master_port, "launcher": launch.launcher,
-            "timeout_s": launch.timeout_s, "env": dict(launch.env) or None}
+            "master_addr": launch.master_addr, "master_port": launch.master_port,
+            "rdzv_timeout_s": launch.rdzv_timeout_s, "launcher": launch.launcher, "timeout_s": launch.timeout_s,
+            "env": dict(launch.env) or None}
 
 
 def retry_options(launch: Launch) -> dict[str, Any]:

@@ -55,6 +55,8 @@ class Launch(BaseModel):
     node_rank: Optional[int] = Field(default=None, ge=0, description="This node's rank")
     master_addr: Optional[str] = Field(default=None, description="Rendezvous host")
     master_port: Optional[int] = Field(default=None, ge=1, le=65535, description="Rendezvous port")
+    rdzv_timeout_s: Optional[float] = Field(default=None, gt=0, description="Seconds the rendezvous waits for every "
+                                            "node (default MIROTRAIN_RDZV_TIMEOUT_S, else 300)")
     launcher: Literal["auto", "torchrun", "python"] = Field(default="auto", description="auto = torchrun if >1 process")
     timeout_s: Optional[float] = Field(default=None, gt=0, description="Wall-clock limit per training attempt")
     retries: int = Field(default=2, ge=0, le=20, description="Task retries; each resumes from the newest checkpoint")

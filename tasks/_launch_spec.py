@@ -50,6 +50,7 @@ class LaunchSpec:
     launcher: str
     timeout_s: float | None
     env: dict[str, str] = field(default_factory=dict)
+    rdzv_timeout_s: float | None = None  # only when node 0 had it as a parameter; else each node's environment
 
 
 def launch_dir(env: Mapping[str, str] | None = None) -> Path | None:
@@ -135,7 +136,8 @@ def node_launch(args: list[str], rdzv: Rendezvous, *, launcher: str, timeout_s: 
             "args": list(args), "cwd": os.getcwd(), "nnodes": rdzv.nnodes, "master_addr": rdzv.master_addr,
             "master_port": rdzv.master_port,
             "nproc_per_node": rdzv.nproc_per_node if rdzv.origin("nproc_per_node") == "parameter" else None,
-            "launcher": launcher, "timeout_s": timeout_s, "env": dict(env or {})})
+            "launcher": launcher, "timeout_s": timeout_s, "env": dict(env or {}),
+            "rdzv_timeout_s": rdzv.timeout_s if rdzv.origin("timeout_s") == "parameter" else None})
     try:
         if spec is not None:
             wait_for_followers(directory, spec.seq, rdzv.nnodes, rdzv.timeout_s)

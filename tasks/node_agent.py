@@ -77,7 +77,7 @@ def run_launch(directory: Path, spec: LaunchSpec, rdzv: Rendezvous) -> None:
     try:
         run_engine(spec.args, nproc_per_node=spec.nproc_per_node, nnodes=spec.nnodes, node_rank=rdzv.node_rank,
                    master_addr=spec.master_addr, master_port=spec.master_port, launcher=spec.launcher,
-                   timeout_s=spec.timeout_s, env=spec.env)
+                   timeout_s=spec.timeout_s, env=spec.env, rdzv_timeout_s=spec.rdzv_timeout_s)
     except (RuntimeError, TimeoutError) as exc:  # a failed or timed-out torchrun; a refused setting propagates
         logger.error(f"node {rdzv.node_rank}: launch {spec.seq} failed: {str(exc).splitlines()[0]}")
 

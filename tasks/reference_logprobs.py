@@ -24,8 +24,9 @@ from tasks.train import run_engine
       retry_condition_fn=retry_unless_permanent)
 def reference_logprobs(config: str, overrides: list[str] | None = None, nproc_per_node: int | None = None,
                        nnodes: int | None = None, node_rank: int | None = None, master_addr: str | None = None,
-                       master_port: int | None = None, launcher: Literal["auto", "torchrun", "python"] = "auto",
-                       timeout_s: float | None = None, env: dict[str, str] | None = None) -> str:
+                       master_port: int | None = None, rdzv_timeout_s: float | None = None,
+                       launcher: Literal["auto", "torchrun", "python"] = "auto", timeout_s: float | None = None,
+                       env: dict[str, str] | None = None) -> str:
     """Precompute DPO reference log-probs into the shard cache; returns the config path for chaining.
 
     Args:
@@ -36,6 +37,7 @@ def reference_logprobs(config: str, overrides: list[str] | None = None, nproc_pe
         node_rank: This node's rank (as for train).
         master_addr: Rendezvous host (as for train).
         master_port: Rendezvous port (as for train).
+        rdzv_timeout_s: Seconds the rendezvous waits for every node (as for train).
         launcher: auto, torchrun or python.
         timeout_s: Wall-clock limit for the pass.
         env: Extra environment variables for the engine.
@@ -43,7 +45,7 @@ def reference_logprobs(config: str, overrides: list[str] | None = None, nproc_pe
     run_logger().info(f"reference log-probs for {config}")
     run_engine(["dpo", "--config", config, *(overrides or []), "--precompute-only"], nproc_per_node=nproc_per_node,
                nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
-               launcher=launcher, timeout_s=timeout_s, env=env)
+               rdzv_timeout_s=rdzv_timeout_s, launcher=launcher, timeout_s=timeout_s, env=env)
     return config
 
 

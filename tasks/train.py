@@ -133,10 +133,10 @@ def _read_summary(output_dir: str) -> dict[str, Any]:
 
 def run_engine(args: list[str], *, nproc_per_node: int | None, nnodes: int | None, node_rank: int | None,
                master_addr: str | None, master_port: int | None, launcher: str, timeout_s: float | None,
-               env: dict[str, str] | None, on_line: Any = None) -> None:
+               env: dict[str, str] | None, on_line: Any = None, rdzv_timeout_s: float | None = None) -> None:
     """Resolve the rendezvous, build the launch command and run it under :func:`run_streaming`."""
     logger = run_logger()
-    rdzv = resolve_rendezvous(nproc_per_node, nnodes, node_rank, master_addr, master_port)
+    rdzv = resolve_rendezvous(nproc_per_node, nnodes, node_rank, master_addr, master_port, rdzv_timeout_s)
     cmd = engine_command(args, rdzv, launcher)
     logger.info(f"rendezvous: {rdzv.describe()}")
     logger.info("launch: " + " ".join(cmd))
@@ -155,8 +155,8 @@ def run_engine(args: list[str], *, nproc_per_node: int | None, nnodes: int | Non
 def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | None = None,
           output_dir: str | None = None, nproc_per_node: int | None = None, nnodes: int | None = None,
           node_rank: int | None = None, master_addr: str | None = None, master_port: int | None = None,
-          launcher: Literal["auto", "torchrun", "python"] = "auto", timeout_s: float | None = None,
-          env: dict[str, str] | None = None) -> TrainResult:
+          rdzv_timeout_s: float | None = None, launcher: Literal["auto", "torchrun", "python"] = "auto",
+          timeout_s: float | None = None, env: dict[str, str] | None = None) -> TrainResult:
     """Train with `mirotrain sft|dpo` under torchrun; resumes from the newest complete step checkpoint.
 
     Args:
@@ -172,6 +172,7 @@ def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | Non
             Slurm node / 127.0.0.1.
         master_port: Rendezvous port; default from PET_MASTER_PORT / MASTER_PORT / WORKER_0_PORT / Slurm job
             id / 29500.
+        rdzv_timeout_s: Seconds the rendezvous waits for every node; default from MIROTRAIN_RDZV_TIMEOUT_S / 300.
         launcher: auto (torchrun when more than one process), torchrun, or python (one process).
         timeout_s: Wall-clock limit; the process group is killed when it is reached.
         env: Extra environment variables for the engine (e.g. NCCL settings).
@@ -188,7 +189,7 @@ def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | Non
                          total=planned_steps(config, overrides))
     run_engine([recipe, "--config", config, *overrides], nproc_per_node=nproc_per_node, nnodes=nnodes,
                node_rank=node_rank, master_addr=master_addr, master_port=master_port, launcher=launcher,
-               timeout_s=timeout_s, env=env, on_line=progress.on_line)
+               timeout_s=timeout_s, env=env, on_line=progress.on_line, rdzv_timeout_s=rdzv_timeout_s)
     progress.push(100.0)
     summary = _read_summary(out)
     hf_dir = summary.get("hf_dir") or (str(Path(out) / "hf" / "final") if (Path(out) / "hf" / "final").is_dir() else None)

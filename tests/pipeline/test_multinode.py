@@ -183,6 +183,23 @@ def test_node_zero_fails_in_one_line_when_no_agent_picks_up_its_launch(tmp_path:
         with node_launch(["sft", "--config", "c.yaml"], _two_node_rdzv(0), launcher="auto", timeout_s=None, env={}):
             ran.append("torchrun")
     assert ran == [] and spec_path(tmp_path, 1).with_suffix(".done").exists()  # agents will never start it
+    # node 0's rendezvous timeout was a parameter: the agents get it from the launch, as the other values
+    assert json.loads(spec_path(tmp_path, 1).read_text())["rdzv_timeout_s"] == 1.0
+
+
+def test_launch_parameters_reach_both_launching_tasks() -> None:
+    """The flows' ``launch`` (rendezvous timeout included) maps onto train's and reference_logprobs' parameters."""
+    import inspect
+
+    from pipelines._common import launch_kwargs
+    from pipelines.params import Launch
+    from tasks.reference_logprobs import reference_logprobs
+    from tasks.train import train
+
+    kwargs = launch_kwargs(Launch(nnodes=2, rdzv_timeout_s=45))
+    assert kwargs["rdzv_timeout_s"] == 45 and kwargs["nnodes"] == 2
+    for task in (train, reference_logprobs):
+        assert kwargs.keys() <= inspect.signature(task.fn).parameters.keys(), task.name
 
 
 def test_agent_skips_finished_launches_and_exits_when_node_zero_finished(tmp_path: Path) -> None:
