@@ -112,7 +112,8 @@ def wait_for_followers(directory: Path, seq: int, nnodes: int, timeout_s: float,
 
 
 def finish(directory: Path, returncode: int) -> None:
-    """Node 0's command ended: the agents may exit."""
+    """Node 0's command ended (perhaps before its first launch, e.g. a config error): the agents may exit."""
+    directory.mkdir(parents=True, exist_ok=True)
     _write_json(directory / FINISHED, {"returncode": returncode, "time": time.time()})
 
 

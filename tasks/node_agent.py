@@ -42,9 +42,12 @@ def lead(command: Sequence[str], directory: Path) -> int:
     def forward(signum: int, _frame: object) -> None:
         proc.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    rc = proc.wait()
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     finish(directory, rc)
     run_logger().info(f"node 0: command exited with {rc}; wrote {directory / FINISHED}")
     return rc

@@ -214,6 +214,15 @@ def test_agent_skips_finished_launches_and_exits_when_node_zero_finished(tmp_pat
     assert not list(tmp_path.glob("*.node-1"))  # it started neither launch
 
 
+def test_node_zero_that_fails_before_any_launch_still_releases_the_agents(tmp_path: Path) -> None:
+    """A flow that stops before training (a config typo) never created the launch directory."""
+    from tasks.node_agent import lead
+
+    directory = tmp_path / "not-yet-created"
+    assert lead([sys.executable, "-c", "raise SystemExit(3)"], directory) == 3
+    assert follow(directory, _two_node_rdzv(1), poll_s=0.05) == 0
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.timeout(300)
