@@ -85,7 +85,7 @@ def run_worker(ns: argparse.Namespace) -> None:
     from mirotrain.modules.loss import LinearCrossEntropyLoss
     from mirotrain.modules.rope import RotaryEmbedding
     from mirotrain.parallel.mesh import ParallelDims
-    from mirotrain.parallel.ulysses import apply_ulysses, global_token_count, shard_batch_for_sp, sp_loss_reduction
+    from mirotrain.parallel.ulysses import apply_ulysses, shard_batch_for_sp
     from mirotrain.training.grad_clip import clip_grad_norm_
     from mirotrain.training.metrics import matmul_params, peak_memory, reset_peak_memory, step_flops
 
@@ -143,14 +143,18 @@ def run_worker(ns: argparse.Namespace) -> None:
     local = shard_batch_for_sp(row, meshes.sp_rank, dims.sp, pad_id=0)
     batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in local.items()}
     batch["labels_cpu"] = local["labels"]  # the loss selects trained tokens on the host: no device sync
-    n_tokens = global_token_count(local["labels"], group=meshes.fsdp_group, device=device)
+    # N: trained tokens over every rank (SP ranks hold disjoint ones); the loss is loss_sum * world / N, as the
+    # trainer's step scales it for FSDP's average over the world
+    n_tokens = (local["labels"] != -100).sum().to(device, torch.float64)
+    dist.all_reduce(n_tokens, group=meshes.fsdp_group)
+    grad_scale = (world / n_tokens.clamp(min=1)).float()
     flops_per_gpu = step_flops(args, matmul_params(args), row) * dims.dp / world
 
     def train_step() -> None:
         if ns.fake_oom_above and ns.seq > ns.fake_oom_above and rank == world - 1:
             raise torch.OutOfMemoryError(f"simulated OOM above {ns.fake_oom_above} tokens (--cpu-smoke)")
         loss_sum, _ = step_module(batch)
-        sp_loss_reduction(loss_sum, n_tokens, grad_divide_factor=world).backward()
+        (loss_sum * grad_scale).backward()
         clip_grad_norm_(step_module.parameters(), 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)

@@ -95,22 +95,21 @@ def init_on_device(model, seed: int) -> None:
 
 
 def run_ours(ns, shape: dict, layers: int, backend: str, device: torch.device) -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
-
+    from mirotrain.models.qwen3_moe.parallelize import parallelize_qwen3_moe
     from mirotrain.modules.loss import LinearCrossEntropyLoss
-    from mirotrain.parallel.apply import parallelize
-    from mirotrain.parallel.expert_parallel import apply_expert_parallel, check_expert_parallel
+    from mirotrain.parallel.expert_parallel import check_expert_parallel
+    from mirotrain.parallel.mesh import ParallelDims
+    from mirotrain.parallel.options import ParallelizeOptions
     from mirotrain.training.grad_clip import clip_grad_norm_
 
     world, rank = dist.get_world_size(), dist.get_rank()
     ep = ns.ep or world
     check_expert_parallel(shape["experts"], world, ep)
-    dp_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
-    ep_mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
+    meshes = ParallelDims(world, ep=ep).build_mesh(device.type)
     model = build_ours(shape, layers, backend, ns.seq, device)
-    apply_expert_parallel(model, ep_mesh["ep"])
-    parallelize(model, dp_mesh, ac_mode="full", param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                expert_mesh=ep_mesh["edp"], gradient_divide_factor=float(world))
+    parallelize_qwen3_moe(model, meshes, ParallelizeOptions(
+        device_type=device.type, ac_mode="full",
+        param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32))
     model.to_empty(device=device)
     model.rope.to(device)
     init_on_device(model, seed=rank)

@@ -25,7 +25,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 from mirotrain.checkpoint.layout import CheckpointInputError, read_meta, resolve_checkpoint
-from mirotrain.models.hf import hf_config_from_args, hf_parts
+from mirotrain.models.families import build_model, family_of
+from mirotrain.models.hf_config import hf_config_from_args
 from mirotrain.models.hf_writer import HFDirWriter
 from mirotrain.models.qwen3.model import Qwen3Args
 
@@ -36,12 +37,12 @@ MODEL_PREFIX = "model."
 
 
 def model_args_for(checkpoint: Path, config_path: str | None = None, overrides: list[str] | None = None) -> Qwen3Args:
-    """The model architecture: from ``--config`` (built on meta) or the checkpoint's meta.json."""
+    """The model architecture: from ``--config`` (its ``model`` builder, run on meta) or the checkpoint's meta.json."""
     if config_path is not None:
-        from mirotrain.config import load_config
-        from mirotrain.training.builders import build_meta_model
+        from mirotrain.config import instantiate, load_config
 
-        return build_meta_model(load_config(config_path, overrides or [])).args
+        with torch.device("meta"):
+            return instantiate(load_config(config_path, overrides or [])["model"]).args
     meta = read_meta(checkpoint)
     fields = dict(meta["model_args"])
     return Qwen3Args(**{k: v for k, v in fields.items() if k in Qwen3Args.__dataclass_fields__})
@@ -49,8 +50,6 @@ def model_args_for(checkpoint: Path, config_path: str | None = None, overrides: 
 
 def _native_names(args: Qwen3Args) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every parameter in model order (the order HF exports list them in)."""
-    from mirotrain.models.hf import build_model
-
     model = build_model(args, device="meta")
     return [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
 
@@ -86,8 +85,6 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
     checkpoint = step_dir.path
     meta = read_meta(checkpoint)
     args = model_args_for(checkpoint, config_path, overrides)
-    if args.is_moe:
-        import mirotrain.models.qwen3_moe  # noqa: F401  (registers the expert key mapping)
     out_dtype = DTYPES[dtype or meta.get("dtype", "bf16")]
     tokenizer_dir = tokenizer_dir or meta.get("tokenizer_dir")
     if not tokenizer_dir:
@@ -95,13 +92,10 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
     names = _native_names(args)
     writer = HFDirWriter(output, max_shard_size)
     bar = tqdm(total=len(names), desc="convert", unit="tensor", disable=not progress)
+    adapter = family_of(args).adapter
     for native, tensor in _read_tensors(checkpoint, names):
-        tensor = tensor.to(out_dtype)
-        cursor = 0
-        for hf_name, rows in hf_parts(native, tuple(tensor.shape)):
-            piece = tensor[cursor] if rows == 0 else tensor[cursor:cursor + rows]
-            cursor += 1 if rows == 0 else rows
-            writer.add(hf_name, piece.contiguous())
+        for hf_name, piece in adapter.to_hf(native, tensor.to(out_dtype)):
+            writer.add(hf_name, piece)
         del tensor
         bar.update(1)
     bar.close()

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mirotrain.models.hf import load_hf_weights, localize, read_hf_config, save_pretrained
+from mirotrain.models.hf_io import localize, read_hf_config
+from mirotrain.models.hf_weights import load_hf_weights, save_pretrained
 
 MODEL_TYPES = ("QWEN3", "QWEN3_MoE", "QWEN3_MOE")
 

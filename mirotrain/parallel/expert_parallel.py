@@ -17,8 +17,8 @@ Backward replays the two all-to-alls with the splits swapped (no further size ex
 Gradients. A rank's expert weights collect gradient from the tokens of all EP ranks of its group (the
 all-to-all backward brings it home), a non-expert weight only from the rank's own tokens. For both to
 be the mean over the W data-parallel ranks, expert grads are summed over "edp" and divided by W, not by
-the edp size W/EP (dividing by W/EP - what the system we replace did - makes them EP x too large).
-``fully_shard_experts`` / ``fully_shard_moe`` set this up for FSDP2; ``average_gradients`` does the same for unsharded models.
+the edp size W/EP (that would make them EP x too large): ``parallel/fsdp.py`` gives the experts their own
+FSDP unit over "edp" with divide factor W. ``models/qwen3_moe/parallelize.py`` applies EP, then FSDP.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 from mirotrain.modules.moe import GroupedExperts, MoE
 
@@ -41,12 +41,6 @@ def check_expert_parallel(num_experts: int, world_size: int, ep: int) -> None:
     if num_experts % ep:
         raise ValueError(f"moe_expert_parallel_size={ep} must divide num_experts={num_experts}; use one of "
                          f"{[d for d in range(1, num_experts + 1) if num_experts % d == 0 and world_size % d == 0]}")
-
-
-def init_expert_mesh(world_size: int, ep: int, num_experts: int, device_type: str = "cuda") -> DeviceMesh:
-    """The ("edp", "ep") mesh over all ranks (contiguous EP groups); process group must be initialised."""
-    check_expert_parallel(num_experts, world_size, ep)
-    return init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("edp", "ep"))
 
 
 class _AllToAll(torch.autograd.Function):
@@ -136,63 +130,3 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
             dt = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
             setattr(moe.experts, name, nn.Parameter(dt, requires_grad=p.requires_grad))
         moe.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), moe.num_experts)
-
-
-def is_expert_param(name: str) -> bool:
-    return ".experts." in f".{name}"
-
-
-def fully_shard_experts(model: nn.Module, edp_mesh: DeviceMesh, dp_size: int, **fsdp_kwargs) -> None:
-    """FSDP2 units for the experts of every MoE layer, over ``edp_mesh``; call before sharding the blocks.
-
-    The gradient divide factor is ``dp_size`` (all data-parallel ranks, SP ranks included), not the edp
-    size: see the module docstring. The blocks and the root must then be sharded over the dp mesh with the
-    same divide factor (e.g. ``mirotrain.parallel.fsdp.apply_fsdp(..., gradient_divide_factor=dp_size)``).
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    # A divide factor != mesh size makes FSDP reduce with PREMUL_SUM, which gloo lacks: there, reduce with
-    # SUM and divide afterwards (a mesh of size 1 never communicates and already scales correctly).
-    gloo_sum = edp_mesh.size() > 1 and dist.get_backend(edp_mesh.get_group()) == "gloo"
-    for moe in _moe_layers(model):
-        fully_shard(moe.experts, mesh=edp_mesh, **fsdp_kwargs)
-        moe.experts.set_gradient_divide_factor(float(dp_size))
-        if gloo_sum:
-            moe.experts.set_force_sum_reduction_for_comms(True)
-
-
-def fully_shard_moe(model: nn.Module, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh | None = None,
-                    **fsdp_kwargs) -> None:
-    """FSDP2 for a (possibly expert-parallel) MoE model; call after ``apply_expert_parallel``.
-
-    Order: experts over ``edp_mesh`` (``fully_shard_experts``), then each transformer block over
-    ``dp_mesh``, then the root (embeddings, final norm, LM head) over ``dp_mesh`` - the root is always
-    sharded, so its grads are reduced like every other non-expert parameter (the system we replace left it
-    unsynchronised under EP). ``fsdp_kwargs`` go to ``fully_shard`` (mp_policy, reshard_after_forward,
-    offload_policy). Without EP pass ``edp_mesh=None``.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    if edp_mesh is not None:
-        fully_shard_experts(model, edp_mesh, dp_mesh.size(), **fsdp_kwargs)
-    for block in model.layers:
-        fully_shard(block, mesh=dp_mesh, **fsdp_kwargs)
-    fully_shard(model, mesh=dp_mesh, **fsdp_kwargs)
-
-
-@torch.no_grad()
-def average_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None,
-                      edp_group: dist.ProcessGroup | None = None) -> None:
-    """Unsharded reference of the FSDP reduction: every grad becomes the mean over the DP world.
-
-    Non-expert grads: sum over ``dp_group`` / W. Expert grads (EP shards): sum over ``edp_group`` / W.
-    """
-    world = dist.get_world_size(dp_group)
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-        group = edp_group if (is_expert_param(name) and hasattr(p, "device_mesh")) else dp_group
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(grad, group=group)
-        grad.div_(world)

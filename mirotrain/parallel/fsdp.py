@@ -2,14 +2,15 @@
 
 Parameters stay fp32 and sharded (the master weights); with ``param_dtype=bf16`` FSDP all-gathers them in
 bf16 for compute and reduce-scatters gradients in ``reduce_dtype`` (fp32). Every unit divides gradients by the
-same factor (the data-parallel world size), so units sharded over smaller meshes (MoE experts under expert
-parallelism) are scaled like the rest — the system we replace divided expert gradients by a different
-number. ``forward_hidden`` is registered as a forward method so the fused losses can call it directly.
+same factor, the size of the data-parallel mesh, so units sharded over smaller meshes (MoE experts under
+expert parallelism, see ``parallel/expert_parallel.py``) are scaled like the rest. ``forward_hidden`` is
+registered as a forward method so the fused losses can call it directly.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (
@@ -24,29 +25,33 @@ def mixed_precision_policy(param_dtype: torch.dtype) -> MixedPrecisionPolicy:
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype = torch.bfloat16,
                cpu_offload: bool = False, reshard_after_forward: bool = True,
-               gradient_divide_factor: float | None = None, expert_mesh: DeviceMesh | None = None) -> nn.Module:
+               expert_mesh: DeviceMesh | None = None) -> nn.Module:
     """Shard ``model`` in place (per layer, then root) and return it.
 
     Args:
-        mesh: 1-D data-parallel mesh (FSDP) or 2-D (replicate, shard) mesh (HSDP).
+        mesh: 1-D data-parallel mesh (every rank that shares the dense gradients).
         param_dtype: dtype parameters are gathered in for compute.
         cpu_offload: keep sharded parameters, gradients and optimizer state in host memory.
         reshard_after_forward: free gathered layer parameters after forward (ZeRO-3) or keep them (ZeRO-2).
-        gradient_divide_factor: divide reduced gradients by this (default: the mesh size); pass the full data-
-            parallel size when some units live on smaller meshes.
         expert_mesh: under expert parallelism, the ("edp") mesh the MoE experts are sharded over (their own
-            FSDP unit inside each layer, dividing by the full data-parallel size like everything else).
+            FSDP unit inside each layer, dividing by the size of ``mesh`` like everything else).
     """
     mp = mixed_precision_policy(param_dtype)
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     layers = list(model.layers)
-    divide = float(gradient_divide_factor) if gradient_divide_factor is not None else float(mesh.size())
+    divide = float(mesh.size())
+    # A divide factor other than the mesh size makes FSDP reduce with PREMUL_SUM, which gloo lacks: there the
+    # experts reduce with SUM and divide afterwards (a mesh of size 1 never communicates).
+    experts_sum_only = (expert_mesh is not None and expert_mesh.size() > 1
+                        and dist.get_backend(expert_mesh.get_group()) == "gloo")
     for i, layer in enumerate(layers):
         experts = getattr(getattr(layer, "feed_forward", None), "experts", None)
         if expert_mesh is not None and experts is not None:
             fully_shard(experts, mesh=expert_mesh, mp_policy=mp, offload_policy=offload,
                         reshard_after_forward=reshard_after_forward)
             experts.set_gradient_divide_factor(divide)
+            if experts_sum_only:
+                experts.set_force_sum_reduction_for_comms(True)
         # The last layer's parameters would be gathered again at once for backward: keep them.
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload,
                     reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
@@ -54,10 +59,6 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype =
     # weight right after ``forward_hidden`` returns, and backward needs it at once anyway.
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
     register_fsdp_forward_method(model, "forward_hidden")
-    if gradient_divide_factor is not None and hasattr(FSDPModule, "set_gradient_divide_factor"):
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.set_gradient_divide_factor(gradient_divide_factor)
     return model
 
 

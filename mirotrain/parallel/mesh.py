@@ -12,8 +12,7 @@ reduction as the DP replicas (see ``mirotrain.parallel.ulysses`` for the exact l
 
 Everything that can be wrong with the layout is checked here, on plain integers, *before* any process
 group or GPU memory exists: world size divisibility, attention-head divisibility, the GQA grouping, and
-whether the attention backend works under SP. The system we replace checked only the first and failed
-later (or silently) on the rest.
+whether the attention backend works under SP.
 """
 
 from __future__ import annotations
@@ -41,8 +40,7 @@ def kv_replication_factor(n_heads: int, n_kv_heads: int, sp: int) -> int:
     Rank ``r`` of the SP group receives q heads ``[r·H/sp, (r+1)·H/sp)``. When ``n_kv_heads >= sp`` the KV
     heads are exchanged as they are (rank ``r`` gets ``[r·KV/sp, (r+1)·KV/sp)``, exactly the ones its q heads
     use). When ``sp > n_kv_heads`` a rank's q heads all share one KV head, and each KV head must reach
-    ``sp / KV`` ranks: that is the minimal replication, and the only one done (the system we replace rounded
-    up with ``ceil`` and never checked that the grouping stayed consistent).
+    ``sp / KV`` ranks: that is the minimal replication, and the only one done.
     """
     if sp < 1:
         raise ParallelConfigError(f"ulysses_sequence_parallel_size must be >= 1, got {sp}")

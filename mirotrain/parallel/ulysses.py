@@ -17,31 +17,18 @@ GQA: with ``n_kv_heads >= sp`` the KV heads are exchanged as they are, so rank r
 ``sp > n_kv_heads`` is a KV head sent to ``sp/KV`` ranks (the minimum: every such rank needs it for the
 whole sequence). See :func:`mirotrain.parallel.mesh.kv_replication_factor`.
 
-Differences from the system we replace (reference §6, §11): the hidden states are **never gathered**: the
-loss is computed on each rank's own shard and the token sums are reduced (no SP× redundant LM head);
-padding to a multiple of sp is its own ignored document instead of being merged into the last one; head
-and world-size divisibility are checked up front.
+The hidden states are never gathered: the loss is computed on each rank's own shard and the token sums are
+reduced (no SP-times redundant LM head). Padding to a multiple of sp is its own ignored document rather than
+part of the last one, and head and world-size divisibility are checked up front (``parallel/mesh.py``).
 
-Loss and gradient normalisation (what the trainer must do)
-----------------------------------------------------------
-Target: ``loss = Σ token losses / N`` where ``N`` = trained tokens (labels != -100) over every rank of
-the ``dp × sp`` world and every accumulation micro-batch of the optimizer step. SP ranks hold *disjoint*
-tokens, so nothing is divided by sp (the old recipe divided its counts by sp because its ranks duplicated
-them).
-
-1. ``N = global_token_count(labels of all micro-batches of the step, group=meshes.fsdp_group, device=dev)``
-   — one all-reduce per optimizer step, before the first backward (the labels are known up front).
-2. Per micro-batch on each rank: ``loss_sum = CE(logits_local, labels_local, reduction="sum")`` on the local
-   shard, then ``sp_loss_reduction(loss_sum, N, grad_divide_factor=F).backward()``.
-3. ``F`` is the factor the gradient reduction divides by. FSDP2 over the flattened ``dp_sp`` mesh
-   (default) *averages* over ``world = dp·sp`` ranks, so ``F = world_size``. If the trainer calls
-   ``fsdp_module.set_gradient_divide_factor(1.0)`` (a sum), ``F = 1``. Either way the reduced gradient is
-   exactly ∂(Σ losses / N)/∂θ: each rank's backward yields the gradient of its own shard's loss *and*,
-   through the reverse all-to-alls, the part of the other SP ranks' losses that flows through its
-   activations; summing those partial gradients over the SP group and the DP replicas gives the total.
-4. Logging: ``global_mean_loss(loss_sum.detach(), N, group=meshes.fsdp_group)``.
-Sequence-level losses (DPO) reduce per-sequence partial sums with :func:`sp_all_reduce_sum` instead.
-Gradient clipping then sees the true gradient (global L2 norm over the FSDP shards) with no extra scaling.
+Loss and gradient normalisation. The target is ``Σ token losses / N`` with N the trained tokens of the
+optimizer step over every rank of the ``dp × sp`` world. SP ranks hold disjoint tokens, so N is the plain
+sum of the local counts (nothing is divided by sp). Each rank backpropagates ``loss_sum · F / N``, F being
+the factor FSDP divides the reduced gradients by (the world size); each rank's backward yields the
+gradient of its own shard's loss and, through the reverse all-to-alls, the part of the other SP ranks'
+losses that flows through its activations, so the reduction over the SP group and the DP replicas gives
+exactly ∂(Σ losses / N)/∂θ; the trainer's optimizer step does this. Sequence-level losses (DPO)
+reduce per-sequence partial sums with :func:`sp_all_reduce_sum` instead.
 """
 
 from __future__ import annotations
@@ -257,45 +244,6 @@ def apply_ulysses(model: nn.Module, sp_group: dist.ProcessGroup | DeviceMesh, *,
 
 
 # ---------------------------------------------------------------------------------------------- loss side
-def count_trained_tokens(labels: torch.Tensor | list[torch.Tensor], ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Trained tokens (labels != ignore_index) in one shard or a list of micro-batch shards, as an int64 tensor."""
-    if isinstance(labels, torch.Tensor):
-        labels = [labels]
-    if not labels:
-        raise ValueError("count_trained_tokens needs at least one labels tensor")
-    return sum((lab != ignore_index).sum() for lab in labels).to(torch.int64)
-
-
-def global_token_count(labels: torch.Tensor | list[torch.Tensor], group: dist.ProcessGroup | None = None,
-                       ignore_index: int = IGNORE_INDEX, device: torch.device | str | None = None) -> torch.Tensor:
-    """N: trained tokens summed over ``group`` (all dp × sp ranks), as a tensor on ``device`` (no host sync).
-
-    Pass the *local shards* (after :func:`shard_batch_for_sp`); SP ranks hold disjoint tokens, so the plain
-    sum is right. With gradient accumulation pass every micro-batch of the step. ``device`` (default: the
-    labels' device) must suit the group's backend: counting CPU labels and passing ``device="cuda"`` costs a
-    host count and one small non-blocking copy for NCCL.
-    """
-    n = count_trained_tokens(labels, ignore_index)
-    if device is not None:
-        n = n.to(device, non_blocking=True)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(n, op=dist.ReduceOp.SUM, group=group)
-    return n
-
-
-def sp_loss_reduction(loss_sum: torch.Tensor, n_tokens_global: torch.Tensor | int, *,
-                      grad_divide_factor: int) -> torch.Tensor:
-    """The local loss to call ``backward()`` on: ``loss_sum · grad_divide_factor / N``.
-
-    ``loss_sum`` is this rank's token-summed loss over its own shard; ``grad_divide_factor`` is what the
-    gradient reduction divides by (``world_size`` for FSDP2's default average over dp × sp, 1 for a sum).
-    After the reduction every rank holds ∂(Σ all token losses / N)/∂θ. A zero N (no trained token in the
-    whole step) yields a zero loss instead of NaN.
-    """
-    n = torch.as_tensor(n_tokens_global, device=loss_sum.device).clamp(min=1).to(loss_sum.dtype)
-    return loss_sum * (grad_divide_factor / n)
-
-
 class _SumOverGroup(torch.autograd.Function):
     """All-reduce SUM forward, identity backward (see :func:`sp_all_reduce_sum`)."""
 
@@ -322,13 +270,3 @@ def sp_all_reduce_sum(partial: torch.Tensor, group: dist.ProcessGroup | DeviceMe
     over replicas).
     """
     return _SumOverGroup.apply(partial, _as_group(group))
-
-
-def global_mean_loss(loss_sum: torch.Tensor, n_tokens_global: torch.Tensor | int,
-                     group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Σ token losses over ``group`` / N, for logging (detached; one all-reduce)."""
-    total = loss_sum.detach().clone().float()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    n = torch.as_tensor(n_tokens_global, device=total.device).clamp(min=1).float()
-    return total / n

@@ -43,7 +43,7 @@ def check_against_checkpoint(model: nn.Module, hf_config: dict | None) -> None:
     """Fail early, naming the field, when the builder and the checkpoint's config.json disagree."""
     if hf_config is None:
         return
-    from mirotrain.models.hf import args_from_hf_config
+    from mirotrain.models.hf_config import args_from_hf_config
 
     ckpt = args_from_hf_config(hf_config)
     a = model.args

@@ -114,7 +114,7 @@ def model_fingerprint(model_dir: str | None) -> str:
     """Hash of an HF checkpoint directory's config and weights (``random-init`` when there is none)."""
     if model_dir is None:
         return "random-init"
-    from mirotrain.models.hf import localize
+    from mirotrain.models.hf_io import localize
 
     root = Path(localize(model_dir))
     h = hashlib.sha256()

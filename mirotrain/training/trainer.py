@@ -220,7 +220,9 @@ class Trainer:
         return bool(value), bool(value)
 
     def _build_model(self) -> nn.Module:
-        from mirotrain.parallel.apply import parallelize, resolve_ac
+        from mirotrain.models.families import family_of
+        from mirotrain.parallel.activation_checkpoint import resolve_ac
+        from mirotrain.parallel.options import ParallelizeOptions
 
         cfg = self.cfg
         model = builders.build_meta_model(cfg)
@@ -228,25 +230,15 @@ class Trainer:
         builders.check_against_checkpoint(model, hf_config)
         args = model.args
         self.dims.validate_model(args.n_heads, args.n_kv_heads, args.attention_backend, self.device.type)
-        if self.sp_size > 1:
-            from mirotrain.parallel.ulysses import apply_ulysses
-
-            apply_ulysses(model, self.meshes.sp_group, device_type=self.device.type)
-        expert_mesh = None
-        if self.dims.ep > 1:
-            from mirotrain.parallel.expert_parallel import apply_expert_parallel
-
-            apply_expert_parallel(model, self.meshes.ep_mesh["ep"])
-            expert_mesh = self.meshes.ep_mesh["edp"]
         ac_mode, ac_option = resolve_ac(bool(cfg_value(cfg, "enable_activation_checkpointing")),
                                         cfg_value(cfg, "ac_mode"), cfg_value(cfg, "ac_option"))
         compile_model, compile_loss = self._compile_flags()
-        if compile_loss and not compile_model and hasattr(self.loss_fn, "apply_compile"):
+        if compile_loss and hasattr(self.loss_fn, "apply_compile"):
             self.loss_fn.apply_compile()
-        parallelize(model, self.meshes.fsdp, ac_mode=ac_mode, ac_option=ac_option, compile_model=compile_model,
-                    loss_fn=self.loss_fn if compile_loss else None, param_dtype=self.dtype,
-                    cpu_offload=self.cpu_offload, reshard_after_forward=bool(cfg_value(cfg, "fsdp_reshard_after_forward")),
-                    expert_mesh=expert_mesh)
+        family_of(args).parallelize(model, self.meshes, ParallelizeOptions(
+            device_type=self.device.type, ac_mode=ac_mode, ac_option=ac_option, compile=compile_model,
+            param_dtype=self.dtype, cpu_offload=self.cpu_offload,
+            reshard_after_forward=bool(cfg_value(cfg, "fsdp_reshard_after_forward"))))
         builders.materialize(model, self.device, self.cpu_offload)
         if hf_config is not None:
             self.hf_checkpointer.load_into(model)
@@ -596,7 +588,7 @@ class Trainer:
 
     def export_hf(self, name: str) -> Path:
         """HF safetensors + config + tokenizer files at ``output_dir/hf/{name}`` (all ranks must call)."""
-        from mirotrain.models.hf import save_pretrained
+        from mirotrain.models.hf_weights import save_pretrained
 
         if self.checkpointer is not None:
             self.checkpointer.wait()  # do not overlap the gather with a background write

@@ -1,11 +1,12 @@
-"""Expert parallelism on CPU (gloo, 2 processes, fp32): EP=2 equals EP=1 in logits, losses and gradients.
+"""Expert parallelism on CPU (gloo, fp32), through the family's parallelize (SP -> EP -> AC -> compile -> FSDP)
+that the trainer runs: EP=2 equals EP=1 and the unsharded model in logits, losses and gradients.
 
 Global objective (what data-parallel training minimises), for the W rows of all ranks together:
     J = sum of token CE / global token count + coef * aux(global router statistics) (+ z)
-The single-process reference evaluates J on the stacked batch (B = W). Each rank r of the EP run sees
-only row r and minimises W * share_r (share_r = its CE sum / global count + its aux share), with
-gradients averaged over the W ranks (`average_gradients`, or FSDP2 via `fully_shard_moe`); both must
-reproduce grad J, expert rows included.
+The single-process reference evaluates J on the stacked batch (B = W). Each rank r of the parallel run sees
+only row r and minimises W * share_r (share_r = its CE sum / global count + its aux share); FSDP2 averages
+the gradients over the W ranks (the experts in their own unit over "edp", divided by W as well), which
+must reproduce grad J, expert rows included.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mirotrain.models.qwen3_moe import qwen3_moe
-from mirotrain.parallel.expert_parallel import (
-    apply_expert_parallel, average_gradients, check_expert_parallel, fully_shard_moe,
-)
+from mirotrain.models.qwen3_moe.parallelize import parallelize_qwen3_moe
+from mirotrain.parallel.expert_parallel import check_expert_parallel
+from mirotrain.parallel.mesh import ParallelDims
+from mirotrain.parallel.options import ParallelizeOptions
 from mirotrain.training.grad_clip import global_grad_norm
 
 WORLD = 2
@@ -32,6 +34,13 @@ ARGS = dict(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim
             num_experts=8, num_experts_per_tok=2, moe_hidden_dim=16, mlp_only_layers=[],
             router_aux_loss_coef=0.05, router_z_loss_coef=0.01, max_seq_len=256)
 TOL = 1e-5
+
+
+def _parallelize(model, world: int, ep: int, ac_mode: str = "none"):
+    """The trainer's path: meshes from ParallelDims, then the family's parallelize (fp32 on CPU)."""
+    meshes = ParallelDims(world, ep=ep).build_mesh("cpu")
+    return parallelize_qwen3_moe(model, meshes, ParallelizeOptions(device_type="cpu", ac_mode=ac_mode,
+                                                                   param_dtype=torch.float32))
 
 
 def _free_port() -> int:
@@ -77,7 +86,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def _check_grads(model, ref, rank: int, label: str) -> None:
     ref_grads = dict(ref.named_parameters())
     for name, p in model.named_parameters():
-        expected = ref_grads[name].grad
+        expected = ref_grads[name.replace("_checkpoint_wrapped_module.", "")].grad
         got = _full(p.grad)
         assert got.shape == expected.shape, (label, name)
         err = (got - expected).abs().max().item()
@@ -89,45 +98,31 @@ def _worker(rank: int, port: int, errors) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        from torch.distributed.device_mesh import init_device_mesh
-
         ref, ref_logits, ref_loss = _reference()
         world = dist.group.WORLD
+        ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
 
-        # EP=1 over 2 DP ranks (experts replicated) and EP=2 (experts sharded), unsharded otherwise
-        ep_mesh = init_device_mesh("cpu", (WORLD // 2, 2), mesh_dim_names=("edp", "ep"))
-        for ep in (1, 2):
+        # EP=1 (experts sharded by FSDP like every weight) and EP=2 (experts split over "ep", with full AC)
+        for ep, ac_mode in ((1, "none"), (2, "full")):
+            label = f"EP={ep} AC={ac_mode}"
             model = copy.deepcopy(ref)
             model.zero_grad(set_to_none=True)
+            _parallelize(model, WORLD, ep, ac_mode)
             if ep == 2:
-                apply_expert_parallel(model, ep_mesh["ep"])
-                local = model.layers[0].feed_forward.experts.w1.to_local()
-                assert local.shape[0] == ARGS["num_experts"] // 2
+                assert model.layers[0].feed_forward.experts.w1.to_local().shape[0] == ARGS["num_experts"] // 2
             logits, share = _rank_loss(model, rank, world)
-            assert (logits[0] - ref_logits[rank]).abs().max().item() <= TOL
+            assert (logits[0] - ref_logits[rank]).abs().max().item() <= TOL, label
             (WORLD * share).backward()
-            average_gradients(model, world, ep_mesh["edp"].get_group() if ep == 2 else None)
             total = share.detach().clone()
             dist.all_reduce(total)
-            assert abs(total.item() - ref_loss.item()) <= TOL, (ep, total.item(), ref_loss.item())
-            _check_grads(model, ref, rank, f"EP={ep}")
+            assert abs(total.item() - ref_loss.item()) <= TOL, (label, total.item(), ref_loss.item())
+            _check_grads(model, ref, rank, label)
+            # the trainer's global norm over the dense and expert meshes = the unsharded norm
+            assert abs(global_grad_norm([p.grad for p in model.parameters()]).item() - ref_norm.item()) <= 1e-5
             stats = model.expert_load_stats(world)
             ref_stats = ref.expert_load_stats()
             for key in ("moe/aux_loss", "moe/z_loss", "moe/layer_0/max_load"):
-                assert abs(stats[key] - ref_stats[key]) <= 1e-5, (key, stats[key], ref_stats[key])
-
-        # EP=2 + FSDP2 (experts over "edp" with divide factor W, blocks and root over the world)
-        model = copy.deepcopy(ref)
-        model.zero_grad(set_to_none=True)
-        apply_expert_parallel(model, ep_mesh["ep"])
-        fully_shard_moe(model, init_device_mesh("cpu", (WORLD,)), ep_mesh["edp"])
-        logits, share = _rank_loss(model, rank, world)
-        assert (logits[0] - ref_logits[rank]).abs().max().item() <= TOL
-        (WORLD * share).backward()
-        _check_grads(model, ref, rank, "EP=2+FSDP2")
-        ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
-        # the trainer's global norm over the dense and expert meshes = the unsharded norm
-        assert abs(global_grad_norm([p.grad for p in model.parameters()]).item() - ref_norm.item()) <= 1e-5
+                assert abs(stats[key] - ref_stats[key]) <= 1e-5, (label, key, stats[key], ref_stats[key])
         dist.barrier()
         errors.put(DONE)
     except BaseException:  # noqa: BLE001  (report any failure to the parent)
@@ -138,22 +133,19 @@ def _worker(rank: int, port: int, errors) -> None:
 
 
 def _sharded_load_worker(rank: int, port: int, errors, world: int, hf_dir: str) -> None:
-    """World 4 = edp 2 x ep 2: meta model -> EP -> FSDP2 -> load HF weights (own rows only) -> grads."""
+    """World 4 = edp 2 x ep 2: meta model -> parallelize (EP, FSDP2) -> load HF weights (own rows only) -> grads."""
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.experimental import implicit_replication
 
         from mirotrain.models import load_hf_weights
 
         ref, _, _ = _reference(rows=world)
-        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("edp", "ep"))
         with torch.device("meta"):
             model = qwen3_moe(**ARGS)
-        apply_expert_parallel(model, mesh["ep"])
-        fully_shard_moe(model, init_device_mesh("cpu", (world,)), mesh["edp"])
+        _parallelize(model, world, ep=2)  # edp 2: the experts' gradients are reduced over 2 ranks
         model.to_empty(device="cpu")
         model.rope.reset_parameters()
         w1 = model.layers[1].feed_forward.experts.w1

@@ -11,7 +11,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from mirotrain.models import from_pretrained, save_pretrained
-from mirotrain.models.hf import args_from_hf_config
+from mirotrain.models.hf_config import args_from_hf_config
 from mirotrain.models.qwen3_moe import qwen3_30b_a3b
 
 TOL = 1e-5

@@ -1,9 +1,10 @@
 """Ulysses SP on CPU (gloo, fp32): SP=2/4 losses and gradients equal the single-process run within 1e-5.
 
 Every worker builds the same tiny Qwen3 twice: once plain (the SP=1 reference over every row of the step,
-computed locally) and once with ``apply_ulysses``. Packed rows have documents that cross shard boundaries
-and lengths that are not multiples of sp (so the padding segment is exercised). The SP loss is reduced
-with the helpers the trainer uses; gradients are averaged over the world, as FSDP2 would.
+computed locally) and once parallelised as the trainer does it (``parallelize_qwen3``: SP -> AC -> FSDP over
+the dp × sp mesh, which averages the gradients over the world). Packed rows have documents that cross shard
+boundaries and lengths that are not multiples of sp (so the padding segment is exercised). Each rank
+backpropagates ``loss_sum · world / N`` with N the trained tokens over all ranks, as the trainer's step does.
 """
 
 from __future__ import annotations
@@ -17,16 +18,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mirotrain.models.qwen3 import qwen3
-from mirotrain.parallel.mesh import ParallelConfigError, ParallelDims
-from mirotrain.parallel.ulysses import (
-    IGNORE_INDEX,
-    apply_ulysses,
-    global_mean_loss,
-    global_token_count,
-    shard_batch_for_sp,
-    sp_all_reduce_sum,
-    sp_loss_reduction,
-)
+from mirotrain.models.qwen3.parallelize import parallelize_qwen3
+from mirotrain.parallel.mesh import ParallelConfigError, ParallelDims, ParallelMeshes
+from mirotrain.parallel.options import ParallelizeOptions
+from mirotrain.parallel.ulysses import IGNORE_INDEX, UlyssesAttention, apply_ulysses, shard_batch_for_sp, sp_all_reduce_sum
 
 VOCAB, DIM, HEAD_DIM, HIDDEN = 96, 32, 8, 48
 TOL = 1e-5
@@ -64,11 +59,24 @@ def forward_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
                            reduction="sum")
 
 
-def apply_activation_checkpointing(model: torch.nn.Module) -> None:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+def parallelize(model: torch.nn.Module, meshes: ParallelMeshes, case: dict) -> torch.nn.Module:
+    """The trainer's path: SP -> AC (when the case asks for it) -> FSDP, fp32 on CPU."""
+    options = ParallelizeOptions(device_type="cpu", ac_mode="full" if case.get("ac") else "none",
+                                 param_dtype=torch.float32)
+    parallelize_qwen3(model, meshes, options)
+    assert sum(isinstance(getattr(m, "attn_fn", None), UlyssesAttention) for m in model.modules()) == 2
+    return model
 
-    for i, layer in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(layer)
+
+def check_grads(model: torch.nn.Module, ref: torch.nn.Module, label: str) -> None:
+    """FSDP's reduced gradients (the mean over dp × sp) equal the reference's."""
+    ref_grads = dict(ref.named_parameters())
+    worst = 0.0
+    for name, p in model.named_parameters():
+        ref_grad = ref_grads[name.replace("_checkpoint_wrapped_module.", "")].grad
+        worst = max(worst, (p.grad.full_tensor() - ref_grad).abs().max().item())
+        assert ref_grad.abs().max() > 0, name
+    assert worst <= TOL, (label, worst)
 
 
 def run_case(case: dict, rank: int, world: int) -> None:
@@ -84,28 +92,17 @@ def run_case(case: dict, rank: int, world: int) -> None:
     (ref_sum / n_ref).backward()
     ref_loss = (ref_sum / n_ref).item()
 
-    model = build_model(case)
-    assert apply_ulysses(model, meshes.sp_group) == 2
-    if case.get("ac"):
-        apply_activation_checkpointing(model)
+    model = parallelize(build_model(case), meshes, case)
     local = shard_batch_for_sp(rows[meshes.dp_rank], meshes.sp_rank, dims.sp, pad_id=0)
     loss_sum = forward_loss_sum(model, local)
-    n_global = global_token_count(local["labels"], group=meshes.fsdp_group, device="cpu")
+    n_global = (local["labels"] != IGNORE_INDEX).sum().double()
+    dist.all_reduce(n_global, group=meshes.fsdp_group)
     assert int(n_global) == n_ref
-    sp_loss_reduction(loss_sum, n_global, grad_divide_factor=world).backward()
-    logged = global_mean_loss(loss_sum, n_global, group=meshes.fsdp_group)
-    assert abs(logged.item() - ref_loss) <= TOL, (case["name"], logged.item(), ref_loss)
-
-    ref_grads = dict(ref.named_parameters())
-    worst = 0.0
-    for name, p in model.named_parameters():
-        grad = p.grad.clone()
-        dist.all_reduce(grad, group=meshes.fsdp_group)
-        grad /= world  # FSDP2's default average over dp × sp
-        ref_grad = ref_grads[name.replace("_checkpoint_wrapped_module.", "")].grad
-        worst = max(worst, (grad - ref_grad).abs().max().item())
-        assert ref_grad.abs().max() > 0, name
-    assert worst <= TOL, (case["name"], worst)
+    (loss_sum * (world / n_global)).backward()
+    logged = loss_sum.detach().double()
+    dist.all_reduce(logged, group=meshes.fsdp_group)
+    assert abs(logged.item() / n_ref - ref_loss) <= TOL, (case["name"], logged.item() / n_ref, ref_loss)
+    check_grads(model, ref, case["name"])
 
 
 def doc_logprob_sums(model: torch.nn.Module, batch: dict, offset: int) -> torch.Tensor:
@@ -126,7 +123,7 @@ def sequence_loss(sums: torch.Tensor, n_docs: int) -> torch.Tensor:
 
 def run_sequence_case(case: dict, rank: int, world: int) -> None:
     """Sequence-level loss (DPO-like): per-document log-prob sums reduced with sp_all_reduce_sum; the loss
-    is the mean over DP replicas, gradients averaged over the world as FSDP2 does."""
+    is the mean over DP replicas, gradients averaged over the world by FSDP2."""
     dims = ParallelDims(world, dp=case["dp"], sp=case["sp"])
     meshes = dims.build_mesh("cpu")
     rows = [make_row(cu, seed=100 * case["seed"] + i) for i, cu in enumerate(case["rows"])]
@@ -134,8 +131,7 @@ def run_sequence_case(case: dict, rank: int, world: int) -> None:
     ref_loss = sum(sequence_loss(doc_logprob_sums(ref, row, 0), len(row["cu_seqlens"]) - 1) for row in rows) / len(rows)
     ref_loss.backward()
 
-    model = build_model(case)
-    apply_ulysses(model, meshes.sp_group)
+    model = parallelize(build_model(case), meshes, case)
     row = rows[meshes.dp_rank]
     local = shard_batch_for_sp(row, meshes.sp_rank, dims.sp, pad_id=0)
     offset = meshes.sp_rank * local["input_ids"].shape[1]
@@ -145,13 +141,7 @@ def run_sequence_case(case: dict, rank: int, world: int) -> None:
     logged = loss.detach().clone()
     dist.all_reduce(logged, group=meshes.fsdp_group)
     assert abs(logged.item() / world - ref_loss.item()) <= TOL, (case["name"], logged.item() / world, ref_loss.item())
-    ref_grads = dict(ref.named_parameters())
-    worst = 0.0
-    for name, p in model.named_parameters():
-        grad = p.grad.clone()
-        dist.all_reduce(grad, group=meshes.fsdp_group)
-        worst = max(worst, (grad / world - ref_grads[name].grad).abs().max().item())
-    assert worst <= TOL, (case["name"], "sequence loss", worst)
+    check_grads(model, ref, f"{case['name']} sequence loss")
 
 
 def check_errors(rank: int, world: int) -> None:
@@ -285,9 +275,3 @@ def test_shard_batch_rejects_bad_input():
     row["cu_seqlens"] = torch.tensor([0, 3, 9], dtype=torch.int32)
     with pytest.raises(ValueError, match="cu_seqlens ends at 9"):
         shard_batch_for_sp(row, 0, 2, pad_id=0)
-
-
-def test_sp_loss_reduction_scaling():
-    loss_sum = torch.tensor(6.0, requires_grad=True)
-    assert sp_loss_reduction(loss_sum, torch.tensor(3), grad_divide_factor=4).item() == pytest.approx(8.0)
-    assert sp_loss_reduction(loss_sum, 0, grad_divide_factor=1).item() == pytest.approx(6.0)  # no NaN

@@ -2,7 +2,7 @@
 
 Math per layer (pre-norm):  h = x + Attn(RMSNorm(x));  out = h + SwiGLU(RMSNorm(h)).
 Attention: grouped-query; q/k get an RMSNorm over head_dim *before* RoPE (as the pretrained checkpoints
-do — the system we replace applied it after RoPE); causal within each document of a packed row.
+do); causal within each document of a packed row.
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ class Qwen3Args:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def model_type(self) -> str:
+        """config.json's ``model_type``: the family (``models/families.py``) that builds, loads and parallelises it."""
+        return "qwen3_moe" if self.is_moe else "qwen3"
 
 
 class Attention(nn.Module):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mirotrain.models.hf import save_pretrained
+from mirotrain.models.hf_weights import save_pretrained
 from mirotrain.models.qwen3.builders import qwen3
 
 TINY_ARGS: dict[str, Any] = dict(vocab_size=151936, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,

@@ -2,7 +2,7 @@
 
 Sizes are those of the public Hugging Face configs (Qwen/Qwen3-30B-A3B/config.json,
 Qwen/Qwen3-235B-A22B/config.json): 128 experts, top-8, ``norm_topk_prob``, vocab 151936, theta 1e6,
-eps 1e-6, untied, ``max_position_embeddings`` 40960 (the system we replace cut RoPE at 32768).
+eps 1e-6, untied, ``max_position_embeddings`` 40960.
 
 Builder arguments kept from MiroTrain configs: ``router_aux_loss_coef`` (default 0.001 as in the HF
 config; stored in the model args, used by ``model.moe_aux_loss()``) and ``use_grouped_gemm`` (True: the

@@ -7,8 +7,6 @@ with top-k counts), over the L MoE layers and the N tokens of every participatin
     P_e = (1 / (L N)) sum_l prob_sum_l[e]        mean router probability of e
     aux = E * sum_e f_e P_e                      (k for perfectly uniform routing, whatever L is)
 
-The system we replace summed per-layer losses (≈ L x this value) and used each rank's batch only.
-
 Router z-loss (ST-MoE), same normalisation:  z = (1 / (L N)) sum_l z_sum_l.
 
 Data parallelism: with ``group`` given, the detached sums (counts, N) are all-reduced over it (one

@@ -1,7 +1,7 @@
 """Token-choice top-k router and the statistics the load-balancing losses are built from.
 
-Per token t with hidden x_t:  p_t = softmax(W_g x_t)  (always in fp32: the system we replace ran it in
-bf16),  (w_t, e_t) = top-k(p_t),  w_t <- w_t / sum(w_t) when ``norm_topk_prob``.
+Per token t with hidden x_t:  p_t = softmax(W_g x_t)  (always in fp32, also under bf16 compute),
+(w_t, e_t) = top-k(p_t),  w_t <- w_t / sum(w_t) when ``norm_topk_prob``.
 
 Each forward records, per layer, only E-sized sums (never per-token tensors), so the losses can be formed
 over all layers and tokens together, and over data-parallel ranks, at the end of the forward:

@@ -1,11 +1,9 @@
-"""Apply training-time wrappers to a single-device model, from the outside, in a fixed order:
+"""Activation checkpointing (AC) of decoder layers, applied from outside the model.
 
-    activation checkpointing -> torch.compile -> FSDP
+A family's ``parallelize`` (``models/qwen3/parallelize.py``) applies it after sequence and expert parallelism
+and before compile, so recomputation is part of the compiled region.
 
-AC must wrap the layer before compile traces it (so recomputation is part of the compiled region), and FSDP
-goes last so its hooks see the final modules. The model code itself knows nothing of any of this.
-
-Activation checkpointing modes:
+Modes:
   ``full``       recompute every decoder layer in backward (keeps only layer inputs).
   ``selective``  with an int option N: checkpoint every N-th layer; with option ``op``: per-operator policy that
                  keeps matmul and attention outputs and recomputes the cheap element-wise ops; with option
@@ -79,35 +77,3 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, option: int | st
         else:
             continue
         model.layers[i] = wrapped
-
-
-def apply_compile(model: nn.Module, loss_fn: nn.Module | None = None) -> None:
-    """torch.compile each decoder layer's forward (FQNs unchanged) and the loss's per-chunk kernel.
-
-    Only ``forward`` is compiled, not ``__call__``: the module hooks FSDP installs afterwards run eagerly around
-    the compiled region (as with torchtitan's compile-then-shard order), whatever dynamo's FSDP-hook settings.
-    """
-    for layer in model.layers:
-        layer.forward = torch.compile(layer.forward, fullgraph=False)
-    if loss_fn is not None and hasattr(loss_fn, "apply_compile"):
-        loss_fn.apply_compile()
-
-
-def parallelize(model: nn.Module, mesh: Any, *, ac_mode: str = "none", ac_option: int | str | None = None,
-                compile_model: bool = False, loss_fn: nn.Module | None = None,
-                param_dtype: torch.dtype = torch.bfloat16, cpu_offload: bool = False,
-                reshard_after_forward: bool = True, gradient_divide_factor: float | None = None,
-                expert_mesh: Any = None) -> nn.Module:
-    """AC -> compile -> FSDP on a meta-device model (nothing is allocated here).
-
-    Sequence and expert parallelism (mirotrain.parallel.ulysses / expert_parallel) are applied before this,
-    on the single-device model, because they only swap the attention kernel / shard expert weights.
-    """
-    from mirotrain.parallel.fsdp import apply_fsdp
-
-    apply_activation_checkpointing(model, ac_mode, ac_option)
-    if compile_model:
-        apply_compile(model, loss_fn)
-    return apply_fsdp(model, mesh, param_dtype=param_dtype, cpu_offload=cpu_offload,
-                      reshard_after_forward=reshard_after_forward, gradient_divide_factor=gradient_divide_factor,
-                      expert_mesh=expert_mesh)

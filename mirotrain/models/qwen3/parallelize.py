@@ -1,0 +1,40 @@
+"""Parallelise a single-device Qwen3 from outside, in a fixed order: SP -> AC -> compile -> FSDP.
+
+Sequence parallelism only swaps each attention kernel for the Ulysses exchange (``parallel/ulysses.py``), so
+it goes first, on the plain module tree. Activation checkpointing wraps each layer before compile traces it
+(recomputation is then part of the compiled region), and FSDP goes last so its hooks see the final modules.
+The model code knows nothing of any of this. Works on a model on the meta device (nothing is allocated).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mirotrain.parallel.activation_checkpoint import apply_activation_checkpointing
+from mirotrain.parallel.compile import apply_compile
+from mirotrain.parallel.fsdp import apply_fsdp
+from mirotrain.parallel.mesh import ParallelMeshes
+from mirotrain.parallel.options import ParallelizeOptions
+from mirotrain.parallel.ulysses import apply_ulysses
+
+
+def apply_sequence_parallel(model: nn.Module, meshes: ParallelMeshes, options: ParallelizeOptions) -> None:
+    """SP step: the Ulysses exchange around every attention kernel when the SP group has several ranks."""
+    if meshes.sp_size > 1:
+        apply_ulysses(model, meshes.sp_group, device_type=options.device_type)
+
+
+def apply_ac_compile_fsdp(model: nn.Module, meshes: ParallelMeshes, options: ParallelizeOptions,
+                          expert_mesh=None) -> nn.Module:
+    """The steps after SP (and EP): AC -> compile -> FSDP over every dp × sp rank."""
+    apply_activation_checkpointing(model, options.ac_mode, options.ac_option)
+    if options.compile:
+        apply_compile(model)
+    return apply_fsdp(model, meshes.fsdp, param_dtype=options.param_dtype, cpu_offload=options.cpu_offload,
+                      reshard_after_forward=options.reshard_after_forward, expert_mesh=expert_mesh)
+
+
+def parallelize_qwen3(model: nn.Module, meshes: ParallelMeshes, options: ParallelizeOptions) -> nn.Module:
+    """SP -> AC -> compile -> FSDP on a dense Qwen3, in place; returns it (a dense model has no experts for EP)."""
+    apply_sequence_parallel(model, meshes, options)
+    return apply_ac_compile_fsdp(model, meshes, options)

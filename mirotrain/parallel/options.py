@@ -1,0 +1,29 @@
+"""What a family's ``parallelize`` applies besides the meshes: AC, compile and the FSDP settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParallelizeOptions:
+    """Settings of the training-time wrappers (``models/<family>/parallelize.py`` applies them).
+
+    Attributes:
+        device_type: ``cuda`` or ``cpu``; decides which attention backends sequence parallelism accepts.
+        ac_mode, ac_option: activation checkpointing (``parallel/activation_checkpoint.py``: ``resolve_ac``).
+        compile: torch.compile each decoder layer.
+        param_dtype: dtype FSDP gathers parameters in for compute (master weights stay fp32).
+        cpu_offload: keep sharded parameters, gradients and optimizer state in host memory.
+        reshard_after_forward: free gathered layer parameters after forward (ZeRO-3) or keep them (ZeRO-2).
+    """
+
+    device_type: str
+    ac_mode: str = "none"
+    ac_option: int | str | None = None
+    compile: bool = False
+    param_dtype: torch.dtype = torch.bfloat16
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
