@@ -1,21 +1,20 @@
 """Dataset builders named in configs (``mirotrain.datasets.odr_chat_dataset`` and the torchtune names).
 
 A builder returns a description of the data plus the code that turns one raw record into tokens
-(:meth:`SFTDataset.encode`); it does not read or tokenise anything up front. Packing
-(:func:`mirotrain.data.pack.pack_dataset`), streaming packing and the unpacked loader all drive the same
-``encode``, so every mode renders and masks samples identically. Packing keys of the ``dataset`` section
-(``packed``, ``streaming_pack``, ``packed_seq_len``, ``output_dir``, ...) are accepted here and kept in
-:attr:`SFTDataset.options`.
-
-Datasets are also map-style (``len``/``[i]`` -> ``{"input_ids", "labels"}``) for ad-hoc use; that path loads
-the raw records into memory on first use.
+(:meth:`SFTDataset.encode`: format -> messages -> :class:`mirotrain.data.render.ChatRenderer` -> the one
+cut of :class:`mirotrain.data.truncation.Truncation` -> shifted labels); it does not read or tokenise
+anything up front. The offline writer (:mod:`mirotrain.data.pack_shards`) and the streaming loader
+(:mod:`mirotrain.data.streaming`) drive the same ``encode``, so every mode renders and masks samples
+identically. Packing keys of the ``dataset`` section (``packed``, ``streaming_pack``, ``packed_seq_len``,
+``output_dir``, ...) are accepted here and kept in :attr:`SFTDataset.options`; their rules (exclusive modes,
+a required ``packed_seq_len``, ``packed_seq_len >= tokenizer.max_seq_len``) are checked once, by the config
+validation (mirotrain/config/), before a dataset is built.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,7 +23,8 @@ import numpy as np
 from mirotrain.data.errors import ON_BAD_SAMPLE, DataError, SampleFormatError
 from mirotrain.data.formats import converter_for, preference_to_messages
 from mirotrain.data.sources import SourceSpec, iter_records
-from mirotrain.models.qwen3.tokenizer import MASKING_STRATEGIES, SampleTooLong
+from mirotrain.data.render import MASKING_STRATEGIES, ChatRenderer
+from mirotrain.data.truncation import SampleTooLong, Truncation
 
 IGNORE_INDEX = -100
 
@@ -46,8 +46,6 @@ class DataOptions:
     def __post_init__(self) -> None:
         if self.on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {self.on_bad_sample!r}")
-        if self.packed and self.streaming_pack:
-            raise ValueError("dataset.packed and dataset.streaming_pack are mutually exclusive; set one of them to False")
         if self.packed_seq_len is not None and int(self.packed_seq_len) < 2:
             raise ValueError(f"packed_seq_len must be >= 2, got {self.packed_seq_len}")
 
@@ -85,6 +83,12 @@ def shift_labels(ids: list[int], mask: list[bool]) -> np.ndarray:
     return labels
 
 
+def fit_document(ids: list[int], mask: list[bool], truncation: Truncation, limit: int | None) -> Encoded:
+    """A rendered sample cut to ``limit`` by ``truncation``, with its shifted labels."""
+    kept_ids, kept_mask = truncation.fit(ids, mask, limit)
+    return Encoded(np.asarray(kept_ids, dtype=np.int32), shift_labels(kept_ids, kept_mask), truncated=len(kept_ids) < len(ids))
+
+
 class Filtered(Exception):
     """A sample removed by the user's ``filter_fn`` (counted as filtered, not as bad)."""
 
@@ -98,19 +102,13 @@ class _BaseDataset:
         self.options = options
         self._hash_fields = hash_fields
         self._records: list[tuple[Any, str]] | None = None
-        tok_limit = getattr(tokenizer, "max_seq_len", None)
-        if (options.packed or options.streaming_pack) and self.kind == "sft":
-            if options.packed_seq_len is None:
-                if tok_limit is None:
-                    raise ValueError("packing needs dataset.packed_seq_len (or tokenizer.max_seq_len)")
-                options.packed_seq_len = int(tok_limit)
-            if tok_limit is not None and int(options.packed_seq_len) < int(tok_limit):
-                raise ValueError(f"dataset.packed_seq_len ({options.packed_seq_len}) must be >= tokenizer.max_seq_len ({tok_limit})")
+        self.render = ChatRenderer(tokenizer)
+        self.truncation = Truncation.of(tokenizer)
 
     # -- limits -----------------------------------------------------------------------------------
     def doc_limit(self) -> int | None:
         """The longest document kept: ``min(tokenizer.max_seq_len, packed_seq_len)``."""
-        limits = [v for v in (getattr(self.tokenizer, "max_seq_len", None), self.options.packed_seq_len) if v]
+        limits = [v for v in (self.tokenizer.max_seq_len, self.options.packed_seq_len) if v]
         return int(min(limits)) if limits else None
 
     def fingerprint(self) -> str:
@@ -157,9 +155,6 @@ class _BaseDataset:
                 return "skip", str(err)
             raise err from None
 
-    def __len__(self) -> int:
-        return len(self.records())
-
 
 class SFTDataset(_BaseDataset):
     """Conversations (agent traces, OpenAI, ShareGPT, Alpaca) for supervised fine-tuning."""
@@ -175,25 +170,12 @@ class SFTDataset(_BaseDataset):
         self.masking_strategy = masking_strategy
         self.filter_fn = filter_fn
 
-    def to_messages(self, record: Any) -> dict:
-        return self.convert(record)
-
-    def encode(self, record: Any, where: str) -> Encoded | None:
+    def encode(self, record: Any, where: str) -> Encoded:
         if self.filter_fn is not None and not self.filter_fn(record):
             raise Filtered()
         conv = self.convert(record)
-        ids, mask = self.tokenizer.tokenize_messages(conv["messages"], tools=conv.get("tools"),
-                                                     masking_strategy=self.masking_strategy, max_seq_len=sys.maxsize)
-        n = len(ids)
-        ids, mask = self.tokenizer.fit_length(ids, mask, self.doc_limit())
-        return Encoded(np.asarray(ids, dtype=np.int32), shift_labels(ids, mask), truncated=len(ids) < n)
-
-    def __getitem__(self, i: int) -> dict:
-        record, where = self.records()[i]
-        status, enc = self.encode_or_report(record, where)
-        if status != "ok":
-            raise DataError(where, f"sample not usable ({status}): {enc}")
-        return {"input_ids": enc.input_ids.tolist(), "labels": enc.labels.tolist()}
+        ids, mask = self.render(conv["messages"], tools=conv.get("tools"), masking_strategy=self.masking_strategy)
+        return fit_document(ids, mask, self.truncation, self.doc_limit())
 
 
 class PreferenceDataset(_BaseDataset):
@@ -211,28 +193,15 @@ class PreferenceDataset(_BaseDataset):
         return preference_to_messages(record, new_system_prompt=self.new_system_prompt, **self.columns)
 
     def encode_doc(self, prompt: list, response: list, tools: list | None) -> Encoded:
-        msgs = prompt + response
-        ids, mask = self.tokenizer.tokenize_messages(msgs, tools=tools, train_from=len(prompt), max_seq_len=sys.maxsize)
-        n = len(ids)
-        ids, mask = self.tokenizer.fit_length(ids, mask, getattr(self.tokenizer, "max_seq_len", None))
-        return Encoded(np.asarray(ids, dtype=np.int32), shift_labels(ids, mask), truncated=len(ids) < n)
+        ids, mask = self.render(prompt + response, tools=tools, train_from=len(prompt))
+        return fit_document(ids, mask, self.truncation, self.tokenizer.max_seq_len)
 
     def encode(self, record: Any, where: str) -> EncodedPair:
         pair = self.to_messages(record)
         c = self.encode_doc(pair["prompt"], pair["chosen"], pair["tools"])
         r = self.encode_doc(pair["prompt"], pair["rejected"], pair["tools"])
-        limit = self.options.packed_seq_len
-        if limit is not None and len(c) + len(r) > limit:
-            raise SampleTooLong(len(c) + len(r), limit)
+        self.truncation.check_pair(len(c), len(r), self.options.packed_seq_len)
         return EncodedPair(c, r)
-
-    def __getitem__(self, i: int) -> dict:
-        record, where = self.records()[i]
-        status, enc = self.encode_or_report(record, where)
-        if status != "ok":
-            raise DataError(where, f"sample not usable ({status}): {enc}")
-        return {"chosen_input_ids": enc.chosen.input_ids.tolist(), "chosen_labels": enc.chosen.labels.tolist(),
-                "rejected_input_ids": enc.rejected.input_ids.tolist(), "rejected_labels": enc.rejected.labels.tolist()}
 
 
 # -- builders -----------------------------------------------------------------------------------------

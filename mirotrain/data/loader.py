@@ -167,10 +167,6 @@ def build_train_loader(cfg: dict, section: str = "dataset", *, dp_rank: int = 0,
     shuffle = bool(cfg.get("shuffle", True))
     seed = 0 if seed is None else int(seed)
     packed, streaming = bool(sec.get("packed", False)), bool(sec.get("streaming_pack", False))
-    if packed and streaming:
-        raise _config_error(f"{section}.streaming_pack", "packed and streaming_pack are mutually exclusive; set one to False")
-    if (packed or streaming) and batch_size != 1:
-        raise _config_error("batch_size", f"must be 1 with packed or streaming_pack data (one packed row per micro-batch), got {batch_size}")
 
     if sec.get("shard_dir"):
         shard_dir = str(sec["shard_dir"])

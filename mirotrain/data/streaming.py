@@ -61,8 +61,6 @@ class StreamingPacker:
     """The per-epoch pack plan and the rows of one data-parallel rank."""
 
     def __init__(self, ds: SFTDataset, dp_rank: int, dp_size: int, seed: int):
-        if ds.options.packed_seq_len is None:
-            raise ValueError("streaming_pack needs dataset.packed_seq_len (or tokenizer.max_seq_len)")
         self.ds = ds
         self.L = int(ds.options.packed_seq_len)
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, int(seed)

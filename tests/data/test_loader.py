@@ -10,12 +10,12 @@ import pytest
 import torch
 from data_helpers import IM_START, base_cfg, short_conversation, split_docs, write_jsonl
 
-from mirotrain.config import ConfigError
 from mirotrain.data.collate import collate_packed
 from mirotrain.data.demo import demo_preferences, write_demo
 from mirotrain.data.loader import build_train_loader
 from mirotrain.data.pack import pack_dataset, read_manifest
 from mirotrain.data.preference import DPOShardReader, add_pair_columns, segment_sums
+from mirotrain.data.render import ChatRenderer
 
 PAD = 151643
 
@@ -63,7 +63,7 @@ def test_packed_batches_follow_the_contract(sft_file, tok):
         for d in docs_of_batch(batch):
             seen[h(d)] += 1
     assert n == loader.steps_per_epoch
-    ref = collections.Counter(h(tok.tokenize_messages(s["messages"])[0]) for s in samples)
+    ref = collections.Counter(h(ChatRenderer(tok)(s["messages"])[0]) for s in samples)
     assert seen == ref
 
 
@@ -109,13 +109,13 @@ def test_unpacked_batches_cover_every_sample_once(sft_file, tok):
                 else:
                     assert set(labels) == {-100}  # the remainder's padding sample trains nothing
     assert steps[0] == steps[1] and steps[0][0] == steps[0][1] == 38  # ceil(ceil(301/2)/4)
-    assert seen == collections.Counter(h(tok.tokenize_messages(s["messages"])[0]) for s in samples)
+    assert seen == collections.Counter(h(ChatRenderer(tok)(s["messages"])[0]) for s in samples)
 
 
 def test_streaming_pack_runs_the_announced_steps(sft_file, tok):
     tmp, samples, path = sft_file
     cfg = base_cfg(tmp, path, streaming_pack=True, packed_seq_len=512)
-    ref = collections.Counter(h(tok.tokenize_messages(s["messages"])[0]) for s in samples)
+    ref = collections.Counter(h(ChatRenderer(tok)(s["messages"])[0]) for s in samples)
     loaders = [build_train_loader(cfg, dp_rank=r, dp_size=2, seed=8, tokenizer=tok) for r in range(2)]
     assert loaders[0].steps_per_epoch == loaders[1].steps_per_epoch > 0
     for epoch in (0, 1):
@@ -143,17 +143,6 @@ def test_streaming_pack_runs_the_announced_steps(sft_file, tok):
     fresh.set_epoch(1)
     rest = list(fresh)
     assert len(rest) == len(full) - 3 and all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(rest, full[3:]))
-
-
-def test_mode_errors(sft_file, tok):
-    tmp, _, path = sft_file
-    cfg = base_cfg(tmp, path, packed=True, streaming_pack=True)
-    with pytest.raises(ConfigError, match="mutually exclusive"):
-        build_train_loader(cfg, dp_rank=0, dp_size=1, seed=0, tokenizer=tok)
-    cfg = base_cfg(tmp, path, packed=True)
-    cfg["batch_size"] = 2
-    with pytest.raises(ConfigError, match="batch_size"):
-        build_train_loader(cfg, dp_rank=0, dp_size=1, seed=0, tokenizer=tok)
 
 
 def test_dpo_rows_pairs_and_added_columns(tmp_path, tok, hf_tok):

@@ -9,11 +9,12 @@ from sft_helpers import REPO, assert_ok, run_sft
 
 def test_tiny_model_overfits_a_small_trace_set(tmp_path):
     from mirotrain.data.demo import demo_traces
+    from mirotrain.data.render import ChatRenderer
     from mirotrain.models.qwen3.tokenizer import qwen3_tokenizer_auto
 
-    tok = qwen3_tokenizer_auto(None)
+    render = ChatRenderer(qwen3_tokenizer_auto(None))
     traces = demo_traces(60, seed=0)
-    shortest = sorted(traces, key=lambda t: len(tok.tokenize_messages(t["messages"])[0]))[:6]
+    shortest = sorted(traces, key=lambda t: len(render(t["messages"])[0]))[:6]
     data = tmp_path / "traces.jsonl"
     data.write_text("".join(json.dumps(t) + "\n" for t in shortest))
     out = tmp_path / "run"
