@@ -21,6 +21,7 @@ def _pack_flow(config: str, overrides: list[str]):
     return pack_dataset(config, overrides, "dataset", return_state=True)
 
 
+@pytest.mark.slow  # several packs of real data (minutes on 2 shared cores)
 def test_pack_rerun_is_cache_hit(prefect_api: str, sft_pack_config: Path) -> None:
     first = _pack_flow(str(sft_pack_config), [])
     assert first.name == "Completed"
@@ -39,6 +40,7 @@ def test_pack_rerun_is_cache_hit(prefect_api: str, sft_pack_config: Path) -> Non
     assert _pack_flow(str(sft_pack_config), []).name == "Completed"
 
 
+@pytest.mark.slow  # several packs of real data (minutes on 2 shared cores)
 def test_pack_repacks_data_changed_in_place(prefect_api: str, sft_pack_config: Path, tmp_path: Path) -> None:
     """The data file the config names grows in place (same path, 100 -> 300 records): a miss, packed again."""
     write_demo(str(tmp_path / "data"), num_samples=100)
