@@ -25,6 +25,18 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
+def _freeze(pid: int, timeout: float = 30) -> None:
+    """SIGSTOP ``pid`` and wait until every thread of it has stopped (a write in flight finishes first)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in Path(f"/proc/{pid}/task").iterdir()]
+        if all(state in "tT" for state in states):
+            return
+        assert time.monotonic() < deadline, f"pid {pid} did not stop: thread states {states}"
+        time.sleep(0.01)
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -45,25 +57,27 @@ def test_second_writer_is_refused_and_a_killed_holder_frees_the_lock(tmp_path):
                                   cwd=str(REPO), stdout=holder_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for(out / "checkpoints" / "step_5" / "COMPLETE", holder)
-        os.kill(holder.pid, signal.SIGSTOP)  # frozen while it holds the lock
+        _freeze(holder.pid)  # it holds the lock and writes nothing more
         owner = json.loads((out / "run.lock").read_text())
         assert owner["pid"] == holder.pid and owner["world_size"] == 1
         before = _tree(out)
 
         for nproc in (1, 2):
-            second = run_sft(config, nproc=nproc)
+            second = run_sft(config, nproc=nproc, timeout=600)
             assert second.returncode == (2 if nproc == 1 else 1), second.stderr[-3000:]  # torchrun reports 1
             refusals = [line for line in second.stderr.splitlines() if "is in use by another training" in line]
             assert refusals == [f"mirotrain sft: output_dir {out} is in use by another training (owner: host "
                                 f"{owner['host']}, pid {holder.pid}, started {owner['started']}, world size 1); "
                                 f"refusing to write into it (lock file {out / 'run.lock'})"], second.stderr[-3000:]
             assert "Step 1 |" not in second.stdout + second.stderr
-            assert _tree(out) == before, f"the refused run (nproc={nproc}) changed the output_dir"
+            after = _tree(out)
+            changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+            assert not changed, f"the refused run (nproc={nproc}) changed {changed} in the output_dir"
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
 
-    third = run_sft(config)
+    third = run_sft(config, timeout=600)
     assert_ok(third)
     log = third.stdout + third.stderr
     assert "Resumed from" in log and "is in use" not in log
