@@ -97,7 +97,8 @@ class HFDirWriter:
 
     def _flush(self) -> None:
         if self._buffer:
-            save_file(self._buffer, str(self.tmp / f"part-{len(self._shards):05d}.safetensors"), metadata={"format": "pt"})
+            part = self.tmp / f"part-{len(self._shards):05d}.safetensors"
+            save_file(self._buffer, str(part), metadata={"format": "pt"})
             self._shards.append(list(self._buffer))
         self._buffer, self._buffer_bytes = {}, 0
 

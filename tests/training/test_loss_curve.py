@@ -34,4 +34,5 @@ def test_without_matplotlib_the_plot_is_skipped_with_one_notice(tmp_path, monkey
     assert write_loss_curve(tmp_path, "t") is None
     assert not (tmp_path / "loss_curve.png").exists()
     notices = [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()]
-    assert notices == [f"matplotlib is not installed (pip install 'mirotrain[pipeline]'): no loss_curve.png plot in {tmp_path}"]
+    assert notices == ["matplotlib is not installed (pip install 'mirotrain[pipeline]'): no loss_curve.png plot "
+                       f"in {tmp_path}"]

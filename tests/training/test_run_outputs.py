@@ -122,7 +122,8 @@ def test_convert_of_the_run_directory_exports_the_final_weights(finished):
     for key in final:
         assert torch.equal(converted[key], final[key]), key
     # several shards, an index, config and tokenizer files; every one of them and the created parents public
-    assert len(list(export.glob("model-*-of-*.safetensors"))) > 1 and (export / "model.safetensors.index.json").is_file()
+    assert len(list(export.glob("model-*-of-*.safetensors"))) > 1
+    assert (export / "model.safetensors.index.json").is_file()
     assert (export / "config.json").is_file() and (export / "tokenizer.json").is_file()
     _assert_public(tmp / "exports")
 
