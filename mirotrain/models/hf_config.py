@@ -6,13 +6,12 @@ from typing import Any
 
 import torch
 
+from mirotrain.models.families import FAMILIES
 from mirotrain.models.qwen3.model import Qwen3Args
 
 
 def args_from_hf_config(config: dict[str, Any], **overrides: Any) -> Qwen3Args:
     """Model args from an HF ``config.json`` dict (``model_type`` qwen3 or qwen3_moe); ``overrides`` win."""
-    from mirotrain.models.families import FAMILIES
-
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(f"config.json: model_type {model_type!r} is not supported (expected one of {tuple(FAMILIES)})")

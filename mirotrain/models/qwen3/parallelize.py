@@ -9,6 +9,7 @@ The model code knows nothing of any of this. Works on a model on the meta device
 from __future__ import annotations
 
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from mirotrain.parallel.activation_checkpoint import apply_activation_checkpointing
 from mirotrain.parallel.compile import apply_compile
@@ -25,8 +26,9 @@ def apply_sequence_parallel(model: nn.Module, meshes: ParallelMeshes, options: P
 
 
 def apply_ac_compile_fsdp(model: nn.Module, meshes: ParallelMeshes, options: ParallelizeOptions,
-                          expert_mesh=None) -> nn.Module:
-    """The steps after SP (and EP): AC -> compile -> FSDP over every dp × sp rank."""
+                          expert_mesh: DeviceMesh | None = None) -> nn.Module:
+    """The steps after SP (and EP): AC -> compile -> FSDP over every dp × sp rank (the experts over
+    ``expert_mesh`` when expert parallelism sharded them)."""
     apply_activation_checkpointing(model, options.ac_mode, options.ac_option)
     if options.compile:
         apply_compile(model)
