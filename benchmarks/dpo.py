@@ -66,7 +66,7 @@ def write_shards(work: Path, rows_needed: int, vocab: int, seq: int, pad_id: int
     """DPO rows and the identical SFT rows; returns ``(dpo_dir, sft_dir)``."""
     import numpy as np
 
-    from mirotrain.data.pack import SFT_COLUMNS
+    from mirotrain.data.packing import SFT_COLUMNS
     from mirotrain.data.packing import plan_packs
     from mirotrain.data.preference import DPO_COLUMNS, build_dpo_row
     from mirotrain.data.shards import write_rows

@@ -30,7 +30,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 def run_mirotrain(data_file: str, out_root: str, tok, workers: int, L: int) -> dict:
     from mirotrain.data.datasets import odr_chat_dataset
-    from mirotrain.data.pack import pack
+    from mirotrain.data.pack_shards import pack
 
     ds = odr_chat_dataset(tok, source="json", data_files=data_file, packed=True, packed_seq_len=L)
     t0 = time.perf_counter()

@@ -61,7 +61,7 @@ def write_rows(out_dir: Path, n_rows: int, seq: int, docs: int, vocab: int, seed
     """Packed rows of random tokens (see ``doc_lengths``; first quarter of each document untrained)."""
     import numpy as np
 
-    from mirotrain.data.pack import SFT_COLUMNS
+    from mirotrain.data.packing import SFT_COLUMNS
     from mirotrain.data.shards import write_rows as write
 
     rng = np.random.default_rng(seed)

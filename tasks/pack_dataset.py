@@ -1,6 +1,6 @@
 """Task ``pack_dataset``: tokenize and pack a config's dataset section into Arrow shards (`mirotrain pack`).
 
-Calls the engine's Python API (:func:`mirotrain.data.pack.pack_dataset`, the function behind `mirotrain pack`) in
+Calls the engine's Python API (:func:`mirotrain.data.pack_shards.pack_dataset`, the function behind `mirotrain pack`) in
 the task process: packing is single-process CPU work and the shard directory it returns is keyed by the
 engine on config + tokenizer hashes. The Prefect cache key (:func:`pack_fingerprint`) adds what the
 arguments point at: a stamp (size, mtime or etag) of every data file, a Hub dataset's current revision, the
@@ -52,7 +52,7 @@ def pack_fingerprint(config: str, overrides: list[str] | None = None, section: s
     name hashes the tokenizer files and every packing option), a stamp of each data file, and for a Hub
     dataset the commit its revision points at."""
     from mirotrain.config import load_config
-    from mirotrain.data.pack import build_dataset, output_root, shard_dir_for
+    from mirotrain.data.pack_shards import build_dataset, output_root, shard_dir_for
     from mirotrain.hub import hub_revision
     from tasks._data_inputs import data_stamps, is_hub_dataset
 
@@ -79,8 +79,8 @@ def pack_dataset(config: str, overrides: list[str] | None = None,
         section: Which dataset section to pack (dataset or dataset_val).
     """
     from mirotrain.config import load_config
-    from mirotrain.data.pack import pack_dataset as engine_pack_dataset
-    from mirotrain.data.pack import summary_line
+    from mirotrain.data.pack_shards import pack_dataset as engine_pack_dataset
+    from mirotrain.data.pack_shards import summary_line
     from mirotrain.data.shards import read_manifest
 
     logger = run_logger()

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from mirotrain.config import ConfigError, load_config
     from mirotrain.data.errors import DataError
-    from mirotrain.data.pack import build_dataset, output_root, pack, summary_line
+    from mirotrain.data.pack_shards import build_dataset, output_root, pack, summary_line
 
     try:
         cfg = load_config(args.config, args.overrides)

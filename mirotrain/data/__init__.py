@@ -2,9 +2,11 @@
 
 Modules: ``formats`` (sources to the message contract), ``sources`` (JSON/JSONL/Parquet on fsspec, HF
 datasets), ``render`` (chat template + loss mask), ``truncation`` (the cut of a too-long sample),
-``datasets`` (config builders), ``packing`` (best-fit decreasing), ``shards`` (Arrow writer,
-memory-mapped reader, manifest), ``pack`` (``mirotrain pack``), ``preference`` (DPO rows), ``samplers``,
-``collate``, ``streaming`` (streaming pack), ``loader`` (``build_train_loader``), ``demo`` (demo data).
+``datasets`` (config builders), ``packing`` (which documents share a row, and the row layout),
+``shards`` (Arrow writer, memory-mapped reader, manifest), ``pack_shards`` (the offline packer behind
+``mirotrain pack``), ``streaming`` (the streaming packer), ``preference`` (DPO rows), ``samplers``,
+``batch`` (typed batches), ``collate`` (rows -> batches), ``loader`` (``build_train_loader``: reads shards
+or drives the streaming packer), ``demo`` (demo data).
 Nothing heavy is imported here.
 """
 
@@ -13,7 +15,7 @@ from typing import Any
 
 def pack_dataset(cfg: dict, section: str = "dataset", **kwargs: Any) -> str:
     """Pack ``cfg[section]`` to Arrow shards (a cache hit if already packed); returns the shard dir."""
-    from mirotrain.data.pack import pack_dataset as pack
+    from mirotrain.data.pack_shards import pack_dataset as pack
 
     return pack(cfg, section, **kwargs)
 

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from mirotrain.data.collate import collate_packed, padded_collate_dpo, padded_collate_sft, padding_dpo_row, padding_row
 from mirotrain.data.datasets import PreferenceDataset
-from mirotrain.data.pack import build_dataset, pack, output_root
+from mirotrain.data.pack_shards import build_dataset, pack, output_root
 from mirotrain.data.preference import extra_pair_columns
 from mirotrain.data.samplers import DistributedRowSampler
 from mirotrain.data.shards import ShardReader, read_manifest
@@ -145,7 +145,7 @@ class TrainLoader:
 
 def _ensure_packed(cfg: dict, section: str, ds: Any) -> str:
     """Pack on global rank 0 (cache hit if done), barrier, return the shard dir on every rank."""
-    from mirotrain.data.pack import shard_dir_for
+    from mirotrain.data.pack_shards import shard_dir_for
 
     dist = _dist()
     root = output_root(cfg, section)

@@ -1,4 +1,8 @@
-"""Bin packing of documents into rows of ``packed_seq_len`` tokens.
+"""Packing: which documents share a row (:func:`plan_packs`) and how a row is laid out (:func:`sft_row`).
+
+Both packers use this module: the offline writer behind ``mirotrain pack`` (:mod:`mirotrain.data.pack_shards`)
+and the streaming loader (:mod:`mirotrain.data.streaming`); DPO rows put each pair's two documents back to
+back with :func:`concat_documents` (:func:`mirotrain.data.preference.build_dpo_row`).
 
 Algorithm: **best-fit decreasing** with a seeded tie-break.
 1. Documents are shuffled with ``seed`` and then stably sorted by length, longest first.
@@ -15,9 +19,21 @@ Determinism: the output depends only on ``lengths``, ``capacity`` and ``seed``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mirotrain.data.datasets import Encoded
+
+# Columns of an SFT row (shards written by `mirotrain pack`; see mirotrain/data/shards.py).
+SFT_COLUMNS: dict[str, Any] = {
+    "input_ids": np.int32,
+    "labels": np.int32,
+    "position_ids": np.int32,
+    "seq_lens": np.int32,
+    "doc_index": np.int64,
+}
 
 
 class _FreeSizeTree:
@@ -116,3 +132,21 @@ def greedy_packs(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     if cur:
         bins.append(cur)
     return bins
+
+
+def concat_documents(docs: Sequence["Encoded"]) -> dict[str, np.ndarray]:
+    """Documents back to back: ``input_ids``, ``labels``, ``position_ids`` (restarting at 0 in every
+    document) and ``seq_lens`` (one length per document; their sum is the row length)."""
+    return {
+        "input_ids": np.concatenate([d.input_ids for d in docs]),
+        "labels": np.concatenate([d.labels for d in docs]),
+        "position_ids": np.concatenate([np.arange(len(d), dtype=np.int32) for d in docs]),
+        "seq_lens": np.asarray([len(d) for d in docs], dtype=np.int32),
+    }
+
+
+def sft_row(docs: Sequence[tuple[int, "Encoded"]]) -> dict[str, np.ndarray]:
+    """An SFT row (:data:`SFT_COLUMNS`) from ``[(source sample index, document), ...]``."""
+    row = concat_documents([d for _, d in docs])
+    row["doc_index"] = np.asarray([i for i, _ in docs], dtype=np.int64)
+    return row

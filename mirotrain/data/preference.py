@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from mirotrain.data.packing import concat_documents
 from mirotrain.data.shards import ShardReader, read_manifest, write_rows
 
 DPO_COLUMNS: dict[str, Any] = {
@@ -44,26 +45,15 @@ PAIR_COLUMNS = ("pair_ids", "chosen_index", "rejected_index")
 
 
 def build_dpo_row(pairs: list[tuple[int, Any]]) -> dict[str, np.ndarray]:
-    """Row from ``[(pair_id, EncodedPair), ...]`` in the layout above."""
-    ids, labels, pos, lens = [], [], [], []
-    chosen_index, rejected_index, pair_ids = [], [], []
-    for pair_id, enc in pairs:
-        for doc, target in ((enc.chosen, chosen_index), (enc.rejected, rejected_index)):
-            target.append(len(lens))
-            ids.append(doc.input_ids)
-            labels.append(doc.labels)
-            pos.append(np.arange(len(doc), dtype=np.int32))
-            lens.append(len(doc))
-        pair_ids.append(pair_id)
-    return {
-        "input_ids": np.concatenate(ids).astype(np.int32),
-        "labels": np.concatenate(labels).astype(np.int32),
-        "position_ids": np.concatenate(pos),
-        "seq_lens": np.asarray(lens, dtype=np.int32),
-        "pair_ids": np.asarray(pair_ids, dtype=np.int64),
-        "chosen_index": np.asarray(chosen_index, dtype=np.int32),
-        "rejected_index": np.asarray(rejected_index, dtype=np.int32),
-    }
+    """Row from ``[(pair_id, EncodedPair), ...]`` in the layout above: pair p's chosen document is segment
+    2p and its rejected document segment 2p + 1."""
+    row = concat_documents([doc for _, enc in pairs for doc in (enc.chosen, enc.rejected)])
+    row["input_ids"] = row["input_ids"].astype(np.int32)
+    row["labels"] = row["labels"].astype(np.int32)
+    row["pair_ids"] = np.asarray([pair_id for pair_id, _ in pairs], dtype=np.int64)
+    row["chosen_index"] = np.arange(0, 2 * len(pairs), 2, dtype=np.int32)
+    row["rejected_index"] = np.arange(1, 2 * len(pairs), 2, dtype=np.int32)
+    return row
 
 
 def extra_pair_columns(manifest: Mapping) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from mirotrain.data.datasets import SFTDataset
 from mirotrain.data.errors import DataError
-from mirotrain.data.packing import plan_packs
+from mirotrain.data.packing import plan_packs, sft_row
 
 
 def _dist_world() -> tuple[int, int]:
@@ -90,18 +90,14 @@ class StreamingPacker:
         return mine + [None] * (per_rank - len(mine))
 
     def build_row(self, pack: list[int]) -> dict[str, np.ndarray]:
-        ids, labels, pos, lens = [], [], [], []
+        docs = []
         for i in pack:
             rec, where = self.records[i]
             status, enc = self.ds.encode_or_report(rec, where)
             if status != "ok" or len(enc) != self.lengths[i]:
                 raise RuntimeError(f"{where}: sample changed between the length pass and training")
-            ids.append(enc.input_ids)
-            labels.append(enc.labels)
-            pos.append(np.arange(len(enc), dtype=np.int32))
-            lens.append(len(enc))
-        return {"input_ids": np.concatenate(ids), "labels": np.concatenate(labels), "position_ids": np.concatenate(pos),
-                "seq_lens": np.asarray(lens, dtype=np.int32), "doc_index": np.asarray(pack, dtype=np.int64)}
+            docs.append((i, enc))
+        return sft_row(docs)
 
     def iter_rows(self, epoch: int, start: int) -> Iterator[dict[str, np.ndarray] | None]:
         for pack in self.rank_packs(epoch)[start:]:

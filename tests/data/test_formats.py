@@ -16,7 +16,7 @@ from mirotrain.data.formats import (
     sharegpt_to_messages,
     traces_to_messages,
 )
-from mirotrain.data.pack import build_dataset, pack, pack_dataset, read_manifest
+from mirotrain.data.pack_shards import build_dataset, pack, pack_dataset, read_manifest
 from mirotrain.data.shards import ShardReader
 from mirotrain.data.formats import SampleFormatError
 
@@ -111,13 +111,14 @@ def test_hf_datasets_source_alpaca_csv(tmp_path, tok):
     cfg["dataset"] = {"_component_": "torchtune.datasets.alpaca_dataset", "source": "csv", "data_files": str(tmp_path / "a.csv"),
                       "train_on_input": False, "num_workers": 0}
     ds = build_dataset(cfg, tokenizer=tok)
-    assert len(ds.records()) == 2
-    item = ds[0]
-    text = tok.decode(item["input_ids"])
+    records = ds.records()
+    assert len(records) == 2
+    item = ds.encode(*records[0])
+    text = tok.decode(item.input_ids.tolist())
     assert "Add\n\n1 2" in text and text.endswith("3<|im_end|>\n")
-    trained = [t for t in item["labels"] if t != -100]
+    trained = [t for t in item.labels.tolist() if t != -100]
     assert tok.decode(trained).endswith("3<|im_end|>") and "Add" not in tok.decode(trained)
-    assert ds.source.data_files and ds[1]["input_ids"]
+    assert ds.source.data_files and len(ds.encode(*records[1])) > 0
 
 
 def test_sharegpt_openai_alpaca_preference_conversions():

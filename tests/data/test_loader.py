@@ -13,7 +13,7 @@ from data_helpers import IM_START, base_cfg, short_conversation, split_docs, wri
 from mirotrain.data.collate import collate_packed
 from mirotrain.data.demo import demo_preferences, write_demo
 from mirotrain.data.loader import build_train_loader
-from mirotrain.data.pack import pack_dataset, read_manifest
+from mirotrain.data.pack_shards import pack_dataset, read_manifest
 from mirotrain.data.preference import DPOShardReader, add_pair_columns, segment_sums
 from mirotrain.data.render import ChatRenderer
 

@@ -9,7 +9,7 @@ import pytest
 from data_helpers import IM_END, IM_START, NL, base_cfg, reference_mask, short_conversation, write_jsonl
 
 from mirotrain.data.loader import build_train_loader
-from mirotrain.data.pack import build_dataset, pack, read_manifest
+from mirotrain.data.pack_shards import build_dataset, pack, read_manifest
 from mirotrain.data.packing import greedy_packs, plan_packs
 from mirotrain.data.samplers import DistributedRowSampler
 from mirotrain.data.shards import ShardReader

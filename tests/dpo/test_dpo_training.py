@@ -51,7 +51,7 @@ def test_tiny_model_learns_preferences(preference_data, tmp_path):
     assert rows[0]["loss"] == torch.nn.functional.softplus(torch.tensor(0.0)).item()  # policy == reference: log 2
     assert rows[-1]["rewards/accuracies"] > 0.9 and rows[-1]["loss"] < rows[0]["loss"]
 
-    from mirotrain.data.pack import pack_dataset
+    from mirotrain.data.pack_shards import pack_dataset
     from mirotrain.models import from_pretrained
     from mirotrain.models.qwen3.builders import qwen3
 

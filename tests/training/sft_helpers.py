@@ -50,7 +50,7 @@ def synthetic_rows(n_rows: int, seq_len: int, seed: int, packed: bool = True) ->
 
 def write_shards(out_dir: Path, n_rows: int = 16, seq_len: int = 64, seed: int = 0, packed: bool = True) -> str:
     """A shard directory the real loader reads with ``dataset.shard_dir`` (layout packed or docs)."""
-    from mirotrain.data.pack import SFT_COLUMNS
+    from mirotrain.data.packing import SFT_COLUMNS
     from mirotrain.data.shards import write_rows
 
     manifest = {"kind": "sft", "layout": "packed" if packed else "docs", "pad_id": 0,

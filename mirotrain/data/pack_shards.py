@@ -1,4 +1,6 @@
-"""``mirotrain pack``: tokenise with a pool of processes, pack, write Arrow shards + ``manifest.json``.
+"""The offline packer behind ``mirotrain pack``: tokenise with a pool of processes, pack, write Arrow shards +
+``manifest.json``. (The streaming packer is :mod:`mirotrain.data.streaming`; both plan rows with
+:mod:`mirotrain.data.packing`.)
 
 Packing runs once, before training, on one machine (the system we replace packed on every rank in the
 training process). The output directory is ``{output_dir}/{kind}-{layout}-{hash}`` where the hash covers the
@@ -22,17 +24,10 @@ import numpy as np
 
 from mirotrain.data.datasets import IGNORE_INDEX, PreferenceDataset, SFTDataset, _BaseDataset
 from mirotrain.data.errors import DataError, SkipLog
-from mirotrain.data.packing import plan_packs
+from mirotrain.data.packing import SFT_COLUMNS, plan_packs, sft_row
 from mirotrain.data.preference import DPO_COLUMNS, build_dpo_row
 from mirotrain.data.shards import SCHEMA_VERSION, join, local_cpu_count, manifest_exists, read_manifest, write_rows
 
-SFT_COLUMNS: dict[str, Any] = {
-    "input_ids": np.int32,
-    "labels": np.int32,
-    "position_ids": np.int32,
-    "seq_lens": np.int32,
-    "doc_index": np.int64,
-}
 PACKING_VERSION = "bfd-1"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "mirotrain", "packed")
 
@@ -131,16 +126,6 @@ def shard_dir_for(ds: _BaseDataset, output_root: str) -> str:
     return join(output_root, f"{ds.kind}-{layout}-{ds.fingerprint()[:16]}")
 
 
-def _sft_row(docs: list[tuple[int, Any]]) -> dict[str, np.ndarray]:
-    return {
-        "input_ids": np.concatenate([d.input_ids for _, d in docs]),
-        "labels": np.concatenate([d.labels for _, d in docs]),
-        "position_ids": np.concatenate([np.arange(len(d), dtype=np.int32) for _, d in docs]),
-        "seq_lens": np.asarray([len(d) for _, d in docs], dtype=np.int32),
-        "doc_index": np.asarray([i for i, _ in docs], dtype=np.int64),
-    }
-
-
 def pack(ds: _BaseDataset, output_root: str, *, num_workers: int | None = None, progress: bool = False,
          force: bool = False) -> tuple[str, dict]:
     """Tokenise + pack ``ds`` under ``output_root``; returns ``(shard_dir, manifest)`` (cached when complete)."""
@@ -168,7 +153,7 @@ def pack(ds: _BaseDataset, output_root: str, *, num_workers: int | None = None, 
             plan = plan_packs(lengths, int(L), seed=ds.options.pack_seed)
         else:
             plan = [[k] for k in range(len(encoded))]
-        rows = (_sft_row([(indices[k], encoded[k]) for k in p]) for p in plan)
+        rows = (sft_row([(indices[k], encoded[k]) for k in p]) for p in plan)
         trained = sum(int((e.labels != IGNORE_INDEX).sum()) for e in encoded)
     tokens = int(lengths.sum())
     row_len = int(L) if (ds.options.packed or isinstance(ds, PreferenceDataset)) else int(lengths.max())
