@@ -1,7 +1,8 @@
 """`mirotrain <command> ...`: one entry point, each command in its own module.
 
 Commands live in ``mirotrain/commands/<name>.py`` and expose ``main(argv: list[str]) -> int``. They are
-imported lazily so that ``mirotrain --help`` and light commands never pay for heavy imports.
+imported lazily so that ``mirotrain --help`` and light commands never pay for heavy imports. How they report
+user errors (one line, exit code 2, ``--debug`` for the traceback) is ``mirotrain/commands/errors.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ COMMANDS: dict[str, str] = {
 def _usage() -> str:
     lines = ["usage: mirotrain <command> [args]", "", "commands:"]
     lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "A bad config key, data file or input is reported as one line with exit code 2;",
+              "add --debug to a command to see its traceback instead."]
     return "\n".join(lines)
 
 

@@ -14,6 +14,8 @@ import argparse
 import logging
 import sys
 
+from mirotrain.commands.errors import add_debug_flag, reports_user_errors
+
 
 def _shard_size(text: str) -> int:
     from mirotrain.models.hf_writer import parse_size
@@ -28,30 +30,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirotrain convert", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="a step checkpoint (OUT/checkpoints/step_N) or a training output_dir (its newest complete step)")
+                   help="a step checkpoint (OUT/checkpoints/step_N) or a training output_dir (its newest complete "
+                        "step)")
     p.add_argument("--output", required=True, help="directory to write the HF model to (replaced if it exists)")
     p.add_argument("--config", default=None, help="training config to take the model architecture from")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="export dtype (default: the run's dtype)")
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer files to copy (default: the run's)")
     p.add_argument("--max-shard-size", default="5GB", type=_shard_size, help="safetensors shard size (default 5GB)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for --config")
-    return p
+    return add_debug_flag(p)
 
 
+@reports_user_errors("mirotrain convert")
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S")
     from mirotrain.checkpoint.convert import convert_checkpoint
-    from mirotrain.checkpoint.layout import CheckpointInputError
-    from mirotrain.config import ConfigError
+    from mirotrain.commands.errors import is_user_error
 
     try:
         out = convert_checkpoint(args.checkpoint, args.output, config_path=args.config, overrides=args.overrides,
                                  dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer_dir=args.tokenizer)
-    except (CheckpointInputError, ConfigError) as exc:
-        print(f"mirotrain convert: {exc}", file=sys.stderr, flush=True)
-        return 2
     except (OSError, ValueError, KeyError) as exc:
+        if is_user_error(exc):  # a missing or unusable checkpoint, a config error: exit code 2
+            raise
         print(f"mirotrain convert: {exc}", file=sys.stderr, flush=True)
         return 1
     print(out, flush=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mirotrain.commands.errors import add_debug_flag, reports_user_errors
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirotrain data", description="Data utilities.")
@@ -18,9 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-samples", type=int, default=200, help="agent traces to write (default 200)")
     demo.add_argument("--num-pairs", type=int, default=None, help="preference pairs (default: --num-samples)")
     demo.add_argument("--seed", type=int, default=0)
+    add_debug_flag(demo)
     return p
 
 
+@reports_user_errors("mirotrain data")
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.action == "demo":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mirotrain.commands.errors import add_debug_flag, reports_user_errors
 from mirotrain.hub import DownloadError, download
 
 
@@ -24,9 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", action="append", default=None, metavar="GLOB",
                    help="only files matching this glob (repeatable), e.g. '*.safetensors'")
     p.add_argument("--no-verify", action="store_true", help="skip size / safetensors header / index checks")
-    return p
+    return add_debug_flag(p)
 
 
+@reports_user_errors("mirotrain download")
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from mirotrain.commands.errors import reports_user_errors
 from mirotrain.commands.recipe import config_parser, run_recipe
 
 
@@ -24,8 +25,9 @@ def build_parser(prog: str = "mirotrain dpo") -> argparse.ArgumentParser:
     return p
 
 
+@reports_user_errors("mirotrain dpo")
 def main(argv: list[str]) -> int:
     from mirotrain.training.dpo import run_dpo
 
     args = build_parser().parse_args(argv)
-    return run_recipe("mirotrain dpo", args, lambda cfg: run_dpo(cfg, precompute_only=args.precompute_only))
+    return run_recipe(args, lambda cfg: run_dpo(cfg, precompute_only=args.precompute_only))

@@ -4,7 +4,8 @@ Tokenises the config's dataset with a pool of worker processes, packs it (best-f
 ``mirotrain.data.packing``) and writes Arrow shards + ``manifest.json`` under ``dataset.output_dir`` (any
 fsspec URL) in a subdirectory keyed by a hash of inputs, tokenizer and options; re-running with the same
 inputs is a no-op. Prints the shard directory on stdout (last line) and a summary on stderr.
-Exit codes: 0 packed (or cache hit), 1 bad data, 2 bad config or arguments.
+The config is checked first, as `mirotrain validate` checks it (only the tokenizer and the packed section).
+Exit codes: 0 packed (or cache hit), 2 bad config, data or arguments (one line naming the key or file:line).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from mirotrain.commands.errors import add_debug_flag, reports_user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,31 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-pack even if a complete shard directory exists")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return p
+    return add_debug_flag(p)
 
 
+@reports_user_errors("mirotrain pack")
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from mirotrain.config import ConfigError, load_config
-    from mirotrain.data.errors import DataError
+    from mirotrain.config import load_config
+    from mirotrain.config.validation import raise_if_invalid
     from mirotrain.data.pack_shards import build_dataset, output_root, pack, summary_line
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        ds = build_dataset(cfg, args.section)
-    except (ConfigError, ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"mirotrain pack: {exc}", file=sys.stderr, flush=True)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    raise_if_invalid(cfg, check_files=True, scope=("tokenizer", args.section), source=args.config)
+    ds = build_dataset(cfg, args.section)
     workers = args.workers if args.workers is not None else ds.options.num_workers
-    try:
-        out_dir, manifest = pack(ds, output_root(cfg, args.section), num_workers=workers,
-                                 progress=sys.stderr.isatty(), force=args.force)
-    except (DataError, FileNotFoundError) as exc:
-        print(f"mirotrain pack: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except ValueError as exc:
-        print(f"mirotrain pack: {exc}", file=sys.stderr, flush=True)
-        return 2
+    out_dir, manifest = pack(ds, output_root(cfg, args.section), num_workers=workers,
+                             progress=sys.stderr.isatty(), force=args.force)
     state = "cache hit (already packed)" if manifest.get("cache_hit") else f"packed in {manifest.get('seconds')} s"
     print(f"mirotrain pack: {state}: {summary_line(manifest)}", file=sys.stderr, flush=True)
     for example in manifest.get("skip_examples", []):

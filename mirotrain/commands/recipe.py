@@ -1,16 +1,17 @@
 """What `mirotrain sft` and `mirotrain dpo` share: the `--config X [key=value ...]` parser and the run wrapper.
 
-Both load the config, run the recipe under the (possibly torchrun-launched) process group, report config
-errors and a refused run lock (another training owns the output_dir) as exit code 2 with the command's name,
-and always tear the process group down.
+Both load the config and run the same checks as `mirotrain validate` (with the launch's world size) before the
+recipe starts, then run it under the (possibly torchrun-launched) process group and always tear the group
+down. Config, data and run-lock errors reach the user through ``commands.errors``: one line, exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Callable
+
+from mirotrain.commands.errors import add_debug_flag
 
 
 def config_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -19,31 +20,32 @@ def config_parser(prog: str, doc: str) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config")
     p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys, YAML values; ~key deletes)")
-    return p
+    return add_debug_flag(p)
 
 
-def run_recipe(prog: str, args: argparse.Namespace, run: Callable[[dict], Any]) -> int:
-    """Load ``args.config`` with ``args.overrides`` and call ``run(cfg)``; 2 on a config error or a locked
-    output_dir, else 0."""
-    from mirotrain.config import ConfigError, load_config
+def check_machine(cfg: dict) -> None:
+    """Refuse ``device: cuda`` where no CUDA device is visible, naming the key (validate may run anywhere)."""
+    from mirotrain.config import ConfigError
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr, flush=True)
-        return 2
+    if cfg.get("device", "cuda") == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device", "cuda, but this machine has no CUDA device; set device=cpu to train on CPU")
+
+
+def run_recipe(args: argparse.Namespace, run: Callable[[dict], Any]) -> int:
+    """Load ``args.config`` with ``args.overrides``, check it, and call ``run(cfg)``; 0 when it returns."""
+    from mirotrain.config import load_config
+    from mirotrain.config.validation import raise_if_invalid
+
+    cfg = load_config(args.config, args.overrides)
+    raise_if_invalid(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), check_files=True, source=args.config)
+    check_machine(cfg)
     from mirotrain.training.distributed import destroy_distributed
-    from mirotrain.training.run_lock import RunLockedError
 
     try:
         run(cfg)
-    except ConfigError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except RunLockedError as exc:
-        if os.environ.get("RANK", "0") == "0":  # every rank stops; global rank 0 says why, once
-            print(f"{prog}: {exc}", file=sys.stderr, flush=True)
-        return 2
     finally:
         destroy_distributed()
     return 0

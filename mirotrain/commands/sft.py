@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from mirotrain.commands.errors import reports_user_errors
 from mirotrain.commands.recipe import config_parser, run_recipe
 
 
@@ -20,7 +21,8 @@ def build_parser(prog: str = "mirotrain sft") -> argparse.ArgumentParser:
     return config_parser(prog, __doc__)
 
 
+@reports_user_errors("mirotrain sft")
 def main(argv: list[str]) -> int:
     from mirotrain.training.sft import run_sft
 
-    return run_recipe("mirotrain sft", build_parser().parse_args(argv), run_sft)
+    return run_recipe(build_parser().parse_args(argv), run_sft)

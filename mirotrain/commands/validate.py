@@ -1,18 +1,19 @@
 """`mirotrain validate --config X [k=v ...] [--world-size N]`: check a config without touching data or weights.
 
-Builds the model on the meta device, prints the parameter count, the parallel layout and a per-GPU
-memory estimate, and lists every config error with its key path.
+Runs the config checks of ``mirotrain.config.validation`` (the ones `pack`, `sft` and `dpo` run first). On a
+valid config it builds the model on the meta device and prints the parameter count, the parallel layout and
+a per-GPU memory estimate; otherwise it prints one line per error, naming the file and the key path, and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
+from mirotrain.commands.errors import add_debug_flag, reports_user_errors
 from mirotrain.config import ConfigError, instantiate, load_config
-from mirotrain.config.validation import validate_config
+from mirotrain.config.validation import InvalidConfig, validate_config
 
 GIB = 2**30
 
@@ -62,6 +63,7 @@ def checkpoint_footprint(model: torch.nn.Module, world_size: int, gpus_per_node:
     return {"size": size / GIB, "host_per_node": per_rank * min(gpus_per_node, world_size) / GIB}
 
 
+@reports_user_errors("mirotrain validate")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mirotrain validate", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
@@ -71,15 +73,11 @@ def main(argv: list[str]) -> int:
                         help="memory of one GPU, for the out-of-memory warning (default 79.2: an 80 GB H100)")
     parser.add_argument("--no-file-check", action="store_true", help="do not require local paths to exist")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    ns = parser.parse_args(argv)
-    try:
-        cfg = load_config(ns.config, ns.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    ns = add_debug_flag(parser).parse_args(argv)
+    cfg = load_config(ns.config, ns.overrides)
     errors = validate_config(cfg, ns.world_size, check_files=not ns.no_file_check)
     model = None
-    if "model" in cfg and not any(e.key.startswith("model") for e in errors):
+    if "model" in cfg and not errors:
         try:
             with torch.device("meta"):
                 model = instantiate(cfg["model"])
@@ -120,10 +118,7 @@ def main(argv: list[str]) -> int:
                     f"{min(ns.gpus_per_node, ns.world_size)} GPUs" if cfg.get("enable_async_checkpointing", True) else "")
             print(f"checkpoints: ~{ckpt['size']:.0f} GiB each on disk (keep {keep}: up to "
                   f"~{(keep + 1) * ckpt['size']:.0f} GiB while the next one is written){host}")
-    for err in errors:
-        print(f"error: {err}", file=sys.stderr)
     if errors:
-        print(f"{len(errors)} error(s) in {ns.config}", file=sys.stderr)
-        return 1
+        raise InvalidConfig(errors, ns.config)
     print("config is valid")
     return 0

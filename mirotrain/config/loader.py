@@ -21,9 +21,13 @@ class ConfigError(ValueError):
     """A problem with a config, naming the key path (``dataset.packed_seq_len``) it comes from."""
 
     def __init__(self, key: str, message: str, source: str | None = None):
-        self.key = key
+        self.key, self.detail, self.source = key, message, source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}config key '{key}': {message}" if key else f"{where}{message}")
+
+    def in_file(self, source: str) -> "ConfigError":
+        """The same problem, naming the config file it was found in."""
+        return ConfigError(self.key, self.detail, source=source)
 
 
 def parse_value(text: str) -> Any:
@@ -152,4 +156,4 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     try:
         return resolve_interpolations(cfg)
     except ConfigError as exc:
-        raise ConfigError(exc.key, str(exc).split(": ", 1)[-1], source=str(path)) from None
+        raise exc.in_file(str(path)) from None

@@ -1,7 +1,9 @@
 """Typed validation of a resolved config: every problem reported with its key path, before any work.
 
-Checks: unknown keys (with the closest valid name), types, component names and their arguments (against
-the component's signature), files that must exist, mutually exclusive options, and the parallel layout.
+This module holds the config rules; `validate`, `pack`, `sft`, `dpo` and the pipeline's validate task all run
+them before they touch data or weights. Checks: unknown keys at every depth (with the closest valid name),
+types and ranges (``schema.KEYS``, ``schema.SECTION_KEYS``, else the component's signature), component names,
+files that must exist, mutually exclusive options, and the parallel layout.
 """
 
 from __future__ import annotations
@@ -9,49 +11,125 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
-from typing import Any
+import types
+import typing
+from collections.abc import Collection
+from typing import Any, Callable
 
 from mirotrain.config.loader import ConfigError
 from mirotrain.config.registry import resolve_component
-from mirotrain.config.schema import KEYS
+from mirotrain.config.schema import KEYS, SECTION_KEYS, Key
 
-# keys of a component section that the engine consumes itself (not passed to the component)
-ENGINE_SECTION_KEYS: dict[str, set[str]] = {
-    "dataset": {"packed", "packed_seq_len", "streaming_pack", "output_dir", "num_workers", "on_bad_sample",
-                "max_seq_len", "pack_workers"},
-    "dataset_val": {"packed", "packed_seq_len", "streaming_pack", "output_dir", "num_workers", "on_bad_sample",
-                    "max_seq_len", "pack_workers"},
+# keys of a component section that the engine fills in itself (a config may still name them)
+INJECTED_KEYS: dict[str, set[str]] = {
     "optimizer": {"params"},
     "lr_scheduler": {"optimizer", "num_training_steps", "last_epoch"},
-    "model": set(),
 }
 PATH_KEYS = ("tokenizer.path", "checkpointer.checkpoint_dir", "ref_checkpointer.checkpoint_dir")
+REQUIRED = ("output_dir", "model", "tokenizer", "optimizer")
+DATA_SECTIONS = ("dataset", "dataset_val")
+# sources the dataset builders read themselves; any other source is a Hub dataset read with datasets.load_dataset
+LOCAL_FORMATS = ("json", "jsonl", "parquet")
+_PLAIN = (bool, int, float, str, dict, list)
+# sections whose component takes **kwargs only to accept old keys (listed in SECTION_KEYS): any other key is refused
+CLOSED_SECTIONS = ("tokenizer",)
 
 
-def _type_names(types: tuple[type, ...]) -> str:
-    names = ["null" if t is type(None) else {"dict": "mapping", "str": "string"}.get(t.__name__, t.__name__) for t in types]
+def _type_names(types_: tuple[type, ...]) -> str:
+    names = ["null" if t is type(None) else {"dict": "mapping", "str": "string"}.get(t.__name__, t.__name__) for t in types_]
     return " or ".join(names)
 
 
-def _check_type(key: str, value: Any, types: tuple[type, ...]) -> ConfigError | None:
-    if isinstance(value, bool) and bool not in types:
-        return ConfigError(key, f"expected {_type_names(types)}, got a boolean ({value})")
-    if float in types and isinstance(value, int):
+def _check_type(key: str, value: Any, types_: tuple[type, ...]) -> ConfigError | None:
+    if isinstance(value, bool) and bool not in types_:
+        return ConfigError(key, f"expected {_type_names(types_)}, got a boolean ({value})")
+    if float in types_ and isinstance(value, int):
         return None
-    if not isinstance(value, types):
-        return ConfigError(key, f"expected {_type_names(types)}, got {type(value).__name__} ({value!r})")
+    if not isinstance(value, types_):
+        return ConfigError(key, f"expected {_type_names(types_)}, got {type(value).__name__} ({value!r})")
     return None
 
 
-def _unknown(key: str, name: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+def _check_range(key: str, value: Any, spec: Key) -> ConfigError | None:
+    if spec.choices is not None and value not in spec.choices:
+        shown = ", ".join("null" if c is None else str(c) for c in spec.choices)
+        return ConfigError(key, f"must be one of {shown}, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if spec.low is not None and (value <= spec.low if spec.low_open else value < spec.low):
+        return ConfigError(key, f"must be {'>' if spec.low_open else '>='} {spec.low:g}, got {value}")
+    if spec.high is not None and value > spec.high:
+        return ConfigError(key, f"must be <= {spec.high:g}, got {value}")
+    return None
+
+
+def check_value(key: str, value: Any, spec: Key) -> list[ConfigError]:
+    """Type, then range and allowed values, of one key."""
+    err = _check_type(key, value, spec.types)
+    if err is None and spec.only is not None and value not in spec.only:
+        err = ConfigError(key, f"value {value!r} is not supported: {spec.doc}")
+    if err is None:
+        err = _check_range(key, value, spec)
+    return [err] if err else []
+
+
+def unknown_key(key: str, name: str, valid: Collection[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, sorted(valid), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(key, f"unknown key{hint}")
 
 
+def _plain_types(annotation: Any) -> tuple[type, ...] | None:
+    """The YAML types an annotation admits, or None when it is not made of plain types only (then unchecked)."""
+    if annotation is type(None):
+        return (type(None),)
+    if annotation in _PLAIN:
+        return (annotation,)
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return (list,)  # YAML sequences are lists
+    if origin is dict:
+        return (dict,)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_plain_types(a) for a in typing.get_args(annotation)]
+        return None if any(p is None for p in parts) else tuple(t for p in parts for t in p)  # type: ignore[union-attr]
+    return None
+
+
+def _signature(target: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    """A component's parameters and its resolvable type hints ({} when they cannot be resolved)."""
+    params = dict(inspect.signature(target).parameters)
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # noqa: BLE001 - hints naming imports hidden behind TYPE_CHECKING: leave the arguments untyped
+        hints = {}
+    return params, hints
+
+
+def _hub_dataset_keys() -> set[str] | None:
+    """The keyword arguments of ``datasets.load_dataset`` (None when the library is not installed: unchecked)."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        return None
+    return set(inspect.signature(load_dataset).parameters) - {"path", "data_files", "split"}
+
+
+def _check_keys(section: str, node: dict, keys: dict[str, Key]) -> list[ConfigError]:
+    """A section without a component: only the engine's own keys."""
+    errors = []
+    for name, value in node.items():
+        spec = keys.get(name)
+        errors.extend(check_value(f"{section}.{name}", value, spec) if spec else [unknown_key(f"{section}.{name}", name, keys)])
+    return errors
+
+
 def _check_component(section: str, node: dict) -> list[ConfigError]:
     if "_component_" not in node:
-        return [ConfigError(f"{section}._component_", "missing: this section must name a _component_")]
+        if section in DATA_SECTIONS and "shard_dir" in node:  # read existing shards: nothing to build
+            return _check_keys(section, node, SECTION_KEYS[section])
+        return [ConfigError(f"{section}._component_", "missing: this section must name a _component_"
+                            + (" (or shard_dir: an existing shard directory)" if section in DATA_SECTIONS else ""))]
     try:
         target = resolve_component(node["_component_"])
     except ValueError as exc:
@@ -59,16 +137,32 @@ def _check_component(section: str, node: dict) -> list[ConfigError]:
     except ImportError as exc:
         return [ConfigError(f"{section}._component_", f"cannot import {node['_component_']}: {exc}")]
     try:
-        params = inspect.signature(target).parameters
+        params, hints = _signature(target)
     except (TypeError, ValueError):
         return []
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
-    allowed = set(params) | ENGINE_SECTION_KEYS.get(section, set())
+    own = SECTION_KEYS.get(section, {})
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and section not in CLOSED_SECTIONS
+    if takes_any and section in DATA_SECTIONS:
+        # the dataset builders forward leftover keys to datasets.load_dataset for Hub sources only
+        hub_keys = set() if _source(node) in LOCAL_FORMATS else _hub_dataset_keys()
+        extra = {"field"} | (hub_keys or set())
+        takes_any = hub_keys is None
+    else:
+        extra = set()
+    allowed = set(params) | set(own) | INJECTED_KEYS.get(section, set()) | extra
     errors = []
-    for name in node:
-        if name != "_component_" and name not in allowed:
-            errors.append(_unknown(f"{section}.{name}", name, sorted(allowed)))
+    for name, value in node.items():
+        key = f"{section}.{name}"
+        if name == "_component_":
+            continue
+        if name in own:
+            errors.extend(check_value(key, value, own[name]))
+        elif name in params:
+            kinds = _plain_types(hints.get(name, Any))
+            if kinds is not None:
+                errors.extend(check_value(key, value, Key(kinds)))
+        elif not takes_any and name not in allowed:
+            errors.append(unknown_key(key, name, allowed))
     return errors
 
 
@@ -76,80 +170,130 @@ def _is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
-def _check_paths(cfg: dict) -> list[ConfigError]:
+def _check_paths(cfg: dict, scope: Collection[str]) -> list[ConfigError]:
     errors = []
     for dotted in PATH_KEYS:
         section, key = dotted.split(".")
-        value = (cfg.get(section) or {}).get(key)
+        value = (cfg.get(section) or {}).get(key) if section in scope else None
         if isinstance(value, str) and _is_local(value) and not os.path.exists(value.removeprefix("file://")):
             errors.append(ConfigError(dotted, f"path does not exist: {value}"))
-    dataset = cfg.get("dataset") or {}
-    files = dataset.get("data_files")
-    for f in [files] if isinstance(files, str) else (files or []) if isinstance(files, list) else []:
-        if isinstance(f, str) and _is_local(f) and not any(c in f for c in "*?[") and not os.path.exists(f.removeprefix("file://")):
-            errors.append(ConfigError("dataset.data_files", f"file does not exist: {f}"))
+    for section in DATA_SECTIONS:
+        files = (cfg.get(section) or {}).get("data_files") if section in scope else None
+        for f in [files] if isinstance(files, str) else (files or []) if isinstance(files, list) else []:
+            if isinstance(f, str) and _is_local(f) and not any(c in f for c in "*?[") and not os.path.exists(f.removeprefix("file://")):
+                errors.append(ConfigError(f"{section}.data_files", f"file does not exist: {f}"))
     return errors
 
 
-def _check_rules(cfg: dict, world_size: int) -> list[ConfigError]:
+def _source(node: dict) -> str | None:
+    """A dataset section's ``source``: its own, else its builder's default (None without a builder)."""
+    if "source" in node or "_component_" not in node:
+        return node.get("source")
+    try:
+        default = inspect.signature(resolve_component(node["_component_"])).parameters.get("source")
+    except (ValueError, ImportError, TypeError):
+        return None
+    return None if default is None or default.default is inspect.Parameter.empty else default.default
+
+
+def _is_preference(node: dict) -> bool:
+    try:
+        return resolve_component(node.get("_component_", "")).__name__ == "preference_dataset"
+    except (ValueError, ImportError):
+        return False
+
+
+def _check_data_section(cfg: dict, section: str) -> list[ConfigError]:
+    """The packing rules of a dataset section: the one place they are decided."""
+    node = cfg.get(section)
+    if not isinstance(node, dict):
+        return []
     errors = []
-    dataset = cfg.get("dataset") or {}
-    packed, streaming = bool(dataset.get("packed")), bool(dataset.get("streaming_pack"))
+    packed, streaming = node.get("packed") is True, node.get("streaming_pack") is True
     if packed and streaming:
-        errors.append(ConfigError("dataset.streaming_pack", "dataset.packed and dataset.streaming_pack are mutually exclusive; set one of them to False"))
-    if (packed or streaming) and cfg.get("batch_size", 1) != 1:
-        errors.append(ConfigError("batch_size", f"must be 1 with packed/streaming_pack data (a packed row is the batch), got {cfg.get('batch_size')}"))
+        errors.append(ConfigError(f"{section}.streaming_pack", f"{section}.packed and {section}.streaming_pack are "
+                                  "mutually exclusive; set one of them to False"))
+    source = _source(node)
+    if source in LOCAL_FORMATS and not node.get("data_files"):
+        errors.append(ConfigError(f"{section}.data_files", f"required with source {source!r} (a path, glob, list "
+                                  "or fsspec URL)"))
+    packs = packed or streaming or _is_preference(node)
+    batch_key = "batch_size" if section == "dataset" else "batch_size_val"
+    batch = cfg.get(batch_key)
+    if (packed or streaming) and isinstance(batch, int) and not isinstance(batch, bool) and batch != 1:
+        errors.append(ConfigError(batch_key, f"must be 1 with packed/streaming_pack data (a packed row is the batch), "
+                                  f"got {cfg.get(batch_key)}"))
+    packed_len = node.get("packed_seq_len")
+    if packs and packed_len is None:
+        kind = "preference pairs (always packed)" if not (packed or streaming) else "packed/streaming_pack data"
+        errors.append(ConfigError(f"{section}.packed_seq_len", f"required with {kind}"))
     seq = (cfg.get("tokenizer") or {}).get("max_seq_len")
-    packed_len = dataset.get("packed_seq_len")
-    if (packed or streaming) and packed_len is None:
-        errors.append(ConfigError("dataset.packed_seq_len", "required with packed/streaming_pack data"))
-    if isinstance(seq, int) and isinstance(packed_len, int) and packed_len < seq:
-        errors.append(ConfigError("dataset.packed_seq_len", f"({packed_len}) must be >= tokenizer.max_seq_len ({seq})"))
-    if cfg.get("dtype") == "fp16":
-        errors.append(ConfigError("dtype", "fp16 is not supported; use bf16 (or fp32 on CPU)"))
+    if isinstance(seq, int) and isinstance(packed_len, int) and not isinstance(packed_len, bool) and packed_len < seq:
+        errors.append(ConfigError(f"{section}.packed_seq_len", f"({packed_len}) must be >= tokenizer.max_seq_len ({seq})"))
+    return errors
+
+
+def _check_layout(cfg: dict, world_size: int) -> list[ConfigError]:
+    errors = []
     sp = cfg.get("ulysses_sequence_parallel_size", 1)
     ep = cfg.get("moe_expert_parallel_size", 1)
-    if isinstance(sp, int) and (sp < 1 or world_size % sp):
+    if isinstance(sp, int) and sp >= 1 and world_size % sp:
         errors.append(ConfigError("ulysses_sequence_parallel_size", f"({sp}) must divide the world size ({world_size})"))
-    if isinstance(ep, int) and (ep < 1 or world_size % ep):
+    if isinstance(ep, int) and ep >= 1 and world_size % ep:
         errors.append(ConfigError("moe_expert_parallel_size", f"({ep}) must divide the world size ({world_size})"))
-    if cfg.get("enable_activation_offloading") and not cfg.get("enable_activation_checkpointing", True):
+    shard = cfg.get("data_parallel_shard_dim", -1)
+    if isinstance(shard, int) and shard not in (-1, world_size):
+        errors.append(ConfigError("data_parallel_shard_dim", f"({shard}): FSDP shards over all {world_size} ranks "
+                                  "(data parallel × sequence parallel); set it to -1"))
+    if cfg.get("enable_activation_offloading") and cfg.get("enable_activation_checkpointing", True) is False:
         errors.append(ConfigError("enable_activation_offloading", "requires enable_activation_checkpointing: True"))
-    for key in ("gradient_accumulation_steps", "epochs", "log_every_n_steps", "checkpoint_steps_for_auto_resume", "keep_last_n_checkpoints"):
-        value = cfg.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            errors.append(ConfigError(key, f"must be >= 1, got {value}"))
     return errors
 
 
-def validate_config(cfg: dict, world_size: int = 1, check_files: bool = True) -> list[ConfigError]:
-    """All problems found in ``cfg`` (empty list = valid)."""
+def validate_config(cfg: dict, world_size: int = 1, check_files: bool = True,
+                    scope: Collection[str] | None = None) -> list[ConfigError]:
+    """All problems found in ``cfg`` (empty list = valid).
+
+    ``scope`` limits the check to the top-level keys a command reads (`mirotrain pack` reads only
+    ``tokenizer`` and the section it packs); those sections are then the required ones. None checks everything.
+    """
     errors: list[ConfigError] = []
     for key, value in cfg.items():
+        if scope is not None and key not in scope:
+            continue
         spec = KEYS.get(key)
         if spec is None:
-            errors.append(_unknown(key, key, sorted(KEYS)))
+            errors.append(unknown_key(key, key, KEYS))
             continue
-        err = _check_type(key, value, spec.types)
-        if err:
-            errors.append(err)
-            continue
-        if spec.only is not None and value not in spec.only:
-            errors.append(ConfigError(key, f"value {value!r} is not supported: {spec.doc}"))
-        if isinstance(value, dict) and "_component_" in value:
+        found = check_value(key, value, spec)
+        errors.extend(found)
+        if not found and isinstance(value, dict) and (key in SECTION_KEYS or "_component_" in value):
             errors.extend(_check_component(key, value))
-    if "output_dir" not in cfg:
-        errors.append(ConfigError("output_dir", "missing: where should checkpoints and outputs go?"))
-    for section in ("model", "tokenizer", "optimizer"):
-        if section not in cfg:
-            errors.append(ConfigError(section, "missing required section"))
+    for key in REQUIRED if scope is None else scope:
+        if key not in cfg:
+            errors.append(ConfigError(key, "missing: where should checkpoints and outputs go?" if key == "output_dir"
+                                      else "missing required section"))
     if check_files:
-        errors.extend(_check_paths(cfg))
-    errors.extend(_check_rules(cfg, world_size))
+        errors.extend(_check_paths(cfg, KEYS if scope is None else scope))
+    for section in DATA_SECTIONS:
+        if scope is None or section in scope:
+            errors.extend(_check_data_section(cfg, section))
+    if scope is None:
+        errors.extend(_check_layout(cfg, world_size))
     return errors
 
 
-def raise_if_invalid(cfg: dict, world_size: int = 1, check_files: bool = True) -> None:
-    errors = validate_config(cfg, world_size, check_files)
+class InvalidConfig(ConfigError):
+    """Several config problems at once; ``errors`` holds one ConfigError per key."""
+
+    def __init__(self, errors: list[ConfigError], source: str | None = None):
+        self.errors = [e.in_file(source) for e in errors] if source else errors
+        super().__init__("", "\n".join(str(e) for e in self.errors))
+
+
+def raise_if_invalid(cfg: dict, world_size: int = 1, check_files: bool = True,
+                     scope: Collection[str] | None = None, source: str | None = None) -> None:
+    """Raise :class:`InvalidConfig` listing every problem :func:`validate_config` finds (``source``: the file)."""
+    errors = validate_config(cfg, world_size, check_files, scope)
     if errors:
-        raise ConfigError("", "invalid config:\n  " + "\n  ".join(str(e) for e in errors))
+        raise InvalidConfig(errors, source)

@@ -48,8 +48,10 @@ def test_validate_fails_with_expected_message(override, message, capsys):
     args = ["--config", str(path), "--world-size", "8", override, "dataset.packed=True"]
     if "checkpoint_dir" not in override:
         args.insert(4, "--no-file-check")
-    assert validate(args) == 1
-    assert message in capsys.readouterr().err
+    assert validate(args) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert any(message in line for line in lines), lines
+    assert all(line.startswith(f"mirotrain validate: {path}: config key '") for line in lines), lines
 
 
 def test_configured_mfu_peak_is_used(monkeypatch):

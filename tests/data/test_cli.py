@@ -53,5 +53,5 @@ def test_demo_then_pack(tmp_path, capsys):
     assert main(["pack", "--config", str(cfg), "dataset.packed_seq_len=1024"]) == 2
     assert "must be >= tokenizer.max_seq_len" in capsys.readouterr().err
     (tmp_path / "data" / "sft.jsonl").write_text('{"messages": [}\n')
-    assert main(["pack", "--config", str(cfg)]) == 1
+    assert main(["pack", "--config", str(cfg)]) == 2
     assert "sft.jsonl:1: malformed JSON" in capsys.readouterr().err
