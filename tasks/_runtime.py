@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
-# Offline defaults from ../shared/reference/prefect-notes.md (P2, P3): no telemetry from server or SDK, and
-# enough time for a fresh SQLite database to migrate when Prefect starts an ephemeral server.
+# Offline defaults: no telemetry from server or SDK (the machines may have no route out), and enough time for a
+# fresh SQLite database to migrate when Prefect starts an ephemeral server (the default timeout is too short on
+# a busy 2-core machine).
 PREFECT_ENV_DEFAULTS: dict[str, str] = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",

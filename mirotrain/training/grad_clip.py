@@ -1,9 +1,9 @@
 """Gradient clipping by the true global L2 norm: sqrt of the summed squares over every shard and mesh.
 
-The system we replace summed per-group *norms* (dense + expert) and required every gradient to be a DTensor
-on one mesh. Here gradients are grouped by (mesh, placements); each group's norm is computed by DTensor
-(whose reduction knows which mesh dims are sharded and which are replicated, so replicas are counted once),
-and the groups are combined as sqrt(Σ norm²). Plain-tensor gradients are treated as identical replicas
+Summing per-group *norms* (dense + expert) would overstate the global norm, and expert and dense gradients
+live on different meshes. So gradients are grouped by (mesh, placements); each group's norm is computed by
+DTensor (whose reduction knows which mesh dims are sharded and which are replicated, so replicas are counted
+once), and the groups are combined as sqrt(Σ norm²). Plain-tensor gradients are treated as identical replicas
 (counted once). Everything stays on the device: no host sync.
 """
 

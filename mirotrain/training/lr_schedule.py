@@ -3,7 +3,7 @@
 λ(t) = t / max(1, W)                                   for t < W,   W = int(warmup_ratio × total)
 λ(t) = m + (1 − m) · max(0, ½(1 + cos(2π · c · p)))    otherwise,   p = min(1, (t − W) / max(1, total − W))
 
-with c = ``num_cycles`` and m = ``min_lr_ratio``. Unlike the system we replace, p is clamped at 1, so the
+with c = ``num_cycles`` and m = ``min_lr_ratio``. p is clamped at 1, so the
 rate never rises again when a run goes past the planned total (streaming step estimates), and a floor m can
 be set. The scheduler state (``last_epoch``) is saved in step checkpoints, so resume does not re-derive it.
 """

@@ -1,7 +1,7 @@
 """Seeding and per-rank RNG state (python, numpy, torch CPU, CUDA) for bit-identical resume.
 
-The system we replace saved no RNG state; anything random after a resume (dropout, random masking, data
-augmentation added later) would diverge. The state is returned as plain Python/tensors so the checkpoint
+Without the saved RNG state anything random after a resume (dropout, random masking, data augmentation
+added later) would diverge. The state is returned as plain Python/tensors so the checkpoint
 code can store it without pickling.
 """
 

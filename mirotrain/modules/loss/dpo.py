@@ -16,7 +16,7 @@ and implicit rewards ``r_c = beta (pi_c - ref_c)``, ``r_r = beta (pi_r - ref_r)`
 
 The total per pair is ``sum_k w_k loss_k`` over ``loss_config = {type: weight}``. Every term is a per-pair
 quantity, so the trainer's reduction is the mean over all pairs of all ranks and accumulation steps — the
-batch-size-1 behaviour of the system we replace, now valid for any number of pairs per packed row.
+same result as one pair per micro-batch, for any number of pairs per packed row.
 """
 
 from __future__ import annotations

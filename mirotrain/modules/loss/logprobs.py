@@ -1,9 +1,8 @@
 """Per-sequence log-probability sums, fused with the LM head and chunked over tokens.
 
-DPO needs, for every chosen and rejected response, ``sum_t log p(y_t | y_<t)`` in fp32. The system we
-replace materialised the full ``[tokens, vocab]`` bf16 logits, moved them to host RAM and took a bf16
-``log_softmax`` there (behaviour spec §7.3, §11.7): ~12 GB per 40K-token sequence and a precision loss on
-long sums. Here:
+DPO needs, for every chosen and rejected response, ``sum_t log p(y_t | y_<t)`` in fp32. Materialising the
+full ``[tokens, vocab]`` logits would cost ~12 GB in bf16 per 40K-token sequence, and a bf16 ``log_softmax``
+loses precision on long sums. Here:
 
 * only *trained* positions (``label != ignore_index``) go through the LM head — prompts never do;
 * the LM head runs on ``chunk_size`` tokens at a time and every chunk's logits are fp32 (bf16 inputs use
