@@ -255,15 +255,16 @@ def validate_config(cfg: dict, world_size: int = 1, check_files: bool = True,
     """All problems found in ``cfg`` (empty list = valid).
 
     ``scope`` limits the check to the top-level keys a command reads (`mirotrain pack` reads only
-    ``tokenizer`` and the section it packs); those sections are then the required ones. None checks everything.
+    ``tokenizer`` and the section it packs); those sections are then the required ones, and unknown top-level
+    keys are still refused. None checks everything.
     """
     errors: list[ConfigError] = []
     for key, value in cfg.items():
-        if scope is not None and key not in scope:
-            continue
         spec = KEYS.get(key)
-        if spec is None:
+        if spec is None:  # refused in any scope: every command reads the same config
             errors.append(unknown_key(key, key, KEYS))
+            continue
+        if scope is not None and key not in scope:
             continue
         found = check_value(key, value, spec)
         errors.extend(found)

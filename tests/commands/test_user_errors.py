@@ -87,12 +87,15 @@ def test_pack_checks_the_config_first(capsys):
         f"mirotrain pack: {QWEN3_8B}: config key 'tokenizer.path': path does not exist: {path}"]
 
 
-def test_pack_refuses_an_unknown_dataset_key(tmp_path, demo_data, capsys):
-    args = ["pack", "--config", TINY_SFT, f"output_dir={tmp_path}", f"dataset.data_files={demo_data['sft']}",
-            "dataset.packed_seq_lenn=2048"]
+@pytest.mark.parametrize("override, message", [
+    ("dataset.packed_seq_lenn=2048", "config key 'dataset.packed_seq_lenn': unknown key; did you mean 'packed_seq_len'?"),
+    ("gradient_accumulation_step=2", "config key 'gradient_accumulation_step': unknown key; did you mean "
+                                     "'gradient_accumulation_steps'?"),
+])
+def test_pack_refuses_an_unknown_key(tmp_path, demo_data, override, message, capsys):
+    args = ["pack", "--config", TINY_SFT, f"output_dir={tmp_path}", f"dataset.data_files={demo_data['sft']}", override]
     assert main(args) == 2
-    assert error_lines(capsys, "mirotrain pack") == [
-        f"mirotrain pack: {TINY_SFT}: config key 'dataset.packed_seq_lenn': unknown key; did you mean 'packed_seq_len'?"]
+    assert error_lines(capsys, "mirotrain pack") == [f"mirotrain pack: {TINY_SFT}: {message}"]
 
 
 def test_pack_reports_malformed_data_with_file_and_line(tmp_path, capsys):
