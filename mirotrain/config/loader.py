@@ -25,6 +25,10 @@ class ConfigError(ValueError):
         where = f"{source}: " if source else ""
         super().__init__(f"{where}config key '{key}': {message}" if key else f"{where}{message}")
 
+    def __reduce__(self) -> tuple:
+        # rebuilt from its parts when it crosses a process boundary (a rank's broadcast, a worker's result)
+        return (type(self), (self.key, self.detail, self.source))
+
     def in_file(self, source: str) -> "ConfigError":
         """The same problem, naming the config file it was found in."""
         return ConfigError(self.key, self.detail, source=source)

@@ -291,6 +291,9 @@ class InvalidConfig(ConfigError):
         self.errors = [e.in_file(source) for e in errors] if source else errors
         super().__init__("", "\n".join(str(e) for e in self.errors))
 
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.errors,))
+
 
 def raise_if_invalid(cfg: dict, world_size: int = 1, check_files: bool = True,
                      scope: Collection[str] | None = None, source: str | None = None) -> None:

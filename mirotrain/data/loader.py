@@ -149,12 +149,22 @@ def _ensure_packed(cfg: dict, section: str, ds: Any) -> str:
 
     dist = _dist()
     root = output_root(cfg, section)
-    if dist is None or dist.get_rank() == 0:
-        out_dir, _ = pack(ds, root, num_workers=ds.options.num_workers)
-    if dist is not None:
-        dist.barrier()
-        out_dir = shard_dir_for(ds, root)
-    return out_dir
+    if dist is None:
+        return pack(ds, root, num_workers=ds.options.num_workers)[0]
+    failure: list[Exception | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            pack(ds, root, num_workers=ds.options.num_workers)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on rank 0 as it is
+            failure[0] = exc if isinstance(exc, ValueError) else RuntimeError(f"packing failed on rank 0: {exc!r}")
+            dist.broadcast_object_list(failure, src=0)
+            raise
+    # Every rank learns rank 0's outcome (instead of a barrier that breaks when rank 0 leaves), so a bad data
+    # file stops every rank with the same one-line error.
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise failure[0]
+    return shard_dir_for(ds, root)
 
 
 def build_train_loader(cfg: dict, section: str = "dataset", *, dp_rank: int = 0, dp_size: int = 1, seed: int | None = 0,

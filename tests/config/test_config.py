@@ -107,3 +107,18 @@ def test_unsupported_compat_keys(tmp_path):
     found = messages(validate_config(cfg))
     assert any("tensor_parallel_dim" in m and "not supported" in m for m in found)
     assert any("'dtype'" in m for m in found)
+
+
+def test_config_errors_survive_pickling():
+    """Ranks and worker processes pass errors on pickled (a broadcast of rank 0's error): they must rebuild."""
+    import pickle
+
+    from mirotrain.config import ConfigError
+    from mirotrain.config.validation import InvalidConfig
+
+    one = ConfigError("optimizer.lr", "expected int or float, got str ('abc')", source="c.yaml")
+    again = pickle.loads(pickle.dumps(one))
+    assert type(again) is ConfigError and str(again) == str(one) and again.key == "optimizer.lr"
+    many = InvalidConfig([ConfigError("epochs", "must be >= 1, got 0"), ConfigError("device", "bad")], "c.yaml")
+    back = pickle.loads(pickle.dumps(many))
+    assert [str(e) for e in back.errors] == [str(e) for e in many.errors] and str(back) == str(many)
