@@ -162,9 +162,11 @@ def summary_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m pipelines.demo") -> int:
-    """The demo's command line (``mirotrain demo`` is this with its own ``prog``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    """The demo's command line (``mirotrain demo`` runs this in a child process)."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.demo",
+                                     description="Run the embedded default (a tiny random Qwen3, on CPU) end to end "
+                                     "through the post-train flow, in Prefect's ephemeral mode.")
     parser.add_argument("--workdir", default="demo-run", help="where the tiny model, data, runs and Prefect state go")
     parser.add_argument("--resume-from", default=None, metavar="RUN",
                         help="continue this earlier demo run (its run name) instead of starting a new one")

@@ -3,7 +3,7 @@ docs/pipeline.md's setup block), a process worker, and `prefect deployment run '
 embedded default three times: two new runs, each training all its steps into run directories of its own,
 then a run with ``resume_from`` that continues the first.
 
-Marked ``integration`` (about ten minutes on 2 cores). Everything runs in a temporary PREFECT_HOME on
+Marked ``integration`` (17.5 minutes on the shared, loaded 2-core development machine). Everything runs in a temporary PREFECT_HOME on
 127.0.0.1 and every process it starts is stopped at the end, pass or fail.
 """
 
@@ -23,7 +23,7 @@ import pytest
 from test_docs_setup import setup_block
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
 
 
 def _free_port() -> int:
@@ -118,7 +118,7 @@ def test_deployment_run_post_train(tmp_path: Path) -> None:
             out = cli("deployment", "run", "post-train/adhoc", *run_args)
             print(out)
             run_id = next(tok for line in out.splitlines() if "UUID" in line for tok in line.split() if tok.count("-") == 4)
-            deadline = time.monotonic() + 900
+            deadline = time.monotonic() + 1500  # 3-4 min alone on 2 cores; far more on a shared machine
             while time.monotonic() < deadline:
                 run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
                 if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
@@ -165,11 +165,11 @@ def test_deployment_run_post_train(tmp_path: Path) -> None:
         assert names[0] in artifacts_of(resumed)["post-train-summary"]["data"]
         assert sorted(p.name for p in (work / "runs" / "sft").iterdir()) == sorted(names)
 
-        artifacts = httpx.post(f"{api}/artifacts/filter", json={"limit": 500}, timeout=10).json()
-        keys = {a.get("key") for a in artifacts}
-        for key in ("sft-summary", "dpo-summary", "sft-metrics", "dpo-metrics", "sft-loss-curve", "dpo-loss-curve",
-                    "sft-progress", "dpo-progress", "sft-run-dir", "dpo-run-dir"):
-            assert key in keys, sorted(k for k in keys if k)
+        stage_keys = ["sft-summary", "dpo-summary", "sft-metrics", "dpo-metrics", "sft-loss-curve", "dpo-loss-curve",
+                      "sft-progress", "dpo-progress", "sft-run-dir", "dpo-run-dir"]  # on the subflow runs
+        found = httpx.post(f"{api}/artifacts/filter", timeout=10,
+                           json={"artifacts": {"key": {"any_": stage_keys}}, "limit": 200}).json()
+        assert sorted({a["key"] for a in found}) == sorted(stage_keys), found
     finally:
         for p in reversed(started):  # worker before server
             _stop(p)
