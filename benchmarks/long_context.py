@@ -60,18 +60,20 @@ def build_model(tiny: bool, device_type: str):
         return qwen3_8b_instruct_yarn(MAX_POSITIONS, YARN, attention_backend=backend)
 
 
-def make_row(seq: int, max_doc: int, vocab: int, seed: int) -> dict:
+def make_row(seq: int, max_doc: int, vocab: int, seed: int):
     """A packed row of random tokens: documents of ``max_doc`` tokens (the last one shorter), all trained."""
     import torch
+
+    from mirotrain.data.batch import SFTBatch
 
     gen = torch.Generator().manual_seed(seed)
     bounds = list(range(0, seq, max_doc)) + [seq]
     cu = torch.tensor(bounds, dtype=torch.int32)
     lens = (cu[1:] - cu[:-1]).tolist()
-    return dict(input_ids=torch.randint(0, vocab, (1, seq), generator=gen),
-                labels=torch.randint(0, vocab, (1, seq), generator=gen),
-                position_ids=torch.cat([torch.arange(n) for n in lens])[None],
-                cu_seqlens=cu, max_seqlen=max(lens))
+    return SFTBatch(input_ids=torch.randint(0, vocab, (1, seq), generator=gen),
+                    labels=torch.randint(0, vocab, (1, seq), generator=gen),
+                    position_ids=torch.cat([torch.arange(n) for n in lens])[None],
+                    token_mask=torch.ones((1, seq), dtype=torch.bool), cu_seqlens=cu, max_seqlen=max(lens))
 
 
 def run_worker(ns: argparse.Namespace) -> None:
@@ -140,7 +142,7 @@ def run_worker(ns: argparse.Namespace) -> None:
 
     # Ranks of one SP group build the same row (seeded by dp rank) and keep their columns of it.
     row = make_row(ns.seq, min(ns.seq, args.max_seq_len), args.vocab_size, seed=meshes.dp_rank)
-    local = shard_batch_for_sp(row, meshes.sp_rank, dims.sp, pad_id=0)
+    local = shard_batch_for_sp(row.token_fields(), meshes.sp_rank, dims.sp, pad_id=0)
     batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in local.items()}
     batch["labels_cpu"] = local["labels"]  # the loss selects trained tokens on the host: no device sync
     # N: trained tokens over every rank (SP ranks hold disjoint ones); the loss is loss_sum * world / N, as the
@@ -179,7 +181,7 @@ def run_worker(ns: argparse.Namespace) -> None:
                           mem.get("peak_mem_reserved_gib", 0.0)], device=device)
     dist.all_reduce(mem_t, op=dist.ReduceOp.MAX)
     if rank == 0:
-        result = dict(status="ok", sp=dims.sp, dp=dims.dp, seq=ns.seq, docs=len(row["cu_seqlens"]) - 1,
+        result = dict(status="ok", sp=dims.sp, dp=dims.dp, seq=ns.seq, docs=len(row.cu_seqlens) - 1,
                       step_s=step_s, tokens_per_s_per_gpu=ns.seq * dims.dp / (step_s * world),
                       tflops_per_gpu=flops_per_gpu / step_s / 1e12, peak_alloc_gib=float(mem_t[0]),
                       peak_reserved_gib=float(mem_t[1]), n_tokens=int(n_tokens))

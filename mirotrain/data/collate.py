@@ -1,4 +1,4 @@
-"""Rows -> the batch dict the model eats (see docs/contracts.md "Data to the trainer").
+"""Rows -> the typed batches the model eats (:mod:`mirotrain.data.batch`).
 
 Packed rows (B = 1): ``input_ids``/``labels``/``position_ids`` ``[1, T]``, ``cu_seqlens`` int32 ``[n+1]``,
 ``max_seqlen`` int. Rows are padded to a fixed ``T = packed_seq_len`` (constant shapes for compiled kernels)
@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from mirotrain.data.batch import IGNORE_INDEX, PreferenceBatch, SFTBatch
 
 
 def _np(x: Any) -> np.ndarray:
@@ -53,61 +53,53 @@ def _pack_arrays(rows: Sequence[Mapping[str, Any]], pad_id: int, packed_seq_len:
             "seq_lens": np.concatenate(lens), "token_mask": np.concatenate(mask)}
 
 
-def collate_packed(rows: Sequence[Mapping[str, Any]], pad_id: int = 151643, packed_seq_len: int | None = None) -> dict[str, Any]:
+def collate_packed(rows: Sequence[Mapping[str, Any]], pad_id: int = 151643, packed_seq_len: int | None = None) -> SFTBatch:
     """Packed rows -> one ``[1, T]`` varlen batch with ``cu_seqlens``; padding is a separate segment and
     ``token_mask`` is False on it (MoE router statistics leave padding out, as HF's ``attention_mask`` does)."""
     a = _pack_arrays(rows, pad_id, packed_seq_len)
     lens = a["seq_lens"]
     cu = np.zeros(len(lens) + 1, dtype=np.int32)
     np.cumsum(lens, out=cu[1:])
-    return {
-        "input_ids": torch.from_numpy(a["input_ids"]).unsqueeze(0),
-        "labels": torch.from_numpy(a["labels"]).unsqueeze(0),
-        "position_ids": torch.from_numpy(a["position_ids"]).unsqueeze(0),
-        "token_mask": torch.from_numpy(a["token_mask"]).unsqueeze(0),
-        "cu_seqlens": torch.from_numpy(cu),
-        "max_seqlen": int(lens.max()) if len(lens) else 0,
-    }
+    return SFTBatch(
+        input_ids=torch.from_numpy(a["input_ids"]).unsqueeze(0),
+        labels=torch.from_numpy(a["labels"]).unsqueeze(0),
+        position_ids=torch.from_numpy(a["position_ids"]).unsqueeze(0),
+        token_mask=torch.from_numpy(a["token_mask"]).unsqueeze(0),
+        cu_seqlens=torch.from_numpy(cu),
+        max_seqlen=int(lens.max()) if len(lens) else 0,
+    )
 
 
-def padded_collate_sft(batch: Sequence[Mapping[str, Any]], pad_id: int = 151643, ignore_index: int = IGNORE_INDEX,
-                       pad_to_multiple_of: int = 1, padding_idx: int | None = None) -> dict[str, torch.Tensor]:
-    """Unpacked rows -> right-padded ``[B, T]``. Accepts ``input_ids`` or torchtune's ``tokens`` key.
-
-    ``labels`` must already be shifted (our rows are). ``pad_to_multiple_of`` pads only when not aligned.
-    """
-    if padding_idx is not None:
-        pad_id = padding_idx
-    ids = [_np(b["input_ids"] if "input_ids" in b else b["tokens"]).astype(np.int64) for b in batch]
-    labels = [_np(b["labels"]).astype(np.int64) for b in batch]
+def padded_collate_sft(rows: Sequence[Mapping[str, Any]], pad_id: int = 151643) -> SFTBatch:
+    """Unpacked rows -> right-padded ``[B, T]`` (``labels`` are already shifted, as our rows are)."""
+    ids = [_np(r["input_ids"]).astype(np.int64) for r in rows]
+    labels = [_np(r["labels"]).astype(np.int64) for r in rows]
     T = max(len(x) for x in ids)
-    if pad_to_multiple_of > 1 and T % pad_to_multiple_of:
-        T += pad_to_multiple_of - T % pad_to_multiple_of
     out_ids = np.full((len(ids), T), pad_id, dtype=np.int64)
-    out_labels = np.full((len(ids), T), ignore_index, dtype=np.int64)
+    out_labels = np.full((len(ids), T), IGNORE_INDEX, dtype=np.int64)
     mask = np.zeros((len(ids), T), dtype=np.bool_)
     for i, (x, y) in enumerate(zip(ids, labels)):
         out_ids[i, : len(x)] = x
         out_labels[i, : len(y)] = y
         mask[i, : len(x)] = True
     pos = np.broadcast_to(np.arange(T, dtype=np.int64), (len(ids), T)).copy()
-    return {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_labels), "position_ids": torch.from_numpy(pos),
-            "token_mask": torch.from_numpy(mask)}
+    return SFTBatch(input_ids=torch.from_numpy(out_ids), labels=torch.from_numpy(out_labels),
+                    position_ids=torch.from_numpy(pos), token_mask=torch.from_numpy(mask))
 
 
-def padded_collate_dpo(batch: Sequence[Mapping[str, Any]], pad_id: int = 151643, packed_seq_len: int | None = None,
-                       extra_columns: Sequence[str] | None = None, **_: Any) -> dict[str, Any]:
+def padded_collate_dpo(rows: Sequence[Mapping[str, Any]], pad_id: int = 151643, packed_seq_len: int | None = None,
+                       extra_columns: Sequence[str] | None = None) -> PreferenceBatch:
     """DPO rows (layout in :mod:`mirotrain.data.preference`) -> one varlen batch plus per-pair indices.
 
-    Adds ``chosen_index``/``rejected_index`` ``[P]`` (segment indices into ``cu_seqlens``, offset for
-    concatenated rows), ``pair_ids`` ``[P]`` and any extra per-pair columns as float64 ``[P]``.
+    ``chosen_index``/``rejected_index`` ``[P]`` are segment indices into ``cu_seqlens`` (offset for
+    concatenated rows); ``extra_columns`` (default: the rows' ``ref_*`` columns) become ``pair_columns``.
     """
-    out = collate_packed(batch, pad_id=pad_id, packed_seq_len=packed_seq_len)
+    tokens = collate_packed(rows, pad_id=pad_id, packed_seq_len=packed_seq_len)
     chosen, rejected, pair_ids = [], [], []
     extras: dict[str, list] = {}
     names = list(extra_columns) if extra_columns is not None else None
     seg_offset = 0
-    for row in batch:
+    for row in rows:
         chosen.append(_np(row["chosen_index"]).astype(np.int64) + seg_offset)
         rejected.append(_np(row["rejected_index"]).astype(np.int64) + seg_offset)
         pair_ids.append(_np(row["pair_ids"]).astype(np.int64))
@@ -117,12 +109,13 @@ def padded_collate_dpo(batch: Sequence[Mapping[str, Any]], pad_id: int = 151643,
         n_seg = len(_np(row["seq_lens"]))
         pad = 0 if packed_seq_len is None else int(packed_seq_len - len(_np(row["input_ids"])))
         seg_offset += n_seg + (1 if pad > 0 else 0)
-    out["chosen_index"] = torch.from_numpy(np.concatenate(chosen))
-    out["rejected_index"] = torch.from_numpy(np.concatenate(rejected))
-    out["pair_ids"] = torch.from_numpy(np.concatenate(pair_ids))
-    for k, v in extras.items():
-        out[k] = torch.from_numpy(np.concatenate(v))
-    return out
+    return PreferenceBatch(
+        **tokens.token_fields(),
+        chosen_index=torch.from_numpy(np.concatenate(chosen)),
+        rejected_index=torch.from_numpy(np.concatenate(rejected)),
+        pair_ids=torch.from_numpy(np.concatenate(pair_ids)),
+        pair_columns={k: torch.from_numpy(np.concatenate(v)) for k, v in extras.items()},
+    )
 
 
 def padding_row(pad_id: int, length: int = 1) -> dict[str, np.ndarray]:

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mirotrain.config import instantiate
+from mirotrain.data.batch import PreferenceBatch
 from mirotrain.modules.loss.dpo import DPOLoss
 from mirotrain.modules.loss.logprobs import DEFAULT_CHUNK_SIZE
 from mirotrain.parallel.fsdp import fsdp_modules
@@ -188,44 +189,29 @@ class DPOTrainer(Trainer):
             row = padding_dpo_row(loader.pad_id) if item is None else dict(loader.reader.row(item))
             batch = padded_collate_dpo([row], pad_id=loader.pad_id, packed_seq_len=loader.packed_seq_len,
                                        extra_columns=[])
-            prepared = self.prepare_batch(batch)
-            yield prepared, prepared["_cpu"]
+            yield self.prepare_batch(batch)
 
     # -------------------------------------------------------------------------------- loss step
 
-    def prepare_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """SFT's preparation plus a host copy of what the token selection reads (no device syncs)."""
-        out = super().prepare_batch(batch)
-        if self.sp_size > 1:
-            from mirotrain.parallel.ulysses import shard_batch_for_sp
-
-            pad_id = getattr(self.tokenizer, "pad_id", 0) if self.tokenizer is not None else 0
-            host = shard_batch_for_sp(dict(batch), self.sp_rank, self.sp_size, pad_id)
-        else:
-            host = batch
-        out["_cpu"] = {k: host[k] for k in ("labels", "cu_seqlens", "chosen_index", "rejected_index", "pair_ids")}
-        return out
-
-    def count_targets(self, batch: Mapping[str, Any]) -> float:
+    def count_targets(self, batch: PreferenceBatch) -> float:
         """Pairs of a micro-batch; the SP ranks of a group share them, so each counts 1/sp."""
-        return batch["_cpu"]["chosen_index"].numel() / self.sp_size
+        return batch.num_pairs / self.sp_size
 
-    def pair_logprobs(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return ref.forward_pair_logprobs(model, batch, chunk_size=self.chunk_size, cpu_batch=batch["_cpu"],
+    def pair_logprobs(self, model: nn.Module, batch: PreferenceBatch) -> dict[str, torch.Tensor]:
+        return ref.forward_pair_logprobs(model, batch, chunk_size=self.chunk_size,
                                          sp_group=self.meshes.sp_group if self.sp_size > 1 else None,
                                          sp_rank=self.sp_rank)
 
-    def reference_logprobs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_logprobs(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.live_reference is not None:
-            out = self.live_reference(batch, cpu_batch=batch["_cpu"],
-                                      sp_group=self.meshes.sp_group if self.sp_size > 1 else None,
+            out = self.live_reference(batch, sp_group=self.meshes.sp_group if self.sp_size > 1 else None,
                                       sp_rank=self.sp_rank)
             for module in fsdp_modules(self.live_reference.model):
                 module.reshard()
             return out
         return ref.batch_reference_logprobs(batch, self.device)
 
-    def forward_backward(self, batch: Mapping[str, Any], grad_scale: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, batch: PreferenceBatch, grad_scale: torch.Tensor) -> torch.Tensor:
         """Pair losses of one micro-batch, backward of ``Σ pair losses · F / N``; returns Σ losses / sp."""
         ref_c, ref_r = self.reference_logprobs(batch)  # live: before the policy, so its activations are gone
         with self._activation_offload():

@@ -17,9 +17,11 @@ from __future__ import annotations
 import os
 import resource
 import sys
-from typing import Any, Mapping
+from typing import Any
 
 import torch
+
+from mirotrain.data.batch import SFTBatch
 
 # Dense bf16 peak TFLOP/s (vendor datasheets, without sparsity). Order matters: first match wins.
 _PEAK_BF16_TFLOPS = (
@@ -44,20 +46,10 @@ def matmul_params(args: Any) -> int:
     return total
 
 
-def doc_lengths(batch: Mapping[str, Any]) -> list[int]:
-    """Lengths of the documents of a CPU batch: from ``cu_seqlens`` (packed) or one per row (unpacked)."""
-    cu = batch.get("cu_seqlens")
-    if cu is not None:
-        cu = cu.tolist() if isinstance(cu, torch.Tensor) else list(cu)
-        return [b - a for a, b in zip(cu[:-1], cu[1:])]
-    rows, length = batch["input_ids"].shape
-    return [length] * rows
-
-
-def step_flops(args: Any, n_matmul: int, batch: Mapping[str, Any]) -> float:
+def step_flops(args: Any, n_matmul: int, batch: SFTBatch) -> float:
     """Forward + backward FLOPs of one micro-batch (host arithmetic on the CPU batch)."""
-    tokens = batch["input_ids"].numel()
-    attn = 6.0 * args.n_layers * args.n_heads * args.head_dim * sum(n * n for n in doc_lengths(batch))
+    tokens = batch.input_ids.numel()
+    attn = 6.0 * args.n_layers * args.n_heads * args.head_dim * sum(n * n for n in batch.doc_lengths())
     return 6.0 * n_matmul * tokens + attn
 
 

@@ -3,7 +3,7 @@
 Why precompute: the reference model is frozen, so its log-prob of every chosen/rejected response is a
 constant of the data. Computing it once (a forward-only pass, ~1/3 of a training step per row) and storing
 ``ref_chosen_logp`` / ``ref_rejected_logp`` as per-pair columns means training holds one model instead of
-two and spends no compute on the reference. The system we replace ran a second full model live every step.
+two and spends no compute on the reference (``reference: live`` runs the frozen copy every micro-batch instead).
 
 Cache: the columns are written into a copy of the packed shard directory,
 ``{shard_dir}.ref-{key}``, where ``key`` hashes the reference weights (config + safetensors headers + file
@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mirotrain.data.batch import PreferenceBatch
 from mirotrain.modules.loss.logprobs import DEFAULT_CHUNK_SIZE, pair_logprobs
 from mirotrain.training.forward import forward_hidden
 
@@ -41,22 +42,20 @@ _SAMPLES_PER_FILE = 8
 
 
 # ------------------------------------------------------------------------------------------ forward
-def forward_pair_logprobs(model: nn.Module, batch: Mapping[str, Any], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                          cpu_batch: Mapping[str, Any] | None = None, sp_group: Any = None,
-                          sp_rank: int = 0) -> dict[str, torch.Tensor]:
+def forward_pair_logprobs(model: nn.Module, batch: PreferenceBatch, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                          sp_group: Any = None, sp_rank: int = 0) -> dict[str, torch.Tensor]:
     """Chosen/rejected log-prob sums (fp32) and token counts of every pair in a packed DPO batch.
 
-    ``batch`` holds the device tensors (``input_ids``, ``position_ids``, ``cu_seqlens``, ``max_seqlen``); the
-    token selection uses ``cpu_batch``'s ``labels``/``cu_seqlens``/pair indices when given (no host sync),
-    else ``batch``'s. Under Ulysses SP the batch is this rank's shard (``shard_batch_for_sp``): its columns
-    start at ``sp_rank * T_local`` and the partial sums are reduced over ``sp_group``.
+    The model reads ``batch``'s (device) inputs; the token selection reads the host batch it was moved from
+    (``batch.host``, see :meth:`mirotrain.data.batch.SFTBatch.to`: no host sync), or ``batch`` itself when
+    it never left the host. Under Ulysses SP the batch is this rank's shard (``shard_batch_for_sp``): its
+    columns start at ``sp_rank * T_local`` and the partial sums are reduced over ``sp_group``.
     """
-    src = cpu_batch if cpu_batch is not None else batch
+    src = batch.host if batch.host is not None else batch
     hidden = forward_hidden(model, batch)
-    labels = src["labels"]
-    offset = sp_rank * labels.shape[-1]
-    out = pair_logprobs(hidden, model.lm_head_weight, labels, src["cu_seqlens"], src["chosen_index"],
-                        src["rejected_index"], token_offset=offset, chunk_size=chunk_size)
+    offset = sp_rank * src.labels.shape[-1]
+    out = pair_logprobs(hidden, model.lm_head_weight, src.labels, src.cu_seqlens, src.chosen_index,
+                        src.rejected_index, token_offset=offset, chunk_size=chunk_size)
     if sp_group is not None and dist.is_initialized() and dist.get_world_size(sp_group) > 1:
         from mirotrain.parallel.ulysses import sp_all_reduce_sum
 
@@ -82,18 +81,18 @@ class LiveReference:
         self.chunk_size = chunk_size
 
     @torch.no_grad()
-    def __call__(self, batch: Mapping[str, Any], **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: PreferenceBatch, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         out = forward_pair_logprobs(self.model, batch, chunk_size=self.chunk_size, **kwargs)
         return out["chosen_logps"].detach(), out["rejected_logps"].detach()
 
 
-def batch_reference_logprobs(batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_reference_logprobs(batch: PreferenceBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The precomputed ``ref_chosen_logp`` / ``ref_rejected_logp`` columns of a batch, as fp32 on ``device``."""
-    missing = [c for c in REF_COLUMNS if c not in batch]
+    missing = [c for c in REF_COLUMNS if c not in batch.pair_columns]
     if missing:
         raise KeyError(f"batch has no precomputed reference columns {missing}; run the reference pass "
                        "(`mirotrain dpo --precompute-only`) or set reference: live")
-    return tuple(batch[c].to(device, torch.float32, non_blocking=True) for c in REF_COLUMNS)  # type: ignore[return-value]
+    return tuple(batch.pair_columns[c].to(device, torch.float32, non_blocking=True) for c in REF_COLUMNS)  # type: ignore[return-value]
 
 
 # -------------------------------------------------------------------------------------------- cache
@@ -160,23 +159,21 @@ def num_pair_ids(reader: Any) -> int:
 
 # --------------------------------------------------------------------------------------------- pass
 @torch.no_grad()
-def compute_reference_columns(model: nn.Module, batches: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]],
+def compute_reference_columns(model: nn.Module, batches: Iterable[PreferenceBatch],
                               num_pairs: int, device: torch.device, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                               sp_group: Any = None, sp_rank: int = 0, dp_group: Any = None,
                               sp_size: int = 1, progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Reference log-probs of every pair, indexed by pair id, identical on every rank.
 
-    ``batches`` yields ``(device_batch, cpu_batch)`` for this rank's rows (every rank the same number of
-    batches, as FSDP needs). Each pair is seen by exactly one data-parallel group; the values are summed
+    ``batches`` yields this rank's prepared rows (every rank the same number of batches, as FSDP needs). Each pair is seen by exactly one data-parallel group; the values are summed
     over all ranks and divided by the SP degree (the ranks of an SP group hold the same full sums).
     """
     model.eval()
     chosen = torch.zeros(num_pairs, dtype=torch.float64, device=device)
     rejected = torch.zeros(num_pairs, dtype=torch.float64, device=device)
-    for n, (batch, cpu_batch) in enumerate(batches):
-        out = forward_pair_logprobs(model, batch, chunk_size=chunk_size, cpu_batch=cpu_batch, sp_group=sp_group,
-                                    sp_rank=sp_rank)
-        ids = cpu_batch["pair_ids"].to(device, torch.long)
+    for n, batch in enumerate(batches):
+        out = forward_pair_logprobs(model, batch, chunk_size=chunk_size, sp_group=sp_group, sp_rank=sp_rank)
+        ids = batch.pair_ids.to(device, torch.long)
         chosen.index_add_(0, ids, out["chosen_logps"].double())
         rejected.index_add_(0, ids, out["rejected_logps"].double())
         if progress is not None:

@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,7 @@ from torch import nn
 
 from mirotrain.checkpoint.step_checkpointer import StepCheckpointer
 from mirotrain.config import instantiate
+from mirotrain.data.batch import SFTBatch
 from mirotrain.models.hf_writer import make_public_dirs
 from mirotrain.parallel.fsdp import fsdp_modules
 from mirotrain.training import builders
@@ -53,7 +54,7 @@ from mirotrain.training.state import TrainState, checkpoint_state, restore_state
 
 log = logging.getLogger("mirotrain.train")
 
-IGNORE_INDEX = -100
+B = TypeVar("B", bound=SFTBatch)
 # Config keys that do not change what is trained (excluded from the config hash checked on resume).
 _HASH_EXCLUDED = {"output_dir", "log_every_n_steps", "log_peak_memory_stats", "log_level", "metric_logger",
                   "profiler", "enable_memory_trace", "memory_trace_start_step", "memory_trace_end_step",
@@ -338,36 +339,31 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- loss step
 
-    def prepare_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def prepare_batch(self, batch: B) -> B:
         """SP shard (on the host), then inputs to the device; labels stay on the host (see the loss)."""
         if self.sp_size > 1:
             from mirotrain.parallel.ulysses import shard_batch_for_sp
 
             pad_id = getattr(self.tokenizer, "pad_id", 0) if self.tokenizer is not None else 0
-            batch = shard_batch_for_sp(dict(batch), self.sp_rank, self.sp_size, pad_id)
-        out = dict(batch)
-        for key in ("input_ids", "position_ids", "cu_seqlens", "token_mask"):
-            if out.get(key) is not None:
-                out[key] = out[key].to(self.device, non_blocking=True)
-        return out
+            batch = batch.replace(**shard_batch_for_sp(batch.token_fields(), self.sp_rank, self.sp_size, pad_id))
+        return batch.to(self.device)
 
-    def count_targets(self, batch: Mapping[str, Any]) -> int:
+    def count_targets(self, batch: SFTBatch) -> int:
         """Trained tokens of a prepared micro-batch (host arithmetic on the CPU labels)."""
-        labels = batch["labels"]
-        return int((labels != IGNORE_INDEX).sum()) if labels.device.type == "cpu" else int((labels != IGNORE_INDEX).sum().item())
+        return batch.num_targets()
 
-    def forward_hidden(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def forward_hidden(self, batch: SFTBatch) -> torch.Tensor:
         with self._activation_offload():
             return forward_hidden(self.model, batch)
 
-    def forward_backward(self, batch: Mapping[str, Any], grad_scale: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, batch: SFTBatch, grad_scale: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns this rank's Σ token losses (detached).
 
         ``grad_scale`` = F / N (see the module docstring). A MoE model's router loss share is added as the
         MoE module documents (its shares over ranks sum to the global loss; per micro-batch mean over GA).
         """
         hidden = self.forward_hidden(batch)
-        loss_sum, _ = self.loss_fn(hidden, self.model.lm_head_weight, batch["labels"])
+        loss_sum, _ = self.loss_fn(hidden, self.model.lm_head_weight, batch.labels)
         loss = loss_sum * grad_scale
         aux = self.moe_aux_loss()
         if aux is not None:
@@ -386,11 +382,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ step
 
-    def train_step(self, micro_batches: list[Mapping[str, Any]]) -> StepResult:
+    def train_step(self, micro_batches: list[SFTBatch]) -> StepResult:
         """One optimizer step over ``micro_batches`` (see the module docstring)."""
         flops = sum(step_flops(self.model.args, self.n_matmul, b) for b in micro_batches) / self.sp_size
         prepared = [self.prepare_batch(b) for b in micro_batches]
-        tokens = sum(int(b["input_ids"].numel()) for b in prepared)
+        tokens = sum(int(b.input_ids.numel()) for b in prepared)
         n_local = sum(self.count_targets(b) for b in prepared)
         n_targets = torch.tensor(n_local, dtype=torch.float64, device=self.device)
         dist.all_reduce(n_targets, group=self.loss_group)
@@ -407,7 +403,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
 
-    def _micro_batches(self, it: Iterator) -> list[Mapping[str, Any]]:
+    def _micro_batches(self, it: Iterator[SFTBatch]) -> list[SFTBatch]:
         batches = []
         for _ in range(self.ga):
             try:
@@ -539,7 +535,7 @@ class Trainer:
         for _ in range(int(loader.steps_per_epoch)):
             batch = self.prepare_batch(next(it))
             hidden = self.forward_hidden(batch)
-            loss_sum, count = self.loss_fn(hidden, self.model.lm_head_weight, batch["labels"])
+            loss_sum, count = self.loss_fn(hidden, self.model.lm_head_weight, batch.labels)
             totals += torch.stack([loss_sum.double(), count.double()])
         dist.all_reduce(totals, group=self.loss_group)
         for module in fsdp_modules(self.model):

@@ -34,10 +34,10 @@ def sft_file(tmp_path_factory):
 
 def docs_of_batch(batch):
     """Real documents of a packed batch (segments starting with <|im_start|>), checking the padding segment."""
-    ids = batch["input_ids"][0].tolist()
-    labels = batch["labels"][0].tolist()
-    pos = batch["position_ids"][0].tolist()
-    cu = batch["cu_seqlens"].tolist()
+    ids = batch.input_ids[0].tolist()
+    labels = batch.labels[0].tolist()
+    pos = batch.position_ids[0].tolist()
+    cu = batch.cu_seqlens.tolist()
     docs = []
     for a, b in zip(cu[:-1], cu[1:]):
         assert pos[a:b] == list(range(b - a))  # positions restart in every segment, padding included
@@ -45,7 +45,7 @@ def docs_of_batch(batch):
             docs.append(ids[a:b])
         else:  # the padding segment: pad ids, no targets, never part of a document
             assert set(ids[a:b]) == {PAD} and set(labels[a:b]) == {-100}
-    assert batch["max_seqlen"] == max(b - a for a, b in zip(cu[:-1], cu[1:]))
+    assert batch.max_seqlen == max(b - a for a, b in zip(cu[:-1], cu[1:]))
     return docs
 
 
@@ -57,9 +57,9 @@ def test_packed_batches_follow_the_contract(sft_file, tok):
     n = 0
     for batch in loader:
         n += 1
-        assert batch["input_ids"].shape == (1, 1024) and batch["input_ids"].dtype == torch.long
-        assert batch["labels"].shape == batch["position_ids"].shape == (1, 1024)
-        assert batch["cu_seqlens"].dtype == torch.int32 and int(batch["cu_seqlens"][-1]) == 1024
+        assert batch.input_ids.shape == (1, 1024) and batch.input_ids.dtype == torch.long
+        assert batch.labels.shape == batch.position_ids.shape == (1, 1024)
+        assert batch.cu_seqlens.dtype == torch.int32 and int(batch.cu_seqlens[-1]) == 1024
         for d in docs_of_batch(batch):
             seen[h(d)] += 1
     assert n == loader.steps_per_epoch
@@ -71,13 +71,13 @@ def test_collate_keeps_padding_out_of_documents():
     row = {"input_ids": np.array([1, 2, 3, 4, 5]), "labels": np.array([2, 3, -100, 5, -100]),
            "position_ids": np.array([0, 1, 2, 0, 1]), "seq_lens": np.array([3, 2])}
     b = collate_packed([row], pad_id=PAD, packed_seq_len=8)
-    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, PAD, PAD, PAD]]
-    assert b["labels"].tolist() == [[2, 3, -100, 5, -100, -100, -100, -100]]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
-    assert b["cu_seqlens"].tolist() == [0, 3, 5, 8] and b["max_seqlen"] == 3
-    assert b["token_mask"].tolist() == [[True] * 5 + [False] * 3]
+    assert b.input_ids.tolist() == [[1, 2, 3, 4, 5, PAD, PAD, PAD]]
+    assert b.labels.tolist() == [[2, 3, -100, 5, -100, -100, -100, -100]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert b.cu_seqlens.tolist() == [0, 3, 5, 8] and b.max_seqlen == 3
+    assert b.token_mask.tolist() == [[True] * 5 + [False] * 3]
     full = collate_packed([row], pad_id=PAD, packed_seq_len=5)
-    assert full["cu_seqlens"].tolist() == [0, 3, 5] and bool(full["token_mask"].all())
+    assert full.cu_seqlens.tolist() == [0, 3, 5] and bool(full.token_mask.all())
 
 
 def test_padded_collate_marks_padding():
@@ -86,7 +86,7 @@ def test_padded_collate_marks_padding():
     rows = [{"input_ids": np.array([1, 2, 3]), "labels": np.array([2, 3, -100])},
             {"input_ids": np.array([4]), "labels": np.array([-100])}]
     b = padded_collate_sft(rows, pad_id=PAD)
-    assert b["token_mask"].tolist() == [[True, True, True], [True, False, False]]
+    assert b.token_mask.tolist() == [[True, True, True], [True, False, False]]
 
 
 def test_unpacked_batches_cover_every_sample_once(sft_file, tok):
@@ -101,8 +101,8 @@ def test_unpacked_batches_cover_every_sample_once(sft_file, tok):
         batches = list(loader)
         steps.append((len(batches), loader.steps_per_epoch))
         for b in batches:
-            assert "cu_seqlens" not in b and b["input_ids"].shape[0] <= 4
-            for ids, labels in zip(b["input_ids"].tolist(), b["labels"].tolist()):
+            assert b.cu_seqlens is None and b.input_ids.shape[0] <= 4
+            for ids, labels in zip(b.input_ids.tolist(), b.labels.tolist()):
                 real = [t for t in ids if t != PAD]
                 if real:
                     seen[h(ids[: len(real)])] += 1
@@ -125,7 +125,7 @@ def test_streaming_pack_runs_the_announced_steps(sft_file, tok):
             batches = list(loader)
             assert len(batches) == loader.steps_per_epoch  # exactly what was announced
             for b in batches:
-                assert b["input_ids"].shape == (1, 512)
+                assert b.input_ids.shape == (1, 512)
                 for d in docs_of_batch(b):
                     seen[h(d)] += 1
         assert seen == ref  # every sample once per epoch across ranks
@@ -142,7 +142,7 @@ def test_streaming_pack_runs_the_announced_steps(sft_file, tok):
     fresh.load_state_dict(sd)
     fresh.set_epoch(1)
     rest = list(fresh)
-    assert len(rest) == len(full) - 3 and all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(rest, full[3:]))
+    assert len(rest) == len(full) - 3 and all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(rest, full[3:]))
 
 
 def test_dpo_rows_pairs_and_added_columns(tmp_path, tok, hf_tok):
@@ -181,14 +181,14 @@ def test_dpo_rows_pairs_and_added_columns(tmp_path, tok, hf_tok):
     loader = build_train_loader(cfg2, dp_rank=0, dp_size=2, seed=0, tokenizer=tok)
     got = {}
     for b in loader:
-        assert b["input_ids"].shape == (1, 256)
-        cu = b["cu_seqlens"]
+        assert b.input_ids.shape == (1, 256)
+        cu = b.cu_seqlens
         seg_tokens = segment_sums(torch.ones(256, dtype=torch.float64), cu)
         assert seg_tokens.tolist() == (cu[1:] - cu[:-1]).tolist()
-        for k, p in enumerate(b["pair_ids"].tolist()):
-            got[p] = (float(b["ref_chosen_logp"][k]), float(b["ref_rejected_logp"][k]))
-            c, r = int(b["chosen_index"][k]), int(b["rejected_index"][k])
-            assert b["input_ids"][0, cu[c]] == IM_START and b["input_ids"][0, cu[r]] == IM_START
+        for k, p in enumerate(b.pair_ids.tolist()):
+            got[p] = (float(b.pair_columns["ref_chosen_logp"][k]), float(b.pair_columns["ref_rejected_logp"][k]))
+            c, r = int(b.chosen_index[k]), int(b.rejected_index[k])
+            assert b.input_ids[0, cu[c]] == IM_START and b.input_ids[0, cu[r]] == IM_START
     assert got and all(got[p] == (ref_c[p], ref_r[p]) for p in got)
     with pytest.raises(ValueError, match="pair id"):
         add_pair_columns(out, str(tmp_path / "bad"), {"ref_chosen_logp": np.zeros(3)})

@@ -116,7 +116,7 @@ def test_sampler_and_loader_resume_mid_epoch(packed, tok):
     rest = list(fresh)
     assert len(rest) == len(batches) - 5
     for a, b in zip(rest, batches[5:]):
-        assert all(np.array_equal(a[k], b[k]) for k in ("input_ids", "labels", "position_ids", "cu_seqlens"))
+        assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("input_ids", "labels", "position_ids", "cu_seqlens"))
 
 
 def test_pack_is_deterministic_and_cached(tmp_path, tok):

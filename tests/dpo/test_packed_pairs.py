@@ -55,8 +55,8 @@ def test_packed_equals_unpacked(chunk_size):
         got = forward_pair_logprobs(model, batch, chunk_size=chunk_size)
         want_c = [_unpacked_logp(model, enc.chosen) for _, enc in pairs]
         want_r = [_unpacked_logp(model, enc.rejected) for _, enc in pairs]
-    assert batch["pair_ids"].tolist() == [pid for pid, _ in pairs]
-    assert batch["cu_seqlens"].numel() - 1 > 2 * len(pairs), "the rows should carry padding segments"
+    assert batch.pair_ids.tolist() == [pid for pid, _ in pairs]
+    assert batch.cu_seqlens.numel() - 1 > 2 * len(pairs), "the rows should carry padding segments"
     torch.testing.assert_close(got["chosen_logps"].double(), torch.tensor(want_c, dtype=torch.float64), atol=1e-5, rtol=0)
     torch.testing.assert_close(got["rejected_logps"].double(), torch.tensor(want_r, dtype=torch.float64), atol=1e-5, rtol=0)
     assert got["chosen_tokens"].tolist() == [int((e.chosen.labels != -100).sum()) for _, e in pairs]

@@ -91,9 +91,8 @@ def test_packed_pairs_match_unpacked_on_cuda(cuda, dtype, backend, tol):
             docs.append(Encoded(ids, lab))
         pairs.append((i, EncodedPair(*docs)))
     batch = padded_collate_dpo([build_dpo_row(pairs)], pad_id=0, packed_seq_len=8192)
-    dev = {k: (v.to(cuda) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     with torch.no_grad():
-        got = forward_pair_logprobs(model, dev, cpu_batch=batch, chunk_size=512)
+        got = forward_pair_logprobs(model, batch.to(cuda), chunk_size=512)
         for k, (_, enc) in enumerate(pairs):
             for doc, key in ((enc.chosen, "chosen_logps"), (enc.rejected, "rejected_logps")):
                 ids = torch.from_numpy(doc.input_ids.astype(np.int64))[None].to(cuda)

@@ -53,7 +53,7 @@ def test_packed_row_loss_is_the_mean_over_its_documents_trained_tokens(tmp_path)
     trainer = SFTTrainer(tiny_config(tmp_path / "run", shards, seed=21))
     trainer.train_loader.set_epoch(0)
     batch = next(iter(trainer.train_loader))
-    cu = batch["cu_seqlens"].tolist()
+    cu = batch.cu_seqlens.tolist()
     assert len(cu) >= 3, "the row should hold several documents"
     result = trainer.train_step([batch])
     got = (result.loss_sum.double() / result.n_targets).item()
@@ -65,7 +65,7 @@ def test_packed_row_loss_is_the_mean_over_its_documents_trained_tokens(tmp_path)
     total, count = 0.0, 0
     with torch.no_grad():
         for a, b in zip(cu[:-1], cu[1:]):
-            ids, labels = batch["input_ids"][:, a:b], batch["labels"][0, a:b]
+            ids, labels = batch.input_ids[:, a:b], batch.labels[0, a:b]
             if (labels != -100).sum() == 0:
                 continue
             logits = ref(ids)[0].double()
