@@ -15,6 +15,7 @@ The rule (docs/pipeline.md, "Runs and run directories"):
 Outside a flow run nothing is renamed: the task CLIs use the ``output_dir`` they are given.
 """
 
+import glob
 import re
 from pathlib import Path
 from typing import Optional
@@ -71,10 +72,13 @@ def find_run(base: str | Path, resume_from: str) -> Path:
     """
     root = Path(base).resolve()
     name = Path(resume_from.rstrip("/")).name
+    if name in ("", ".", ".."):
+        raise ValueError(f"resume_from={resume_from!r}: not a run name or run directory")
     exact = root / name
     if exact.is_dir():
         return exact
-    matches = sorted(p for p in root.glob(f"{name}-*") if p.is_dir() and re.fullmatch(r"[0-9a-f]{8}", p.name[len(name) + 1:]))
+    matches = sorted(p for p in root.glob(f"{glob.escape(name)}-*")
+                     if p.is_dir() and re.fullmatch(r"[0-9a-f]{8}", p.name[len(name) + 1:]))
     if len(matches) == 1:
         return matches[0]
     if matches:

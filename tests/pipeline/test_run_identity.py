@@ -91,6 +91,9 @@ def test_find_run_refuses_an_ambiguous_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="several runs match"):
         find_run(tmp_path, "tall-otter")
     assert find_run(tmp_path, "tall-otter-cub") == tmp_path / "tall-otter-cub"
+    for bad in ("..", "/", "tall-otter-*"):  # never the base's parent, never a pattern
+        with pytest.raises((ValueError, FileNotFoundError), match="resume_from"):
+            find_run(tmp_path, bad)
 
 
 def test_outside_a_flow_the_directory_is_used_as_is(stage: StageConfig, tmp_path: Path) -> None:
