@@ -1,4 +1,4 @@
-"""Batches to the model: one typed batch per kind of row (the contract is in DESIGN.md "Batch to the model").
+"""Batches to the model: one typed batch per kind of row (the contract is in docs/contracts.md, "Data to the trainer").
 
 :class:`SFTBatch` -- token rows: ``input_ids``, ``labels`` (already shifted: ``labels[t]`` is the target of
 position t, -100 = ignored), ``position_ids`` and ``token_mask`` (False on padding), all ``[B, T]``. Packed

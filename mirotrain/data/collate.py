@@ -3,8 +3,8 @@
 Packed rows (B = 1): ``input_ids``/``labels``/``position_ids`` ``[1, T]``, ``cu_seqlens`` int32 ``[n+1]``,
 ``max_seqlen`` int. Rows are padded to a fixed ``T = packed_seq_len`` (constant shapes for compiled kernels)
 and the padding is its **own segment**: pad token = the tokenizer's pad id, labels -100, position ids
-restarting at 0 -- never merged into the last document's varlen segment (a bug of the system we replace),
-so no real token attends to padding and padded positions never exceed the RoPE range.
+restarting at 0 -- never merged into the last document's varlen segment, so no real token attends to
+padding and padded positions never exceed the RoPE range.
 Several packed rows given at once are concatenated into one ``[1, sum T]`` row (segments stay separate).
 
 Unpacked rows (B >= 1): right padded ``[B, T]`` with pad id / -100, no ``cu_seqlens``.

@@ -314,11 +314,6 @@ def preference_dataset(
     if options.streaming_pack:
         raise ValueError("streaming_pack is not supported for preference data; pairs are packed offline")
     options.packed = True
-    if options.packed_seq_len is None:
-        limit = getattr(tokenizer, "max_seq_len", None)
-        if limit is None:
-            raise ValueError("preference_dataset needs dataset.packed_seq_len or tokenizer.max_seq_len")
-        options.packed_seq_len = 2 * int(limit)
     spec = _source(source, data_files, split, kwargs)
     columns = {"prompt_column": prompt_column, "chosen_column": chosen_column, "rejected_column": rejected_column}
     fields = {"columns": columns, "system": new_system_prompt}

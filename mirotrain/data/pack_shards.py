@@ -2,8 +2,7 @@
 ``manifest.json``. (The streaming packer is :mod:`mirotrain.data.streaming`; both plan rows with
 :mod:`mirotrain.data.packing`.)
 
-Packing runs once, before training, on one machine (the system we replace packed on every rank in the
-training process). The output directory is ``{output_dir}/{kind}-{layout}-{hash}`` where the hash covers the
+Packing runs once, before training, on one machine, not on every rank of the training job. The output directory is ``{output_dir}/{kind}-{layout}-{hash}`` where the hash covers the
 input files (URL, size, mtime/etag), the tokenizer files and options, and every dataset option that changes
 the rows; a finished directory has a ``manifest.json``, so re-running with the same inputs is a no-op.
 

@@ -11,8 +11,8 @@ Algorithm: **best-fit decreasing** with a seeded tie-break.
    ``0..packed_seq_len``, so one placement costs O(log L) whatever the number of open rows.
 3. The finished rows are shuffled with ``seed`` (so long-document rows are not all at the start).
 Documents are never split across rows. With agent-trace length mixes (many docs well below L) BFD leaves
-well under 2% padding; the greedy "append until full" packer of the system we replace leaves ~L/2 mean
-document length per row.
+well under 2% padding, where a greedy "append until the next one does not fit" packer (:func:`greedy_packs`,
+the baseline of benchmarks/pack.py) leaves about half a mean document length per row.
 
 Determinism: the output depends only on ``lengths``, ``capacity`` and ``seed``.
 """

@@ -6,7 +6,7 @@ identity without shuffle); rank r takes positions ``r, r + R, r + 2R, ...``. Eve
 trained token), so every row is used exactly once per epoch and every rank runs the same number of steps
 (no row is dropped or repeated to even things out). The state is ``(epoch, position, seed, num_rows,
 dp_size)``; restoring it yields exactly the rest of the epoch. The seed is part of the state so a resumed run
-never reshuffles with a different seed (the old system drew a fresh seed when ``seed: null``).
+never reshuffles with a different seed, even with ``seed: null`` (a fresh seed drawn per run).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Startup (a length pass): every process tokenises only its 1/W share of the sampl
 the W processes of the job, or all samples when there is no process group) and the lengths are all-gathered.
 From the lengths alone, each epoch's pack plan is fixed before the first step: the samples are packed with
 :func:`mirotrain.data.packing.plan_packs` seeded with ``seed + epoch`` and pack k goes to data-parallel rank
-``k % R``. So ``steps_per_epoch = ceil(packs / R)`` is exact (the LR schedule can never "rise again", the bug of
-the warm-up estimate in the system we replace); ranks with one pack less get an all-padding row.
+``k % R``. So ``steps_per_epoch = ceil(packs / R)`` is exact, not an estimate, and the LR schedule built on
+it ends where training ends; ranks with one pack less get an all-padding row.
 
 Training: a rank tokenises only the samples of its own packs, when it reaches them. The state is
 ``(epoch, position)`` plus the seed; the plan is a pure function of them, so resume is exact.

@@ -144,8 +144,8 @@ def qwen3_tokenizer_auto(
 ) -> Qwen3TokenizerAuto:
     """Config builder (``mirotrain.models.qwen3.qwen3_tokenizer_auto``). ``path=None`` -> bundled tokenizer.
 
-    Unlike the system we replace, ``truncation_type`` is honoured. Unknown keys from old configs
-    (``prompt_template``, ``special_tokens_path``) are accepted only when null.
+    Keys of MiroTrain configs this tokenizer has no use for (``prompt_template``, ``special_tokens_path``)
+    are accepted only when null.
     """
     for key, value in kwargs.items():
         if value is not None:
