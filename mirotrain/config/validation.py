@@ -214,7 +214,7 @@ def _check_data_section(cfg: dict, section: str) -> list[ConfigError]:
         errors.append(ConfigError(f"{section}.streaming_pack", f"{section}.packed and {section}.streaming_pack are "
                                   "mutually exclusive; set one of them to False"))
     source = _source(node)
-    if source in LOCAL_FORMATS and not node.get("data_files"):
+    if source in LOCAL_FORMATS and not node.get("data_files") and not node.get("shard_dir"):  # shards: no source read
         errors.append(ConfigError(f"{section}.data_files", f"required with source {source!r} (a path, glob, list "
                                   "or fsspec URL)"))
     packs = packed or streaming or _is_preference(node)
