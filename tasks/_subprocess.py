@@ -12,6 +12,9 @@ runs in a worker thread:
   so a torchrun killed on its own, by anyone, leaves no rank training unsupervised;
 - ``PR_SET_PDEATHSIG`` makes the child get SIGTERM if the thread that started it dies (flow process
   SIGKILLed, OOM), so a crashed flow does not leave ranks holding GPUs;
+- after the final SIGKILL the runner waits (up to ``REAP_TIMEOUT_S``) until every process of the snapshot is
+  gone, so whatever the ranks held (the run lock of mirotrain/training/run_lock.py, GPU memory, ports) is free
+  when the task's retry starts;
 - stdout+stderr are merged and forwarded line by line to the Prefect run logger (non-Python children only
   reach the UI this way), and to an ``on_line`` callback (progress parsing);
 - any ``BaseException`` while waiting (Prefect's TerminationSignal on cancel, TimeoutError, Ctrl-C) sends
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 PR_SET_PDEATHSIG = 1
+REAP_TIMEOUT_S = 30.0  # how long a kill waits for the killed processes to be gone
 
 
 class CommandFailed(RuntimeError):
@@ -92,11 +96,24 @@ def _same_process(pid: int, start: int) -> bool:
     return st is not None and st[2] == start and st[3] != "Z"
 
 
-def kill_tree(tree: dict[int, tuple[int, int]], sig: int = signal.SIGKILL) -> None:
-    """Signal every still-living process of a :func:`process_tree` snapshot, and the groups they lead."""
-    for pid, (pgid, start) in tree.items():
-        if not _same_process(pid, start):
-            continue
+def _alive(tree: dict[int, tuple[int, int]]) -> list[int]:
+    return [pid for pid, (_, start) in tree.items() if _same_process(pid, start)]
+
+
+def wait_gone(tree: dict[int, tuple[int, int]], timeout_s: float = REAP_TIMEOUT_S) -> list[int]:
+    """Wait until no process of ``tree`` is alive (zombies count as gone); the pids still alive at the end."""
+    deadline = time.monotonic() + timeout_s
+    while (alive := _alive(tree)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
+def kill_tree(tree: dict[int, tuple[int, int]], sig: int = signal.SIGKILL,
+              wait_s: float = REAP_TIMEOUT_S) -> None:
+    """Signal every still-living process of a :func:`process_tree` snapshot, and the groups they lead, then
+    wait up to ``wait_s`` until they are all gone (a SIGKILLed rank may take a moment to release its files)."""
+    for pid in _alive(tree):
+        pgid = tree[pid][0]
         try:
             if pgid == pid:
                 os.killpg(pgid, sig)
@@ -104,21 +121,22 @@ def kill_tree(tree: dict[int, tuple[int, int]], sig: int = signal.SIGKILL) -> No
                 os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+    left = wait_gone(tree, wait_s)
+    if left:
+        print(f"[subprocess] pid(s) {left} still alive {wait_s:g}s after signal {sig}", file=sys.stderr, flush=True)
 
 
 def kill_process_group(pgid: int, grace_s: float = 10.0, tree: dict[int, tuple[int, int]] | None = None) -> None:
     """SIGTERM the group (torchrun forwards it to its ranks), wait up to ``grace_s``, then SIGKILL the group
-    and every process of ``tree`` (the snapshot that also covers ranks in their own sessions)."""
+    and every process of ``tree`` (the snapshot that also covers ranks in their own sessions), and wait until
+    they are gone (:data:`REAP_TIMEOUT_S`)."""
     tree = {**(tree or {}), **process_tree(pgid)}
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if not any(_same_process(pid, start) for pid, (_, start) in tree.items()):
-            return
-        time.sleep(0.1)
+    if not wait_gone(tree, grace_s):
+        return
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:

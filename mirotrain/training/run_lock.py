@@ -4,8 +4,14 @@ Two trainings writing into one output_dir corrupt each other's checkpoints, metr
 when, for example, the nodes of a multi-node job fail to rendezvous and each starts a 1-node training with
 the same config. At start-up rank 0 takes ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``{output_dir}/run.lock``
 and writes the owner into it (host, pid, start time, world size); the other ranks learn the outcome by a
-broadcast, so a refused training stops on every rank before any of them touches the directory. A second
-training is refused with :class:`RunLockedError` naming the directory and the owner.
+broadcast, so a refused training stops on every rank before any of them touches the directory.
+
+A lock that is held is waited for, up to ``MIROTRAIN_RUN_LOCK_WAIT_S`` seconds (default 60; the wait is
+logged once, naming the owner), before the training is refused with :class:`RunLockedError` naming the
+directory and the owner. The wait covers a retry that starts while the previous attempt's ranks are still
+exiting (a SIGKILLed process keeps its files open until the kernel has torn it down): refusing at once would
+turn that transient overlap into a permanent failure (exit code 2 is not retried, tasks/_retry.py). A second
+training that really runs concurrently is still refused, only after the wait.
 
 The kernel releases a flock when the last file descriptor of the lock's open file description closes, so a
 process that dies in any way, SIGKILL included, leaves the lock free and a retry can resume; the file's
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -29,6 +36,10 @@ import torch.distributed as dist
 from mirotrain.training.distributed import broadcast_object
 
 LOCK_FILE = "run.lock"
+WAIT_VARIABLE = "MIROTRAIN_RUN_LOCK_WAIT_S"
+DEFAULT_WAIT_S = 60.0
+_POLL_S = 0.5
+log = logging.getLogger(__name__)
 _held_fds: set[int] = set()
 
 
@@ -58,7 +69,7 @@ class RunLock:
         path = Path(output_dir) / LOCK_FILE
         fd, refusal = None, None
         if rank == 0:
-            fd, refusal = _try_lock(path, world_size)
+            fd, refusal = _lock_within(path, world_size, lock_wait_s())
         if dist.is_initialized() and dist.get_world_size() > 1:
             refusal = broadcast_object(refusal)
         if refusal is not None:
@@ -76,16 +87,45 @@ class RunLock:
         self.release()
 
 
-def _try_lock(path: Path, world_size: int) -> tuple[int | None, str | None]:
-    """(descriptor, None) when locked, or (None, why not) when another process holds it."""
+def lock_wait_s() -> float:
+    """Seconds to wait for a held lock: ``MIROTRAIN_RUN_LOCK_WAIT_S``, default :data:`DEFAULT_WAIT_S`."""
+    value = os.environ.get(WAIT_VARIABLE, "").strip()
+    if not value:
+        return DEFAULT_WAIT_S
+    try:
+        wait = float(value)
+    except ValueError:
+        wait = -1.0
+    if not wait >= 0:
+        raise ValueError(f"{WAIT_VARIABLE}={value!r}: expected a number of seconds >= 0")
+    return wait
+
+
+def _lock_within(path: Path, world_size: int, wait_s: float) -> tuple[int | None, str | None]:
+    """Try the lock until it is free or ``wait_s`` has passed; the result of the last :func:`_try_lock`."""
+    deadline = time.monotonic() + wait_s
+    fd, owner = _try_lock(path, world_size)
+    if fd is None and wait_s > 0:
+        log.warning(f"output_dir {path.parent} is locked by another training (owner: {_describe(owner)}); "
+                    f"waiting up to {wait_s:g}s ({WAIT_VARIABLE}) for it to end")
+    while fd is None and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+        fd, owner = _try_lock(path, world_size)
+    if fd is not None:
+        return fd, None
+    return None, (f"output_dir {path.parent} is in use by another training (owner: {_describe(owner)}); "
+                  f"refusing to write into it (lock file {path})")
+
+
+def _try_lock(path: Path, world_size: int) -> tuple[int | None, str]:
+    """(descriptor, "") when locked, or (None, the owner's text) when another process holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown (the owner has not written it yet)"
         os.close(fd)
-        return None, (f"output_dir {path.parent} is in use by another training (owner: {_describe(owner)}); "
-                      f"refusing to write into it (lock file {path})")
+        return None, owner
     except BaseException:
         os.close(fd)
         raise
@@ -94,7 +134,7 @@ def _try_lock(path: Path, world_size: int) -> tuple[int | None, str | None]:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
     _held_fds.add(fd)
-    return fd, None
+    return fd, ""
 
 
 def _describe(owner_text: str) -> str:

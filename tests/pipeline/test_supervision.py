@@ -121,3 +121,39 @@ def test_rank_whose_launcher_died_before_the_guard_exits(tmp_path: Path) -> None
             _kill_if_alive([child_pid])
     assert "its launcher (pid" in text and "is gone" in text, text
     assert "guard let an orphan train" not in text, text
+
+
+def test_a_killed_command_has_let_go_of_its_locks_when_the_runner_returns(tmp_path: Path) -> None:
+    """A timed-out command whose "rank" (own session, deaf to SIGTERM) holds a flock, as a training holds its
+    run lock: when run_streaming raises, that process is gone and the lock is free, so a retry that starts
+    at once is not refused (mirotrain/training/run_lock.py)."""
+    import fcntl
+
+    from tasks._subprocess import CommandTimedOut, run_streaming
+
+    lock = tmp_path / "run.lock"
+    rank = textwrap.dedent(f"""
+        import fcntl, os, signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", os.getpid(), flush=True)
+        time.sleep(600)
+    """)
+    launcher = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {rank!r}], "
+                f"start_new_session=True); time.sleep(600)")
+    lines: list[str] = []
+    with pytest.raises(CommandTimedOut):
+        run_streaming([sys.executable, "-c", launcher], log=lines.append, timeout_s=20, grace_s=1)
+    rank_pid = int(next(line for line in lines if line.startswith("locked")).split()[1])
+    try:
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the rank still holds it
+        finally:
+            os.close(fd)
+        stat = Path(f"/proc/{rank_pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    finally:
+        _kill_if_alive([rank_pid])
+

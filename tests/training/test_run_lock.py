@@ -2,8 +2,11 @@
 
 A first `mirotrain sft` (one CPU process) is frozen with SIGSTOP once it has a step checkpoint, so it holds
 the lock without finishing. A second training into the same output_dir, one process or two under torchrun,
-is refused with exit code 2 and one line naming the directory and the owner, having changed nothing there.
-After SIGKILL of the holder, the same command takes the lock and resumes from the holder's checkpoint.
+waits ``MIROTRAIN_RUN_LOCK_WAIT_S`` (1 s here) and is then refused with exit code 2 and one line naming the
+directory and the owner, having changed nothing there. A third one, with a long wait, starts while the holder
+still holds the lock, says that it waits and for whom; the holder is SIGKILLed during that wait, and the third
+takes the lock and resumes from the holder's checkpoint (a retry that starts while the previous attempt's
+ranks are still exiting).
 """
 
 import json
@@ -17,7 +20,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_helpers import REPO, assert_ok, run_sft, tiny_config, write_config, write_shards  # noqa: E402
+from sft_helpers import REPO, run_sft, tiny_config, write_config, write_shards  # noqa: E402
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -46,7 +49,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 @pytest.mark.slow
-def test_second_writer_is_refused_and_a_killed_holder_frees_the_lock(tmp_path):
+def test_second_writer_is_refused_and_a_holder_killed_during_the_wait_frees_the_lock(tmp_path):
     shards = write_shards(tmp_path / "shards", n_rows=600, seq_len=64, seed=1)
     out = tmp_path / "run"
     config = write_config(tiny_config(out, shards, auto_resume=True, checkpoint_steps_for_auto_resume=5),
@@ -63,7 +66,7 @@ def test_second_writer_is_refused_and_a_killed_holder_frees_the_lock(tmp_path):
         before = _tree(out)
 
         for nproc in (1, 2):
-            second = run_sft(config, nproc=nproc, timeout=600)
+            second = run_sft(config, nproc=nproc, timeout=600, env={"MIROTRAIN_RUN_LOCK_WAIT_S": "1"})
             assert second.returncode == (2 if nproc == 1 else 1), second.stderr[-3000:]  # torchrun reports 1
             refusals = [line for line in second.stderr.splitlines() if "is in use by another training" in line]
             assert refusals == [f"mirotrain sft: output_dir {out} is in use by another training (owner: host "
@@ -73,12 +76,22 @@ def test_second_writer_is_refused_and_a_killed_holder_frees_the_lock(tmp_path):
             after = _tree(out)
             changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
             assert not changed, f"the refused run (nproc={nproc}) changed {changed} in the output_dir"
+
+        with open(tmp_path / "third.log", "w") as third_log:
+            third = subprocess.Popen([sys.executable, "-m", "mirotrain", "sft", "--config", str(config)],
+                                     env={**env, "MIROTRAIN_RUN_LOCK_WAIT_S": "300"}, cwd=str(REPO),
+                                     stdout=third_log, stderr=subprocess.STDOUT, start_new_session=True)
+        waiting = f"output_dir {out} is locked by another training (owner: host {owner['host']}, pid {holder.pid}"
+        deadline = time.monotonic() + 240
+        while waiting not in (tmp_path / "third.log").read_text():
+            assert third.poll() is None, (tmp_path / "third.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the third run never said that it waits for the lock"
+            time.sleep(0.1)
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
 
-    third = run_sft(config, timeout=600)
-    assert_ok(third)
-    log = third.stdout + third.stderr
-    assert "Resumed from" in log and "is in use" not in log
-    assert json.loads((out / "run.lock").read_text())["pid"] != holder.pid
+    assert third.wait(timeout=600) == 0, (tmp_path / "third.log").read_text()[-3000:]
+    log = (tmp_path / "third.log").read_text()
+    assert log.count(waiting) == 1 and "Resumed from" in log and "is in use" not in log
+    assert json.loads((out / "run.lock").read_text())["pid"] == third.pid
