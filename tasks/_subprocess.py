@@ -11,7 +11,9 @@ runs in a worker thread:
   Each rank also dies with torchrun itself (``exit_with_launcher`` in mirotrain/training/distributed.py),
   so a torchrun killed on its own, by anyone, leaves no rank training unsupervised;
 - ``PR_SET_PDEATHSIG`` makes the child get SIGTERM if the thread that started it dies (flow process
-  SIGKILLed, OOM), so a crashed flow does not leave ranks holding GPUs;
+  SIGKILLed, OOM), so a crashed flow does not leave ranks holding GPUs. libc's ``prctl`` is resolved once at
+  import, so the function that runs between fork and exec only calls it: loading a library there (taking the
+  dynamic loader's lock, which another thread of the parent may have held at fork time) can deadlock;
 - after the final SIGKILL the runner waits (up to ``REAP_TIMEOUT_S``) until every process of the snapshot is
   gone, so whatever the ranks held (the run lock of mirotrain/training/run_lock.py, GPU memory, ports) is free
   when the task's retry starts;
@@ -37,6 +39,7 @@ from typing import Callable, Mapping, Sequence
 
 PR_SET_PDEATHSIG = 1
 REAP_TIMEOUT_S = 30.0  # how long a kill waits for the killed processes to be gone
+_prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 class CommandFailed(RuntimeError):
@@ -55,10 +58,9 @@ class CommandTimedOut(TimeoutError):
     """The child ran past its wall-clock limit and was killed."""
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec: no imports, no library loading
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def _proc_stat(pid: int) -> tuple[int, int, int, str] | None:

@@ -157,3 +157,17 @@ def test_a_killed_command_has_let_go_of_its_locks_when_the_runner_returns(tmp_pa
     finally:
         _kill_if_alive([rank_pid])
 
+
+
+def test_death_signal_reaches_a_child_whose_starting_thread_ended() -> None:
+    """PR_SET_PDEATHSIG through the prctl resolved at import (the fork-to-exec function loads nothing)."""
+    import threading
+
+    from tasks._subprocess import _set_pdeathsig
+
+    started: list[subprocess.Popen] = []
+    starter = threading.Thread(target=lambda: started.append(subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=_set_pdeathsig)))
+    starter.start()
+    starter.join()
+    assert started[0].wait(timeout=30) == -signal.SIGTERM
