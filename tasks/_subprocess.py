@@ -21,12 +21,17 @@ runs in a worker thread:
   reach the UI this way), and to an ``on_line`` callback (progress parsing);
 - any ``BaseException`` while waiting (Prefect's TerminationSignal on cancel, TimeoutError, Ctrl-C) sends
   SIGTERM to the group, waits ``grace_s``, then SIGKILL, and re-raises;
+- inside :func:`stop_when`, the runner asks a check every few seconds whether the command is still wanted;
+  when the check gives a reason, the group is killed as on a timeout and :class:`CommandAbandoned` is raised
+  (a multi-node agent stops a launch that node 0 has given up, tasks/node_agent.py);
 - a non-zero exit code raises :class:`CommandFailed`, which Prefect turns into a task failure and a retry.
 """
 
 from __future__ import annotations
 
 import ctypes
+import contextlib
+import contextvars
 import os
 import queue
 import signal
@@ -35,7 +40,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 PR_SET_PDEATHSIG = 1
 REAP_TIMEOUT_S = 30.0  # how long a kill waits for the killed processes to be gone
@@ -56,6 +61,27 @@ class CommandFailed(RuntimeError):
 
 class CommandTimedOut(TimeoutError):
     """The child ran past its wall-clock limit and was killed."""
+
+
+class CommandAbandoned(RuntimeError):
+    """A :func:`stop_when` check said the command is no longer wanted, and it was killed."""
+
+
+StopCheck = Callable[[], "str | None"]  # None: keep running; a reason: stop the command
+_stop_check: contextvars.ContextVar[tuple[StopCheck, float] | None] = contextvars.ContextVar("stop_check",
+                                                                                            default=None)
+
+
+@contextlib.contextmanager
+def stop_when(check: StopCheck, every_s: float = 3.0) -> Iterator[None]:
+    """Within the block, every :func:`run_streaming` calls ``check()`` every ``every_s`` seconds and kills its
+    command (:class:`CommandAbandoned`) as soon as the check returns a reason. A context rather than a
+    parameter, so the commands started through other launch code (tasks.train.run_engine) are covered too."""
+    token = _stop_check.set((check, every_s))
+    try:
+        yield
+    finally:
+        _stop_check.reset(token)
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec: no imports, no library loading
@@ -176,6 +202,8 @@ def run_streaming(cmd: Sequence[str], *, env: Mapping[str, str] | None = None, c
     deadline = time.monotonic() + timeout_s if timeout_s else None
     tree: dict[int, tuple[int, int]] = {}
     next_snapshot = 0.0
+    stop = _stop_check.get()
+    next_stop_check = time.monotonic() + stop[1] if stop else float("inf")
     try:
         while True:
             if time.monotonic() > next_snapshot:  # keep knowing the ranks even if torchrun dies first
@@ -183,6 +211,10 @@ def run_streaming(cmd: Sequence[str], *, env: Mapping[str, str] | None = None, c
                 next_snapshot = time.monotonic() + 3.0
             if deadline and time.monotonic() > deadline:
                 raise CommandTimedOut(f"command ran longer than {timeout_s:.0f}s and was killed: {' '.join(cmd[:6])}")
+            if stop and time.monotonic() > next_stop_check:
+                if reason := stop[0]():
+                    raise CommandAbandoned(f"{reason}; killed {' '.join(cmd[:6])}")
+                next_stop_check = time.monotonic() + stop[1]
             try:
                 line = lines.get(timeout=0.5)
             except queue.Empty:

@@ -11,7 +11,11 @@ Which node this is comes from the same rendezvous rules as the train task (``tas
 - Every other node waits for node 0's launches and runs each one through the train task's own launcher
   (``tasks.train.run_engine``) with its own node rank and node 0's master address, port and engine
   arguments. A launch that fails here is logged and the agent waits for the next one (node 0's task owns
-  retries: its retry is a new launch). The agent exits 0 when node 0 wrote ``FINISHED`` or, where
+  retries: its retry is a new launch). While a launch runs, the agent checks every few seconds whether node 0
+  is still in it (:func:`why_stop`): once node 0 marked it done, published a newer launch or finished, or its
+  flow run is final, the agent kills this node's torchrun and ranks and moves on. Without that, ranks whose
+  peers on node 0 died could hang in a collective until the NCCL timeout while node 0's retry waits for the
+  agents' acknowledgements only ``rdzv.timeout_s``. The agent exits 0 when node 0 wrote ``FINISHED`` or, where
   ``PREFECT__FLOW_RUN_ID`` and the API are available, when that flow run reached a final state.
 
 With one node, COMMAND simply replaces this process. Several nodes without a launch directory, or a
@@ -27,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tasks._launch_spec import (FINISHED, LAUNCH_DIR_VARIABLE, LaunchSpec, acknowledge, finish, finished, is_done,
                                 launch_dir, published_seqs, read_spec)
@@ -68,19 +72,55 @@ def _flow_run_final(flow_run_id: str) -> bool:
     return state is not None and state.is_final()
 
 
-def run_launch(directory: Path, spec: LaunchSpec, rdzv: Rendezvous) -> None:
-    """Start node 0's launch ``spec`` on this node, through the train task's launcher."""
+def why_stop(directory: Path, seq: int, flow_run_final: Callable[[], bool] = lambda: False) -> str | None:
+    """Why this node should stop its part of launch ``seq`` now, or None while node 0 is still in it."""
+    if finished(directory):
+        return f"node 0 finished (launch {seq} is over)"
+    if is_done(directory, seq):
+        return f"node 0 ended launch {seq}"
+    newer = [s for s in published_seqs(directory) if s > seq]
+    if newer:
+        return f"node 0 abandoned launch {seq} for launch {newer[-1]}"
+    if flow_run_final():
+        return f"the flow run is in a final state (launch {seq} is over)"
+    return None
+
+
+def _rate_limited(check: Callable[[], bool], every_s: float) -> Callable[[], bool]:
+    """``check`` asked at most once per ``every_s`` seconds (an API call); False in between."""
+    next_at = time.monotonic() + every_s
+
+    def limited() -> bool:
+        nonlocal next_at
+        if time.monotonic() < next_at:
+            return False
+        next_at = time.monotonic() + every_s
+        return check()
+
+    return limited
+
+
+def run_launch(directory: Path, spec: LaunchSpec, rdzv: Rendezvous, flow_run_id: str | None = None,
+               check_s: float = 3.0, api_check_s: float = 30.0) -> None:
+    """Run node 0's launch ``spec`` on this node, through the train task's launcher, until it ends or node 0
+    leaves it (:func:`why_stop`, asked every ``check_s`` seconds)."""
+    from tasks._subprocess import CommandAbandoned, stop_when
     from tasks.train import run_engine
 
     logger = run_logger()
+    flow_run_final = _rate_limited(lambda: _flow_run_final(flow_run_id), api_check_s) if flow_run_id else (
+        lambda: False)
     acknowledge(directory, spec.seq, rdzv.node_rank)
     logger.info(f"node {rdzv.node_rank}: launch {spec.seq}: {' '.join(spec.args[:3])} ...")
     if Path(spec.cwd).is_dir():
         os.chdir(spec.cwd)  # relative config paths in the engine arguments mean node 0's directory
     try:
-        run_engine(spec.args, nproc_per_node=spec.nproc_per_node, nnodes=spec.nnodes, node_rank=rdzv.node_rank,
-                   master_addr=spec.master_addr, master_port=spec.master_port, launcher=spec.launcher,
-                   timeout_s=spec.timeout_s, env=spec.env, rdzv_timeout_s=spec.rdzv_timeout_s)
+        with stop_when(lambda: why_stop(directory, spec.seq, flow_run_final), every_s=check_s):
+            run_engine(spec.args, nproc_per_node=spec.nproc_per_node, nnodes=spec.nnodes, node_rank=rdzv.node_rank,
+                       master_addr=spec.master_addr, master_port=spec.master_port, launcher=spec.launcher,
+                       timeout_s=spec.timeout_s, env=spec.env, rdzv_timeout_s=spec.rdzv_timeout_s)
+    except CommandAbandoned as exc:
+        logger.warning(f"node {rdzv.node_rank}: stopped launch {spec.seq}: {str(exc).splitlines()[0]}")
     except (RuntimeError, TimeoutError) as exc:  # a failed or timed-out torchrun; a refused setting propagates
         logger.error(f"node {rdzv.node_rank}: launch {spec.seq} failed: {str(exc).splitlines()[0]}")
 
@@ -105,7 +145,7 @@ def follow(directory: Path, rdzv: Rendezvous, flow_run_id: str | None = None, po
             if directory.is_dir() else []
         if pending:
             last = pending[-1]  # an older launch without its done marker was abandoned by node 0
-            run_launch(directory, read_spec(directory, last), rdzv)
+            run_launch(directory, read_spec(directory, last), rdzv, flow_run_id, api_check_s=api_check_s)
             continue
         time.sleep(poll_s)
 

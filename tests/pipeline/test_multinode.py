@@ -15,15 +15,16 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from pipeline_helpers import REPO, tiny_stage_overrides
+from pipeline_helpers import REPO, processes_mentioning, tiny_stage_overrides
 from tasks._launch_spec import FollowersMissing, finish, node_launch, publish, published_seqs, spec_path
 from tasks._rendezvous import resolve_rendezvous
-from tasks.node_agent import follow
+from tasks.node_agent import follow, run_launch, why_stop
 
 STEPS = ["epochs=1", "max_steps_per_epoch=4", "checkpoint_steps_for_auto_resume=2"]
 
@@ -212,6 +213,49 @@ def test_agent_skips_finished_launches_and_exits_when_node_zero_finished(tmp_pat
     finish(tmp_path, 0)
     assert follow(tmp_path, _two_node_rdzv(1), poll_s=0.05) == 0
     assert not list(tmp_path.glob("*.node-1"))  # it started neither launch
+
+
+def _launch_fields(port: int = 1) -> dict:
+    return {"args": ["sft"], "cwd": os.getcwd(), "nnodes": 2, "master_addr": "127.0.0.1", "master_port": port,
+            "nproc_per_node": 1, "launcher": "torchrun", "timeout_s": None, "rdzv_timeout_s": 300.0}
+
+
+def test_agent_stops_a_launch_once_node_zero_has_left_it(tmp_path: Path) -> None:
+    spec = publish(tmp_path, _launch_fields())
+    assert why_stop(tmp_path, spec.seq) is None
+    assert why_stop(tmp_path, spec.seq, lambda: True) == "the flow run is in a final state (launch 1 is over)"
+    publish(tmp_path, _launch_fields())
+    assert why_stop(tmp_path, spec.seq) == "node 0 abandoned launch 1 for launch 2"
+    spec_path(tmp_path, spec.seq).with_suffix(".done").write_text("{}")
+    assert why_stop(tmp_path, spec.seq) == "node 0 ended launch 1"
+    finish(tmp_path, 1)
+    assert why_stop(tmp_path, 2) == "node 0 finished (launch 2 is over)"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_agent_kills_its_torchrun_when_node_zero_moves_to_a_new_launch(tmp_path: Path) -> None:
+    """Node 1's torchrun waits for a node 0 that is gone (its attempt died); node 0's retry publishes launch 2.
+    The agent must end launch 1 -- torchrun and all -- within seconds, not at the rendezvous or NCCL timeout."""
+    port = _free_port()
+    spec = publish(tmp_path, _launch_fields(port))
+
+    def retry_of_node_zero() -> None:
+        deadline = time.monotonic() + 120
+        while not processes_mentioning(f"--master_port {port}"):
+            assert time.monotonic() < deadline, "node 1's torchrun never started"
+            time.sleep(0.2)
+        publish(tmp_path, _launch_fields(port))
+
+    publisher = threading.Thread(target=retry_of_node_zero, daemon=True)
+    publisher.start()
+    t0 = time.monotonic()
+    run_launch(tmp_path, spec, _two_node_rdzv(1), check_s=1.0)
+    took = time.monotonic() - t0
+    publisher.join(timeout=5)
+    assert published_seqs(tmp_path) == [1, 2]
+    assert took < 150, f"the agent left launch 1 only after {took:.0f}s"
+    assert not processes_mentioning(f"--master_port {port}"), "node 1's torchrun outlived its abandoned launch"
 
 
 def test_node_zero_that_fails_before_any_launch_still_releases_the_agents(tmp_path: Path) -> None:

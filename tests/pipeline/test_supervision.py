@@ -171,3 +171,15 @@ def test_death_signal_reaches_a_child_whose_starting_thread_ended() -> None:
     starter.start()
     starter.join()
     assert started[0].wait(timeout=30) == -signal.SIGTERM
+
+
+def test_a_command_is_stopped_as_soon_as_its_stop_check_gives_a_reason(tmp_path: Path) -> None:
+    from tasks._subprocess import CommandAbandoned, run_streaming, stop_when
+
+    flag = tmp_path / "abandoned"
+    t0 = time.monotonic()
+    with pytest.raises(CommandAbandoned, match="^launch 1 was abandoned; killed"):
+        with stop_when(lambda: "launch 1 was abandoned" if flag.exists() else None, every_s=0.2):
+            run_streaming([sys.executable, "-c", f"import pathlib, time; pathlib.Path({str(flag)!r}).touch(); "
+                                                 f"time.sleep(600)"], log=lambda _: None, grace_s=1)
+    assert time.monotonic() - t0 < 60
