@@ -102,9 +102,9 @@ def post_train(model: ModelSource, sft_stage: StageConfig, dpo_stage: StageConfi
     outcome = PostTrainOutcome(run_name=run, model_dir=sft_out.model_dir, sft=sft_out, dpo=dpo_out,
                                export_dir=export.path)
     publish_summary(f"Post-training run {run} (SFT -> DPO)", "post-train",
-                    {"model": model.model_dump(), "sft_stage": sft_stage.model_dump(), "dpo_stage": dpo_stage.model_dump(),
-                     "launch": launch.model_dump(), "precompute_reference": precompute_reference,
-                     "resume_from": resume_from},
+                    {"model": model.model_dump(), "sft_stage": sft_stage.model_dump(),
+                     "dpo_stage": dpo_stage.model_dump(), "launch": launch.model_dump(),
+                     "precompute_reference": precompute_reference, "resume_from": resume_from},
                     [_as_report(sft_out), _as_report(dpo_out)],
                     {"base model": outcome.model_dir, "sft run": sft_out.output_dir, "sft hf": str(sft_out.hf_dir),
                      "dpo run": dpo_out.output_dir, "hf export": export.path})
