@@ -6,7 +6,10 @@ engine on config + tokenizer hashes. The Prefect cache key (:func:`pack_fingerpr
 arguments point at: a stamp (size, mtime or etag) of every data file, a Hub dataset's current revision, the
 tokenizer's digest and the resolved dataset and tokenizer sections -- so a data file changed in place is
 packed again. A cached result is reused only while ``manifest.json`` has the recorded digest and every shard
-file its recorded size, so a deleted or rewritten shard directory is packed again too. Missing data files
+file its recorded size, so a deleted or rewritten shard directory is packed again too. The engine reuses a
+shard directory whose ``manifest.json`` exists, so before calling it the task checks that every shard the
+manifest names is still there and readable (:func:`damage`), and otherwise makes the engine pack it anew
+(``force=True``): a cache miss caused by a deleted or truncated shard then rebuilds it. Missing data files
 and config errors fail at once; other errors are retried (``tasks/_retry.py``).
 
     python -m tasks.pack_dataset --config mirotrain/configs/tiny/sft.yaml --overrides dataset.source=data.jsonl
@@ -46,6 +49,26 @@ def _still_on_disk(record: Any) -> bool:
     return digest == result.manifest_sha256 and listing_matches(result.path, result.files)
 
 
+def damage(shard_dir: str) -> str | None:
+    """Why a shard directory whose manifest exists cannot be used as it is (a shard file the manifest names
+    is missing, or is not a complete Arrow file: its footer is read), or None when it is intact."""
+    import fsspec
+    import pyarrow as pa
+
+    from mirotrain.data.shards import join, read_manifest
+
+    for shard in read_manifest(shard_dir).get("shards", []):
+        url = join(shard_dir, shard["file"])
+        try:
+            with fsspec.open(url, "rb") as f:
+                pa.ipc.open_file(f)
+        except FileNotFoundError:
+            return f"shard {shard['file']} is missing"
+        except (OSError, pa.ArrowInvalid) as exc:
+            return f"shard {shard['file']} is unreadable ({exc})"
+    return None
+
+
 def pack_fingerprint(config: str, overrides: list[str] | None = None, section: str = "dataset") -> str:
     """Everything outside the arguments that decides the packed output, as one JSON string (the cache key's
     data part): the resolved ``section`` and ``tokenizer`` config, the engine's shard directory for them (its
@@ -79,14 +102,19 @@ def pack_dataset(config: str, overrides: list[str] | None = None,
         section: Which dataset section to pack (dataset or dataset_val).
     """
     from mirotrain.config import load_config
+    from mirotrain.data.pack_shards import build_dataset, output_root, shard_dir_for, summary_line
     from mirotrain.data.pack_shards import pack_dataset as engine_pack_dataset
-    from mirotrain.data.pack_shards import summary_line
-    from mirotrain.data.shards import read_manifest
+    from mirotrain.data.shards import manifest_exists, read_manifest
 
     logger = run_logger()
     cfg = load_config(config, list(overrides or []))
     logger.info(f"packing section {section!r} of {config} (overrides: {list(overrides or [])})")
-    path = str(engine_pack_dataset(cfg, section))
+    ds = build_dataset(cfg, section)
+    existing = shard_dir_for(ds, output_root(cfg, section))
+    why = damage(existing) if manifest_exists(existing) else None
+    if why:
+        logger.warning(f"shard directory {existing} is damaged ({why}); packing it again")
+    path = str(engine_pack_dataset(cfg, section, tokenizer=ds.tokenizer, force=why is not None))
     manifest = read_manifest(path)
     manifest = manifest if isinstance(manifest, dict) else dict(getattr(manifest, "__dict__", {}))
     small = {k: v for k, v in manifest.items() if not isinstance(v, (list, dict)) or len(str(v)) < 2000}

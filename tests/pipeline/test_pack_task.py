@@ -40,6 +40,21 @@ def test_pack_rerun_is_cache_hit(prefect_api: str, sft_pack_config: Path) -> Non
     assert _pack_flow(str(sft_pack_config), []).name == "Completed"
 
 
+@pytest.mark.slow  # two packs of real data
+def test_pack_rebuilds_a_shard_directory_that_lost_a_shard(prefect_api: str, sft_pack_config: Path) -> None:
+    """manifest.json survives, a shard file does not: the cache check rejects the record, and the task must
+    make the engine pack again instead of handing back the damaged directory it would reuse."""
+    first: PackResult = _pack_flow(str(sft_pack_config), []).result()
+    shard = sorted(Path(first.path).glob("shard-*.arrow"))[0]
+    shard.unlink()
+    again = _pack_flow(str(sft_pack_config), [])
+    assert again.name == "Completed", again.name
+    rebuilt: PackResult = again.result()
+    assert rebuilt.path == first.path and shard.is_file() and rebuilt.files.keys() == first.files.keys()
+    assert rebuilt.manifest["samples"] == 40
+    assert _pack_flow(str(sft_pack_config), []).name == "Cached"
+
+
 @pytest.mark.slow  # several packs of real data (minutes on 2 shared cores)
 def test_pack_repacks_data_changed_in_place(prefect_api: str, sft_pack_config: Path, tmp_path: Path) -> None:
     """The data file the config names grows in place (same path, 100 -> 300 records): a miss, packed again."""
