@@ -56,7 +56,8 @@ class DownloadReport:
     source: str
     kind: str  # "hub" | "fsspec" | "local"
     output_dir: str
-    revision: str | None = None
+    revision: str | None = None  # for the Hub, the commit sha that was downloaded
+    requested_revision: str | None = None  # what the caller asked for (None: main)
     files: dict[str, int] = field(default_factory=dict)  # relative path -> size in bytes
     downloaded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -272,9 +273,11 @@ def hub_not_found(exc: BaseException) -> bool:
 
 
 def hub_revision(repo: str, revision: str | None = None, token: str | None = None, *,
-                 repo_type: str = "model", timeout_s: float = 10.0) -> str | None:
-    """The commit sha a Hub repo's ``revision`` (default: main) points at now; ``revision`` itself when the
-    Hub cannot be reached (offline), so a cache key still changes when the requested revision does.
+                 repo_type: str = "model", timeout_s: float = 10.0, offline: str | None = None) -> str | None:
+    """The commit sha a Hub repo's ``revision`` (default: main) points at now. When the Hub cannot be reached:
+    ``offline`` (the sha a completed download recorded, see :func:`recorded_hub_sha`) if given, so weights on
+    disk keep their cache key through a Hub outage; else ``revision`` itself, so a cache key still changes
+    when the requested revision does.
 
     Raises :class:`SourceNotFound` when the Hub answers that the repo or revision does not exist.
     """
@@ -287,17 +290,30 @@ def hub_revision(repo: str, revision: str | None = None, token: str | None = Non
         if hub_not_found(exc):
             raise SourceNotFound(_redact(f"Hub {repo_type} {repo!r} (revision {revision or 'main'}) not found: {exc}",
                                          token)) from None
-        return revision
+        return offline if offline is not None else revision
+
+
+def recorded_hub_sha(output_dir: str | Path, source: str, revision: str | None) -> str | None:
+    """The commit sha a completed download of Hub ``source`` at ``revision`` recorded in ``output_dir``
+    (:func:`read_record`), or None when there is no such record. ``revision`` matches the record when it is
+    what was asked for then, or the sha itself."""
+    record = read_record(output_dir) or {}
+    if record.get("kind") != "hub" or record.get("source") != source or not record.get("revision"):
+        return None
+    return record["revision"] if revision in (record.get("requested_revision"), record["revision"]) else None
 
 
 def source_fingerprint(source: str, revision: str | None = None, token: str | None = None,
-                       include: list[str] | None = None) -> str:
-    """What ``source`` holds now, as one JSON string: a Hub repo's commit (see :func:`hub_revision`), or the
-    size and mtime/etag of every file under a local path or fsspec URL. Keys the download cache, so a source
-    changed in place is fetched again. Raises :class:`SourceNotFound` for a source that does not exist."""
+                       include: list[str] | None = None, output_dir: str | Path | None = None) -> str:
+    """What ``source`` holds now, as one JSON string: a Hub repo's commit (see :func:`hub_revision`; while the
+    Hub is unreachable, the commit a completed download into ``output_dir`` recorded), or the size and
+    mtime/etag of every file under a local path or fsspec URL. Keys the download cache, so a source changed in
+    place is fetched again. Raises :class:`SourceNotFound` for a source that does not exist."""
     kind = classify_source(source)
     if kind == "hub":
-        return json.dumps({"hub": source.removeprefix("hf://"), "sha": hub_revision(source, revision, token)})
+        offline = recorded_hub_sha(output_dir, source, revision) if output_dir is not None else None
+        return json.dumps({"hub": source.removeprefix("hf://"),
+                           "sha": hub_revision(source, revision, token, offline=offline)})
     _, _, infos = _list_fsspec_info(source, kind)
     return json.dumps({rel: info_stamp(info) for rel, info in sorted(infos.items()) if _wanted(rel, include)})
 
@@ -349,7 +365,8 @@ def download(source: str, output_dir: str | Path, *, token: str | None = None, r
     kind = classify_source(source)
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    report = DownloadReport(source=source, kind=kind, output_dir=str(out), revision=revision if kind == "hub" else None)
+    report = DownloadReport(source=source, kind=kind, output_dir=str(out), revision=revision if kind == "hub" else None,
+                            requested_revision=revision if kind == "hub" else None)
     t0 = time.monotonic()
     if kind == "hub":
         _download_hub(source, out, token, revision, include, report, progress)

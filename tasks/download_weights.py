@@ -2,7 +2,9 @@
 
 Wraps :func:`mirotrain.hub.download` (the engine side of `mirotrain download`). Cached on its inputs, its
 source code and what the source holds now (:func:`mirotrain.hub.source_fingerprint`: the commit a Hub
-revision points at, or each source file's size and mtime/etag), and reused only while every recorded file is
+revision points at -- while the Hub is unreachable, the commit the download in ``output_dir`` recorded, so
+weights already on disk stay a cache hit through a Hub outage -- or each source file's size and mtime/etag),
+and reused only while every recorded file is
 still on disk with its recorded size; otherwise it runs again, and the engine skips whatever is already
 complete. A source that does not exist
 (:class:`mirotrain.hub.SourceNotFound`) fails after one attempt; network errors and failed verifications are
@@ -57,7 +59,7 @@ def _source_now(source: str, output_dir: str, revision: str | None = None, inclu
                 hf_token_secret: str | None = None) -> str:
     """The cache key's source part; a source that does not exist keys as such (the task then fails on it)."""
     try:
-        return source_fingerprint(source, revision, _resolve_token(hf_token_secret), include)
+        return source_fingerprint(source, revision, _resolve_token(hf_token_secret), include, output_dir)
     except SourceNotFound as exc:
         return f"not found: {exc}"
 

@@ -85,3 +85,39 @@ def test_missing_source_is_not_found(tmp_path: Path, source: str) -> None:
     """A source that does not exist is SourceNotFound (never retried), not a plain DownloadError."""
     with pytest.raises(SourceNotFound, match="nonexistent|not an existing path"):
         download(source, tmp_path / "out", progress=lambda line: None)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is: connections to it are refused
+
+
+def test_hub_outage_keys_a_completed_download_by_its_recorded_commit(tmp_path: Path, monkeypatch) -> None:
+    """The Hub refuses connections: the download cache key of weights already on disk is the commit their
+    download recorded (a cache hit), not the requested revision (a miss that re-downloads and fails)."""
+    import huggingface_hub.constants
+    from huggingface_hub import HfApi
+
+    from tasks.download_weights import _source_now
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # tests/conftest.py sets it
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    repo, sha = "mirotrain-test/offline-model", "0123456789abcdef0123456789abcdef01234567"
+    with pytest.raises(Exception) as unreachable:  # what the Hub client raises here, as hub_revision sees it
+        HfApi().repo_info(repo, timeout=5)
+    assert "connect" in f"{type(unreachable.value).__name__} {unreachable.value}".lower(), unreachable.value
+
+    out = tmp_path / "weights"
+    assert json.loads(_source_now(repo, str(out))) == {"hub": repo, "sha": None}  # nothing on disk to go by
+    out.mkdir()
+    record = {"source": repo, "kind": "hub", "output_dir": str(out), "revision": sha, "requested_revision": None,
+              "files": {"model.safetensors": 8}}
+    (out / RECORD_NAME).write_text(json.dumps(record))
+    assert json.loads(_source_now(repo, str(out))) == {"hub": repo, "sha": sha}
+    assert json.loads(_source_now(repo, str(out), revision=sha)) == {"hub": repo, "sha": sha}  # pinned to it
+    # another revision, or another repo, is not what the record holds: the requested revision keys it
+    assert json.loads(_source_now(repo, str(out), revision="v2")) == {"hub": repo, "sha": "v2"}
+    assert json.loads(_source_now("mirotrain-test/other", str(out))) == {"hub": "mirotrain-test/other", "sha": None}
