@@ -9,6 +9,11 @@ Under ``python -m tasks.<name>`` the module runs as ``__main__``, and a task tak
 results whose classes live in ``__main__`` (pickled by value, a new class on every load) under a key hashed
 from ``__main__``'s code. So the CLI runs the task imported from its real module, ``tasks.<name>``: a second
 call with the same inputs then finds the first call's record and reports ``Cached``.
+
+Exit codes: 0 when the task completed (or was cached), 2 when it failed with a permanent error (a config
+error, a missing file, a source that does not exist: :func:`tasks._retry.is_permanent`, the errors that are
+never retried), 1 for any other failure. A scheduler wrapping the CLI can thus tell "fix the input" from
+"try again" the way the engine's own exit code 2 does.
 """
 
 from __future__ import annotations
@@ -22,7 +27,13 @@ import types
 import typing
 from typing import Any, Callable, Literal, Union, get_args, get_origin
 
+from tasks._retry import is_permanent
 from tasks._runtime import apply_prefect_env_defaults
+
+
+def _exit_code(exc: BaseException | None) -> int:
+    """2 for a permanent error, 1 for any other failure (see the module docstring)."""
+    return 2 if is_permanent(exc) else 1
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -111,7 +122,7 @@ def run_task_cli(task_obj: Any, argv: list[str] | None = None, module: str | Non
             result = fn(**args)
         except Exception as exc:  # noqa: BLE001 - one clear line, as the flow path prints its failed state
             print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-            return 1
+            return _exit_code(exc)
     else:
         from prefect import flow
 
@@ -123,7 +134,8 @@ def run_task_cli(task_obj: Any, argv: list[str] | None = None, module: str | Non
         state = _one_task_flow(params=args, return_state=True)
         if not state.is_completed():
             print(f"{name}: {state.type.value}: {state.message}", file=sys.stderr, flush=True)
-            return 1
+            error = state.result(raise_on_failure=False)
+            return _exit_code(error if isinstance(error, BaseException) else None)
         task_state_name, result = state.result()
         print(f"{name}: {task_state_name}", file=sys.stderr, flush=True)  # Completed, or Cached on a cache hit
     if hasattr(result, "model_dump_json"):

@@ -79,6 +79,24 @@ def test_download_weights_task_cli(api_env: dict, tmp_path: Path, make_checkpoin
     assert out["files"]["config.json"] == (src / "config.json").stat().st_size
 
 
+def test_task_cli_exits_2_for_a_permanent_error_and_1_for_another(api_env: dict, tmp_path: Path) -> None:
+    """A source that does not exist (through the flow, as an operator runs it) exits 2; an empty source
+    directory, a plain download failure that could be retried, exits 1 (here without Prefect)."""
+    (tmp_path / "empty").mkdir()
+
+    def cli(source: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tasks.download_weights", "--source", source, "--output-dir",
+                               str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=300,
+                              env=api_env, cwd=Path(__file__).resolve().parents[2])
+
+    missing = cli(str(tmp_path / "nonexistent"))
+    assert missing.returncode == 2, missing.stderr[-4000:]
+    assert "download_weights: FAILED: " in missing.stderr and "is not an existing path" in missing.stderr
+    empty = cli(str(tmp_path / "empty"), "--no-prefect")
+    assert empty.returncode == 1, empty.stderr[-4000:]
+    assert "download_weights: RuntimeError: source" in empty.stderr and "has no files" in empty.stderr
+
+
 @pytest.mark.parametrize("source", ["/nonexistent/model", "file:///nonexistent/model", "memory://nonexistent/model",
                                     "not a repo id"])
 def test_missing_source_is_not_found(tmp_path: Path, source: str) -> None:
