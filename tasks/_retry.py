@@ -24,19 +24,42 @@ from typing import Any, Callable, TypeVar
 
 # Exit code 2 from the engine = a config or usage error (mirotrain/cli.py, mirotrain/commands/recipe.py).
 PERMANENT_EXIT_CODE = 2
-# torchrun reports each failed rank as "exitcode  : 2 (pid: ...)" in its error summary.
-_TORCHRUN_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+# torchrun's error summary (ChildFailedError in torch.distributed.elastic) lists each failed rank under
+# "Failures:" and "Root Cause (first observed failure):", up to a closing "=====" line, as
+# "  exitcode  : 2 (pid: ...)". Only lines there are read: the engine's own output may say anything.
+_SUMMARY_HEADERS = ("Failures:", "Root Cause (first observed failure):")
+_SUMMARY_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid:")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _is_torchrun(cmd: list[str]) -> bool:
+    return "torch.distributed.run" in cmd or (bool(cmd) and cmd[0].rsplit("/", 1)[-1] == "torchrun")
+
+
+def _torchrun_summary_codes(tail: list[str]) -> list[int]:
+    """The per-rank exit codes of torchrun's error summary in ``tail`` (empty when it printed none)."""
+    codes: list[int] = []
+    inside = False
+    for line in tail:
+        text = line.strip()
+        if text in _SUMMARY_HEADERS:
+            inside = True
+        elif inside and text.startswith("=" * 10):
+            inside = False
+        elif inside and (match := _SUMMARY_EXITCODE.match(text)):
+            codes.append(int(match.group(1)))
+    return codes
+
+
 def _engine_exit_codes(exc: BaseException) -> list[int]:
-    """Exit codes of a failed engine command: torchrun's per-rank codes when it printed them, else its own."""
+    """Exit codes of a failed engine command: torchrun's per-rank codes from its error summary when the
+    command is torchrun and it printed one, else the command's own exit code."""
     from tasks._subprocess import CommandFailed
 
     if not isinstance(exc, CommandFailed):
         return []
-    ranks = [int(m.group(1)) for line in exc.tail for m in _TORCHRUN_EXITCODE.finditer(line)]
+    ranks = _torchrun_summary_codes(exc.tail) if _is_torchrun(exc.cmd) else []
     return ranks or [exc.returncode]
 
 

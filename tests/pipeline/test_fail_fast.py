@@ -43,10 +43,17 @@ def test_permanent_and_transient_errors_are_told_apart() -> None:
     assert is_permanent(SourceNotFound("source 'x' does not exist"))
     assert is_permanent(FileNotFoundError("data.jsonl"))
     assert is_permanent(CommandFailed(2, ["python", "-m", "mirotrain", "sft"], []))
-    torchrun_tail = ["[0]:", "  rank      : 0 (local_rank: 0)", "  exitcode  : 2 (pid: 123)",
-                     "[1]:", "  exitcode  : 2 (pid: 124)"]
-    assert is_permanent(CommandFailed(1, ["torchrun"], torchrun_tail))
-    assert not is_permanent(CommandFailed(1, ["torchrun"], [*torchrun_tail, "[2]:", "  exitcode  : -9 (pid: 125)"]))
+    torchrun = ["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mirotrain", "sft"]
+    summary = ["=" * 60, "mirotrain FAILED", "-" * 60, "Failures:", "[1]:", "  rank      : 1 (local_rank: 1)",
+               "  exitcode  : 2 (pid: 124)", "-" * 60, "Root Cause (first observed failure):", "[0]:",
+               "  rank      : 0 (local_rank: 0)", "  exitcode  : 2 (pid: 123)", "=" * 60]
+    assert is_permanent(CommandFailed(1, torchrun, summary))
+    killed = [*summary[:7], "[2]:", "  exitcode  : -9 (pid: 125)", *summary[7:]]
+    assert not is_permanent(CommandFailed(1, torchrun, killed))
+    # the engine's own output is not torchrun's summary: a line that looks like it outside it means nothing,
+    # and neither does any line of a command that is not torchrun
+    assert not is_permanent(CommandFailed(1, torchrun, ["  exitcode  : 2 (pid: 1)", "loss went up"]))
+    assert not is_permanent(CommandFailed(1, ["python", "-m", "mirotrain", "sft"], summary))
     assert not is_permanent(CommandFailed(-9, ["torchrun"], []))
     assert not is_permanent(CommandFailed(1, ["python"], []))
     assert not is_permanent(ConnectionError("reset by peer"))
