@@ -5,8 +5,11 @@ time) and ``mirotrain convert`` (tensors streamed from a DCP step checkpoint). T
 in HF order and are appended to the current shard, which is written once adding the next tensor would pass
 ``max_shard_size``; so at most one shard is held in memory.
 
-The directory is built as ``OUT.tmp`` and renamed to ``OUT`` at the end, so ``OUT`` is either the previous
-export or a complete new one, never half written. Everything in it is made readable by other users (files
+The directory is built as ``OUT.tmp`` and only then put in place, in three steps: the previous export is
+renamed aside to ``OUT.old``, ``OUT.tmp`` is renamed to ``OUT``, and ``OUT.old`` is deleted. ``OUT`` is thus
+never half written, and the previous export stays complete until the new one is in place: if the second
+rename fails, the previous export is renamed back; if the process dies between the two renames, ``OUT`` is
+absent and ``OUT.old`` complete, and the next writer of ``OUT`` renames it back before it starts. Everything in it is made readable by other users (files
 0644, directories 0755, and the same for parent directories the writer creates) whatever the process umask,
 because the exports are read by serving processes that run as other users.
 """
@@ -79,6 +82,9 @@ class HFDirWriter:
         self.out = Path(out)
         self.limit = parse_size(max_shard_size)
         self.tmp = self.out.with_name(self.out.name + ".tmp")
+        self.old = self.out.with_name(self.out.name + ".old")
+        if self.old.exists() and not self.out.exists():  # a writer died between its two renames
+            self.old.rename(self.out)
         shutil.rmtree(self.tmp, ignore_errors=True)
         make_public_dirs(self.tmp)
         self._shards: list[list[str]] = []
@@ -124,7 +130,19 @@ class HFDirWriter:
             copy_tokenizer_files(tokenizer_dir, self.tmp)
         for f in self.tmp.iterdir():
             os.chmod(f, FILE_MODE)
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        self.tmp.rename(self.out)
+        self._replace_out()
         return weight_map
+
+    def _replace_out(self) -> None:
+        """Put ``tmp`` in place of ``out`` (see the module docstring for the steps and what a failure leaves)."""
+        shutil.rmtree(self.old, ignore_errors=True)
+        had_previous = self.out.exists()
+        if had_previous:
+            self.out.rename(self.old)
+        try:
+            self.tmp.rename(self.out)
+        except BaseException:
+            if had_previous:
+                self.old.rename(self.out)
+            raise
+        shutil.rmtree(self.old, ignore_errors=True)
