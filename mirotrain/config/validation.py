@@ -224,7 +224,7 @@ def _check_data_section(cfg: dict, section: str) -> list[ConfigError]:
         errors.append(ConfigError(batch_key, f"must be 1 with packed/streaming_pack data (a packed row is the batch), "
                                   f"got {cfg.get(batch_key)}"))
     packed_len = node.get("packed_seq_len")
-    if packs and packed_len is None:
+    if packs and packed_len is None and not node.get("shard_dir"):  # shards carry their row length
         kind = "preference pairs (always packed)" if not (packed or streaming) else "packed/streaming_pack data"
         errors.append(ConfigError(f"{section}.packed_seq_len", f"required with {kind}"))
     seq = (cfg.get("tokenizer") or {}).get("max_seq_len")

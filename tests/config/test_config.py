@@ -102,13 +102,19 @@ def test_packed_and_streaming_are_exclusive(tmp_path):
     assert any("mutually exclusive" in m for m in messages(validate_config(cfg, check_files=False)))
 
 
-def test_data_files_are_required_unless_shards_are_given(tmp_path):
+def test_data_keys_are_required_unless_shards_are_given(tmp_path):
     section = {"_component_": "mirotrain.datasets.odr_chat_dataset", "source": "json", "packed": True,
                "packed_seq_len": 2048}
     missing = messages(validate_config(base_cfg(tmp_path) | {"dataset": dict(section)}, check_files=False))
     assert any("'dataset.data_files': required with source 'json'" in m for m in missing)
     with_shards = base_cfg(tmp_path) | {"dataset": dict(section, shard_dir=str(tmp_path))}
     assert validate_config(with_shards, check_files=False) == []
+    # pre-packed preference shards: the row length comes from their manifest
+    pairs = {"_component_": "torchtune.datasets.preference_dataset", "shard_dir": str(tmp_path)}
+    assert validate_config(base_cfg(tmp_path) | {"dataset": pairs}, check_files=False) == []
+    del pairs["shard_dir"]
+    assert any("'dataset.packed_seq_len': required" in m
+               for m in messages(validate_config(base_cfg(tmp_path) | {"dataset": pairs}, check_files=False)))
 
 
 def test_unsupported_compat_keys(tmp_path):
