@@ -7,8 +7,9 @@ The rule (docs/pipeline.md, "Runs and run directories"):
   of the *root* flow run: the sft and dpo stages of one ``post-train`` share it, and the id suffix keeps two
   runs apart even when Prefect gives them the same two-word name;
 - every retry of that flow run (task retry, flow retry, ``prefect flow-run retry``, the crash automation's
-  reschedule) keeps the flow run's name and id, so it computes the same directory and the engine's
-  auto-resume continues from its newest complete step checkpoint;
+  reschedule) keeps the flow run's id, so it finds the same directory and the engine's auto-resume continues
+  from its newest complete step checkpoint. The name is mutable (the UI can rename a run), so an existing
+  directory under ``<base>`` ending in ``-<id8>`` of this flow run is reused whatever its name part says;
 - ``resume_from`` (a run name, the flow-run name alone when it matches one run, or a run directory)
   continues a named run from a new flow run.
 
@@ -25,6 +26,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 
+from mirotrain.config import ConfigError
 from pipelines.params import StageConfig, stage_overrides
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -73,7 +75,7 @@ def find_run(base: str | Path, resume_from: str) -> Path:
     root = Path(base).resolve()
     name = Path(resume_from.rstrip("/")).name
     if name in ("", ".", ".."):
-        raise ValueError(f"resume_from={resume_from!r}: not a run name or run directory")
+        raise ConfigError("", f"resume_from={resume_from!r}: not a run name or run directory")
     exact = root / name
     if exact.is_dir():
         return exact
@@ -82,9 +84,20 @@ def find_run(base: str | Path, resume_from: str) -> Path:
     if len(matches) == 1:
         return matches[0]
     if matches:
-        raise ValueError(f"resume_from={resume_from!r}: several runs match under {root}: "
+        raise ConfigError("", f"resume_from={resume_from!r}: several runs match under {root}: "
                          + ", ".join(p.name for p in matches) + "; pass the full run name")
     raise FileNotFoundError(f"resume_from={resume_from!r}: no run directory {exact}")
+
+
+def existing_run_dir(base: str | Path, name: str) -> str:
+    """``name`` (``<flow-run-name>-<id8>``), or the name of the directory under ``base`` that already carries
+    this flow run's ``-<id8>``: a run renamed after its first attempt keeps resuming where that attempt wrote."""
+    suffix = name.rsplit("-", 1)[-1]
+    root = Path(base)
+    if (root / name).is_dir() or not root.is_dir():
+        return name
+    found = sorted(p.name for p in root.glob(f"*-{suffix}") if p.is_dir())
+    return found[0] if found else name
 
 
 def run_name(base: str | Path, resume_from: Optional[str] = None) -> Optional[str]:
@@ -98,7 +111,8 @@ def run_name(base: str | Path, resume_from: Optional[str] = None) -> Optional[st
         if is_root_flow_run():
             return find_run(base, resume_from).name
         return Path(resume_from.rstrip("/")).name
-    return flow_run_name()
+    name = flow_run_name()
+    return existing_run_dir(base, name) if name else None
 
 
 def stage_base(stage: StageConfig) -> Path:

@@ -9,8 +9,10 @@ import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
 
+from mirotrain.config import ConfigError
 from pipelines.params import StageConfig
 from pipelines.runs import find_run, stage_run_dir, under
+from tasks._retry import is_permanent
 
 
 @pytest.fixture()
@@ -73,6 +75,19 @@ def test_flow_retry_keeps_the_run_directory(prefect_api: str, stage: StageConfig
     assert state.is_completed() and len(seen) == 2 and seen[0] == seen[1]
 
 
+def test_a_renamed_flow_run_keeps_its_run_directory(prefect_api: str, stage: StageConfig) -> None:
+    @flow(name="test-run-dir-renamed")
+    def renamed(stage: StageConfig) -> tuple[str, str]:
+        first = Path(stage_run_dir(stage))
+        # What the first attempt wrote before the operator renamed the run in the UI: same id, older name.
+        old = first.parent / f"name-before-rename-{first.name[-8:]}"
+        old.mkdir(parents=True)
+        return str(old), stage_run_dir(stage)
+
+    old, now = renamed(stage)
+    assert now == old
+
+
 def test_resume_from_finds_an_earlier_run(prefect_api: str, stage: StageConfig) -> None:
     earlier = Path(_run_dir_flow(stage))
     earlier.mkdir(parents=True)
@@ -88,11 +103,12 @@ def test_resume_from_finds_an_earlier_run(prefect_api: str, stage: StageConfig) 
 def test_find_run_refuses_an_ambiguous_name(tmp_path: Path) -> None:
     for name in ("tall-otter-0123abcd", "tall-otter-4567ef01", "tall-otter-cub"):
         (tmp_path / name).mkdir()
-    with pytest.raises(ValueError, match="several runs match"):
+    with pytest.raises(ConfigError, match="several runs match") as ambiguous:
         find_run(tmp_path, "tall-otter")
+    assert is_permanent(ambiguous.value)  # the flow's retries give up at once
     assert find_run(tmp_path, "tall-otter-cub") == tmp_path / "tall-otter-cub"
     for bad in ("..", "/", "tall-otter-*"):  # never the base's parent, never a pattern
-        with pytest.raises((ValueError, FileNotFoundError), match="resume_from"):
+        with pytest.raises((ConfigError, FileNotFoundError), match="resume_from"):
             find_run(tmp_path, bad)
 
 
