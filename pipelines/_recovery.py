@@ -6,13 +6,17 @@ Running in the UI forever. When the same flow run runs again -- the crash automa
 (deployments/automation-rerun-crashed.yaml) or ``prefect flow-run retry`` reschedules it, keeping its id --
 :func:`close_crashed_attempts`, called first thing in the flow body, marks everything an earlier attempt
 left in a non-final state as Crashed, with a message that says why, before this attempt creates any work.
+This is housekeeping: when the API refuses any of it, a warning says what stayed open and the attempt
+goes on to train.
 """
 
 from datetime import datetime
 from typing import Any, Callable, Sequence
 from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.exceptions import PrefectException
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterParentFlowRunId,
@@ -59,17 +63,30 @@ def _open_before(runs: Sequence[Any], attempt_start: datetime) -> list[Any]:
 
 def close_crashed_attempts() -> list[str]:
     """In a flow run's second or later attempt: mark the task and subflow runs an earlier attempt left open
-    as Crashed. Returns ``"<kind> <name>"`` for each run it closed; nothing happens on a first attempt or
-    outside a flow run.
+    as Crashed. Returns ``"<kind> <name>"`` for each run it closed (those closed before an API error, if one
+    stops it); nothing happens on a first attempt or outside a flow run.
     """
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None or ctx.flow_run.run_count <= 1:
         return []
     run = ctx.flow_run
+    closed: list[str] = []
+    try:
+        _close_open_runs(run, closed)
+    except (PrefectException, httpx.HTTPError, OSError, RuntimeError) as exc:  # the API refused or is unreachable
+        get_run_logger().warning(f"attempt {run.run_count}: could not close the runs a crashed attempt left open "
+                                 f"({type(exc).__name__}: {exc}); they stay as they are, training goes on")
+    if closed:
+        get_run_logger().warning(f"attempt {run.run_count}: closed {len(closed)} run(s) of a crashed attempt "
+                                 f"as Crashed: {', '.join(closed)}")
+    return closed
+
+
+def _close_open_runs(run: FlowRun, closed: list[str]) -> None:
+    """Mark ``run``'s open subflow and task runs from earlier attempts Crashed, appending each to ``closed``."""
     attempt_start = run.state.timestamp if run.state else datetime.now().astimezone()
     message = (f"Left open when attempt {run.run_count - 1} of flow run {run.name!r} ended without reporting "
                f"(its process died); closed as Crashed by attempt {run.run_count}.")
-    closed: list[str] = []
     with get_client(sync_client=True) as client:
         subflows = _subflow_runs(client, run.id)
         for sub in _open_before(subflows, attempt_start):
@@ -80,7 +97,3 @@ def close_crashed_attempts() -> list[str]:
         for task_run in _open_before(_read_all(client.read_task_runs, task_run_filter=open_filter), attempt_start):
             client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
             closed.append(f"task run {task_run.name}")
-    if closed:
-        get_run_logger().warning(f"attempt {run.run_count}: closed {len(closed)} run(s) of a crashed attempt "
-                                 f"as Crashed: {', '.join(closed)}")
-    return closed

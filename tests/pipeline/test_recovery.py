@@ -7,10 +7,13 @@ Prefect's flow retry then starts attempt 2 of the same flow run, as the crash au
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Running
 
 from pipelines._recovery import close_crashed_attempts
@@ -67,3 +70,16 @@ def test_first_attempt_and_plain_calls_close_nothing(prefect_api: str) -> None:
 
     assert first() == []
     assert close_crashed_attempts() == []  # outside a flow run
+
+
+def test_an_unreachable_api_does_not_stop_the_attempt(prefect_api: str, caplog: pytest.LogCaptureFixture) -> None:
+    # An async flow holds no sync API client, so close_crashed_attempts opens its own, on the setting below.
+    @flow(name="recovery-api-down", retries=1, retry_delay_seconds=0)
+    async def rerun() -> list[str]:
+        if FlowRunContext.get().flow_run.run_count == 1:
+            raise RuntimeError("attempt 1 dies")
+        with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # nothing listens on port 9
+            return close_crashed_attempts()
+
+    assert asyncio.run(rerun()) == []
+    assert "could not close the runs a crashed attempt left open" in caplog.text
