@@ -61,10 +61,11 @@ def validate_stage(train: StageConfig, model_dir: Optional[str], *, model_pendin
                     world_size=world_size(launch) if launch else None)
 
 
-def prepare_stage(train: StageConfig, model: Optional[ModelSource], model_dir: Optional[str]
+def prepare_stage(train: StageConfig, model: Optional[ModelSource], model_dir: Optional[str], launch: Launch
                   ) -> tuple[Optional[str], list[str], list[str]]:
     """The steps before training, shared by the sft and dpo flows: validate -> [download] -> pack every
-    dataset section.
+    dataset section. Validation sees the launch's world size, so a parallel layout that does not fit it fails
+    here, before any download.
 
     Returns (model_dir, overrides, shard dirs); the overrides point the trainer at exactly the shards just
     packed (and cached), so it never packs a second time.
@@ -73,7 +74,8 @@ def prepare_stage(train: StageConfig, model: Optional[ModelSource], model_dir: O
     from tasks.download_weights import download_weights
     from tasks.pack_dataset import dataset_sections, pack_dataset
 
-    validate_stage(train, model.output_dir if model is not None else model_dir, model_pending=model is not None)
+    validate_stage(train, model.output_dir if model is not None else model_dir, model_pending=model is not None,
+                   launch=launch)
     if model is not None:
         model_dir = download_weights(model.source, model.output_dir, revision=model.revision,
                                      hf_token_secret=model.hf_token_secret).path

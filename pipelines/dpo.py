@@ -38,7 +38,7 @@ def dpo(train: StageConfig, model: Optional[ModelSource] = None, model_dir: Opti
     """
     close_crashed_attempts()  # a rerun after a crash first closes what the crashed attempt left open
     out = stage_run_dir(train, resume_from)
-    model_dir, overrides, shards = prepare_stage(train, model, model_dir)
+    model_dir, overrides, shards = prepare_stage(train, model, model_dir, launch)
     if precompute_reference:
         reference_logprobs.with_options(**retry_options(launch))(train.config, [*overrides, f"output_dir={out}"],
                                                                  **launch_kwargs(launch))

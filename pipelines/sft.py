@@ -36,7 +36,7 @@ def sft(train: StageConfig, model: Optional[ModelSource] = None, model_dir: Opti
     """
     close_crashed_attempts()  # a rerun after a crash first closes what the crashed attempt left open
     out = stage_run_dir(train, resume_from)
-    model_dir, overrides, shards = prepare_stage(train, model, model_dir)
+    model_dir, overrides, shards = prepare_stage(train, model, model_dir, launch)
     result = train_task.with_options(**retry_options(launch))("sft", train.config, overrides, output_dir=out,
                                                              **launch_kwargs(launch))
     return finish_stage("sft", "SFT run", result, train, launch, model_dir, shards, export_dir)
