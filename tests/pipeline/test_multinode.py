@@ -89,8 +89,10 @@ def _weights(output_dir: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_two_nodes_train_exactly_what_one_node_with_two_processes_trains(demo_inputs: dict, tmp_path: Path) -> None:
-    """Done-when #7. Same world size (2), same global ranks, same data shards, gloo on CPU: a two-rank sum is
-    the same in either order, so losses and final weights must be bit-identical, and are compared exactly."""
+    """Two launchers with NNODES=2 and NODE_RANK=0/1 on localhost (the launcher code the Kubernetes template
+    runs) train what one node with two processes trains. Same world size (2), same global ranks, same data
+    shards, gloo on CPU: a two-rank sum is the same in either order, so losses and final weights must be
+    bit-identical, and are compared exactly."""
     import torch
 
     config, overrides = tiny_stage_overrides(demo_inputs, "sft", tmp_path, STEPS)
@@ -118,7 +120,8 @@ def test_two_nodes_train_exactly_what_one_node_with_two_processes_trains(demo_in
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_wrong_master_address_fails_fast_names_its_source_and_writes_nothing(demo_inputs: dict, tmp_path: Path) -> None:
-    """Done-when #8: an unroutable master address; the rendezvous timeout bounds the failure."""
+    """Two nodes given an unroutable master address fail within the rendezvous timeout, with a message that
+    names where the address came from, and write nothing into the output directory."""
     config, overrides = tiny_stage_overrides(demo_inputs, "sft", tmp_path, STEPS)
     out = tmp_path / "never-trained"
     codes, logs, elapsed = _two_nodes(_train_cli(config, overrides, out), "10.255.255.1", tmp_path / "launch",
