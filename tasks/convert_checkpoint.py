@@ -1,7 +1,8 @@
 """Task ``convert_checkpoint``: a DCP step checkpoint to HF safetensors (`mirotrain convert`).
 
-``checkpoint`` may name a step directory (``OUT/checkpoints/step_N``) or a training output directory, in
-which case the newest *complete* step checkpoint is used -- the same rule auto-resume follows. A failed
+``checkpoint`` may name a step directory (``OUT/checkpoints/step_N``) or a training output directory, passed
+as is to `mirotrain convert`, which picks the newest complete step checkpoint itself -- the same rule
+auto-resume follows (``mirotrain/checkpoint/layout.py``, ``resolve_checkpoint``). A failed
 conversion removes its half-written output so no caller ever loads a partial export.
 
     python -m tasks.convert_checkpoint --checkpoint outputs/sft --output exports/sft-hf
@@ -21,7 +22,6 @@ from mirotrain.hub import verify_dir
 from tasks._retry import retry_unless_permanent
 from tasks._runtime import run_logger
 from tasks._subprocess import run_streaming
-from tasks.train import newest_complete_checkpoint
 
 
 class ConvertResult(BaseModel):
@@ -42,14 +42,10 @@ def convert_checkpoint(checkpoint: str, output: str, config: str | None = None) 
         output: Destination HF directory.
         config: The training config (tells the converter the model and tokenizer if the checkpoint does not).
     """
+    from mirotrain.checkpoint.layout import resolve_checkpoint
+
     logger = run_logger()
-    ckpt = Path(checkpoint)
-    if not ckpt.name.startswith("step_"):
-        newest = newest_complete_checkpoint(ckpt)
-        if newest is None:
-            raise FileNotFoundError(f"no complete step checkpoint under {ckpt / 'checkpoints'}")
-        ckpt = Path(newest)
-    cmd = [sys.executable, "-m", "mirotrain", "convert", "--checkpoint", str(ckpt), "--output", output]
+    cmd = [sys.executable, "-m", "mirotrain", "convert", "--checkpoint", checkpoint, "--output", output]
     if config:
         cmd += ["--config", config]
     try:
@@ -60,6 +56,7 @@ def convert_checkpoint(checkpoint: str, output: str, config: str | None = None) 
     except BaseException:
         shutil.rmtree(output, ignore_errors=True)
         raise
+    ckpt = resolve_checkpoint(checkpoint).path  # the step the converter chose, for the record
     files = sorted(str(p.relative_to(output)) for p in Path(output).rglob("*") if p.is_file())
     logger.info(f"converted {ckpt} -> {output} ({len(files)} files)")
     return ConvertResult(path=str(Path(output).resolve()), checkpoint=str(ckpt), files=files)

@@ -58,21 +58,31 @@ class TrainResult(BaseModel):
     summary: dict[str, Any]
 
 
-def newest_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """``output_dir/checkpoints/step_N`` with the largest N that has its ``COMPLETE`` marker."""
-    root = Path(output_dir) / "checkpoints"
-    done = [p for p in root.glob("step_*") if (p / "COMPLETE").exists() and p.name[5:].isdigit()]
-    return str(max(done, key=lambda p: int(p.name[5:]))) if done else None
+def complete_checkpoints(output_dir: str | Path) -> list[str]:
+    """The step checkpoints under ``output_dir`` that the engine would load, oldest first: the engine's own
+    integrity check (marker, file sizes, DCP byte ranges), not a second implementation of it."""
+    from mirotrain.checkpoint.layout import check_step_dir, list_step_dirs
+
+    return [str(e.path) for e in list_step_dirs(Path(output_dir) / "checkpoints") if check_step_dir(e.path) is None]
+
+
+def resumed_checkpoint(output_dir: str | Path, summary: dict[str, Any]) -> str | None:
+    """The step checkpoint the engine says (``resumed_from_step`` in summary.json) the run started from."""
+    step = summary.get("resumed_from_step")
+    return str(Path(output_dir) / "checkpoints" / f"step_{step}") if step else None
 
 
 def resolve_output_dir(config: str, overrides: list[str]) -> str:
-    """The run's ``output_dir`` after overrides and interpolation, exactly as the engine will see it."""
-    from mirotrain.config import load_config
+    """The run's ``output_dir`` after overrides and interpolation, exactly as the engine will see it.
+
+    A missing one is a :class:`~mirotrain.config.ConfigError`, which no retry can fix (``tasks/_retry.py``).
+    """
+    from mirotrain.config import ConfigError, load_config
 
     cfg = load_config(config, overrides)
     out = cfg.get("output_dir")
     if not out:
-        raise ValueError(f"{config}: no output_dir (set it in the config or pass output_dir=...)")
+        raise ConfigError("output_dir", "not set (set it in the config or pass output_dir=...)", source=config)
     return str(out)
 
 
@@ -183,8 +193,9 @@ def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | Non
         overrides.append(f"output_dir={output_dir}")
     overrides.append("auto_resume=True")
     out = str(Path(resolve_output_dir(config, overrides)).resolve())  # artifacts are read from elsewhere
-    resume_from = newest_complete_checkpoint(out)
-    logger.info(f"{recipe}: output_dir={out}; " + (f"will resume from {resume_from}" if resume_from else "fresh start"))
+    found = complete_checkpoints(out)
+    logger.info(f"{recipe}: output_dir={out}; the engine resumes from its newest complete step checkpoint "
+                + (f"(now {found[-1]})" if found else "(none yet: a fresh start)"))
     progress = _Progress(key=f"{recipe}-progress", description=f"{recipe} steps ({out})",
                          total=planned_steps(config, overrides))
     run_engine([recipe, "--config", config, *overrides], nproc_per_node=nproc_per_node, nnodes=nnodes,
@@ -194,11 +205,9 @@ def train(recipe: Literal["sft", "dpo"], config: str, overrides: list[str] | Non
     summary = _read_summary(out)
     hf_dir = summary.get("hf_dir") or (str(Path(out) / "hf" / "final") if (Path(out) / "hf" / "final").is_dir() else None)
     hf_dir = str(Path(hf_dir).resolve()) if hf_dir else None
-    ckpts = sorted((str(p) for p in (Path(out) / "checkpoints").glob("step_*") if (p / "COMPLETE").exists()),
-                   key=lambda s: int(s.rsplit("_", 1)[-1]))
     return TrainResult(recipe=recipe, output_dir=out, hf_dir=hf_dir, steps=summary.get("steps"),
-                       final_loss=summary.get("final_loss"), checkpoints=ckpts, resumed_from=resume_from,
-                       summary=summary)
+                       final_loss=summary.get("final_loss"), checkpoints=complete_checkpoints(out),
+                       resumed_from=resumed_checkpoint(out, summary), summary=summary)
 
 
 def main(argv: list[str] | None = None) -> int:
