@@ -133,7 +133,9 @@ def test_wrong_master_address_fails_fast_names_its_source_and_writes_nothing(dem
     print(message[0])
     assert "could not rendezvous with the master 10.255.255.1:" in message[0]
     assert "(address from MASTER_ADDR, port from MASTER_PORT) within 20s" in message[0]
-    assert "launch 1 failed: node 1 of 2 could not rendezvous with the master 10.255.255.1" in logs[1]
+    # node 1 either hits its own rendezvous timeout or, node 0 having given launch 1 up first, stops it
+    assert re.search(r"launch 1 failed: node 1 of 2 could not rendezvous with the master 10\.255\.255\.1"
+                     r"|stopped launch 1: node 0 (ended launch 1|finished)", logs[1]), logs[1]
     assert elapsed < 150, f"took {elapsed:.0f}s"
     assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
 
