@@ -4,7 +4,8 @@ Real parts only: a Prefect server, the deployments of deployments/prefect.yaml, 
 deployments/automation-rerun-crashed.yaml and a process worker, all in a temporary PREFECT_HOME on
 127.0.0.1. The flow-run process is SIGKILLed while SFT trains, after its first step checkpoint; the test
 then checks what an operator relies on: one reschedule, a Completed run, SFT resumed from its checkpoint
-and trained its planned steps, and no task or subflow run of the crashed attempt left open. A second test
+(the engine's summary.json says where it started and how few steps the last attempt trained) and reached its
+planned steps, and no task or subflow run of the crashed attempt left open. A second test
 drives a run's states through the API to check the automation's limits: one reschedule per crash, whatever
 the worker reports twice, and none after the second rerun crashes too.
 """
@@ -105,11 +106,15 @@ def test_crashed_post_train_is_rerun_once_and_resumes(tmp_path: Path) -> None:
 
         run_dirs = [p for p in sft_base.iterdir() if p.is_dir()]
         assert len(run_dirs) == 1, run_dirs  # the rerun trained on in the crashed attempt's run directory
+        # The engine's own record of the last attempt (mirotrain/training/trainer.py, _summary): it started from
+        # a step checkpoint of the crashed attempt and trained only the steps after it.
         summary = json.loads((run_dirs[0] / "summary.json").read_text())
         assert summary["steps"] == SFT_STEPS, summary
+        assert (summary["resumed_from_step"] or 0) >= 2, summary
+        assert summary["steps_trained"] == SFT_STEPS - summary["resumed_from_step"] < SFT_STEPS, summary
         logs = _post(stack, "/logs/filter", {"logs": {"flow_run_id": {"any_": flow_run_ids},
-                                                      "text": {"query": '"will resume from"'}}, "limit": 200})
-        resumed = [log["message"] for log in logs]
+                                                      "text": {"query": '"the engine resumes from"'}}, "limit": 200})
+        resumed = [log["message"] for log in logs if "(now " in log["message"]]
         print("\n".join(resumed))
         assert any(line.startswith("sft:") for line in resumed), resumed
 
