@@ -1,24 +1,41 @@
-"""Config keys: their types, ranges, defaults and meaning — the single table the engine reads from.
+"""The config's sections: one frozen dataclass per section, each field a key with its type, range, default
+and meaning.
 
-``KEYS`` holds the top-level keys of the MiroTrain SFT/DPO recipes users already write; keys we accept only
-for compatibility say what happens to them (``note``). ``SECTION_KEYS`` holds the keys of component
-sections that the engine reads itself or whose range it knows (the other arguments of a component are
-typed by the component's own signature, see ``validation``).
+A config file is written in MiroTrain's flat form (``batch_size: 1``, ``optimizer: {...}``); each top-level key
+belongs to exactly one section here, under the same name (component nodes, such as ``model:``, under the
+section's ``component`` field). :mod:`mirotrain.config.tree` turns a resolved file into the tree of sections
+once; everything downstream reads typed attributes (``cfg.optim.gradient_accumulation_steps``), so a key that
+is not written holds its default here and nowhere else.
+
+Each section owns the rules that relate its own keys (``check``), and its docstring lists its keys (generated
+from the fields, so it never drifts). Keys we accept only for compatibility say what happens to them
+(``note`` / ``only``). ``KEYS`` (flat name -> spec) and ``SECTION_KEYS`` (keys the engine itself reads inside a
+component section) are derived from the sections for the generic checks of :mod:`mirotrain.config.validation`.
+
+Over ~400 lines because it is the whole key table: splitting it by section would scatter the one place a user
+reads to learn what a key means.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from mirotrain.config.loader import ConfigError
 
 NUMBER = (int, float)
 SECTION = (dict,)
 OPTIONAL_INT = (int, type(None))
+# sources the dataset builders read themselves; any other source is a Hub dataset read with datasets.load_dataset
+LOCAL_FORMATS = ("json", "jsonl", "parquet")
 LOG_LEVELS = tuple(level for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") for level in (name, name.lower()))
 
 
 @dataclass(frozen=True)
 class Key:
+    """What one key accepts: types, default, meaning, and optional range or allowed values."""
+
     types: tuple[type, ...]
     default: Any = None
     doc: str = ""
@@ -33,117 +50,320 @@ class Key:
     choices: tuple[Any, ...] | None = None
 
 
-KEYS: dict[str, Key] = {
-    # run
-    "output_dir": Key((str,), None, "Where checkpoints, HF exports, metrics and logs go (required)."),
-    "device": Key((str,), "cuda", "cuda | cpu (cpu runs in fp32, for tests and the demo).", choices=("cuda", "cpu")),
-    "dtype": Key((str,), "bf16", "Compute dtype: bf16 | fp32 (fp16 is rejected). Master weights stay fp32.", only=("bf16", "fp32")),
-    "seed": Key((int, type(None)), None, "Random seed; null draws one, logs it and stores it for resume.", low=0),
-    "log_every_n_steps": Key((int,), 1, "Log metrics every N optimizer steps.", low=1),
-    "log_peak_memory_stats": Key((bool,), True, "Include peak GPU memory in the logs."),
-    "log_level": Key((str,), "INFO", "Python logging level.", choices=LOG_LEVELS),
-    "metric_logger": Key(SECTION + (type(None),), None, "A metric logger component (DiskLogger, TensorBoardLogger, ...)."),
-    "cudnn_deterministic_mode": Key((bool,), False, "torch.backends.cudnn.deterministic and deterministic algorithms."),
-    # data / loop
-    "shuffle": Key((bool,), True, "Shuffle rows each epoch (from the seed)."),
-    "batch_size": Key((int,), 1, "Rows per micro-batch per data-parallel rank (must be 1 when packed).", low=1),
-    "epochs": Key((int,), 1, "Number of epochs.", low=1),
-    "max_steps_per_epoch": Key(OPTIONAL_INT, None, "Cap on optimizer steps per epoch.", low=1),
-    "gradient_accumulation_steps": Key((int,), 1, "Micro-batches per optimizer step.", low=1),
-    "tokenizer": Key(SECTION, None, "Tokenizer component (qwen3_tokenizer_auto)."),
-    "dataset": Key(SECTION, None, "Training dataset component (+ packed, packed_seq_len, streaming_pack, output_dir)."),
-    "dataset_val": Key(SECTION + (type(None),), None, "Validation dataset component."),
-    "batch_size_val": Key(OPTIONAL_INT, None, "Validation micro-batch size (defaults to batch_size).", low=1),
-    "run_val_every_n_steps": Key(OPTIONAL_INT, None, "Run validation every N optimizer steps (and at each epoch end).", low=1),
-    "collate_fn": Key((str, type(None)), None, "Accepted for compatibility; the collate follows the data mode.", note="ignored"),
-    "resize_token_embeddings": Key((bool,), False, "Qwen3 checkpoints already cover the tokenizer vocab.", only=(False,)),
-    # model / loss / optimisation
-    "model": Key(SECTION, None, "Model builder component (mirotrain.models.qwen3.*, mirotrain.models.qwen3_moe.*)."),
-    "loss": Key(SECTION + (type(None),), None, "Loss component; default LinearCrossEntropyLoss (chunked)."),
-    "optimizer": Key(SECTION, None, "Optimizer component (torch.optim.AdamW; fused on CUDA)."),
-    "lr_scheduler": Key(SECTION + (type(None),), None, "LR schedule component (get_cosine_schedule_with_warmup)."),
-    "mfu_peak_tflops": Key(NUMBER + (type(None),), None,
-                           "bf16 peak TFLOP/s per GPU for the logged MFU; null = from the GPU's name (H100/H200: 989).", low=0, low_open=True),
-    "clip_grad_norm": Key((int, float, str, type(None)), None, "Clip to this global L2 norm; 'inf' measures only; null = off."),
-    "optimizer_in_bwd": Key((bool,), False, "Accepted for compatibility and ignored.", note="ignored"),
-    "compile": Key((bool, dict), None, "torch.compile decoder layers and the loss (default: on for CUDA)."),
-    "enable_activation_checkpointing": Key((bool,), True, "Recompute each decoder layer in backward."),
-    "ac_mode": Key((str, type(None)), None, "Activation checkpointing mode: full | selective | none.", choices=("full", "selective", "none", None)),
-    "ac_option": Key((int, str, type(None)), None, "selective: checkpoint every N-th layer (int) or 'op' (keep matmul outputs)."),
-    "enable_activation_offloading": Key((bool,), False, "Offload checkpointed activations to CPU (CUDA)."),
-    "activation_offloading_use_streams": Key((bool,), True, "Overlap activation offloading with compute."),
-    "enable_fp8_training": Key((bool,), False, "FP8 training is not supported.", only=(False,)),
-    "fp8_recipe_name": Key((str, type(None)), None, "Accepted for compatibility (FP8 unsupported).", note="ignored"),
-    "use_flash_attention": Key((bool,), True, "Accepted for compatibility; see attention_backend.", note="ignored"),
-    "attention_backend": Key((str,), "auto", "auto | flash | varlen | sdpa (see mirotrain.modules.attention).", choices=("auto", "flash", "varlen", "sdpa")),
-    # parallelism
-    "fsdp_cpu_offload": Key((bool,), False, "Keep sharded parameters, grads and optimizer state on CPU."),
-    "fsdp_reshard_after_forward": Key((bool,), True, "Free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)."),
-    "custom_sharded_layers": Key((list, type(None)), None, "Accepted for compatibility and ignored.", note="ignored"),
-    "data_parallel_shard_dim": Key((int,), -1, "FSDP shard degree; -1 = world / (replicate × sp-independent dims)."),
-    "data_parallel_replicate_dim": Key((int,), 1, "HSDP replicate degree; HSDP is not supported (FSDP shards over all ranks): 1.", only=(1,)),
-    "tensor_parallel_dim": Key((int,), 1, "Tensor parallelism is not supported (use Ulysses SP).", only=(1,)),
-    "tensor_parallel_plan": Key(SECTION + (type(None),), None, "Tensor parallelism is not supported.", only=(None,)),
-    "ulysses_sequence_parallel_size": Key((int,), 1, "Ulysses sequence-parallel degree.", low=1),
-    "moe_expert_parallel_size": Key((int,), 1, "Expert-parallel degree for MoE models.", low=1),
-    # checkpointing
-    "checkpointer": Key(SECTION, None, "Base weights (checkpoint_dir) and HF export settings."),
-    "resume_from_checkpoint": Key((bool,), False, "Epoch-level resume; implied by auto_resume here.", note="ignored"),
-    "auto_resume": Key((bool,), False, "Step checkpoints (async DCP) and automatic resume on restart."),
-    "checkpoint_steps_for_auto_resume": Key((int,), 50, "Optimizer steps between step checkpoints.", low=1),
-    "keep_last_n_checkpoints": Key((int,), 2, "Complete step checkpoints to keep (the newest is never deleted).", low=1),
-    "enable_async_checkpointing": Key((bool,), True, "Write step checkpoints asynchronously."),
-    "save_hf_every_epoch": Key((bool,), True, "Export HF weights at each epoch end (always at the end)."),
-    # profiling
-    "profiler": Key(SECTION + (type(None),), None, "torch.profiler settings (enabled, wait, warmup, active, output_dir)."),
-    "enable_memory_trace": Key((bool,), False, "Record a CUDA memory snapshot."),
-    "memory_trace_start_step": Key((int,), 5, "First step of the memory trace.", low=0),
-    "memory_trace_end_step": Key(OPTIONAL_INT, None, "Last step of the memory trace (start + 1).", low=0),
-    "memory_trace_file_path": Key((str, type(None)), None, "Where the memory snapshot is written."),
-    # DPO
-    "ref_checkpointer": Key(SECTION + (type(None),), None, "DPO: reference model weights (default: checkpointer)."),
-    "reference": Key((str,), "precompute", "DPO: precompute (cached ref log-probs) | live (frozen sharded copy).", only=("precompute", "live")),
-    "unembed_chunk_size": Key(OPTIONAL_INT, None, "Tokens per chunk of the fused LM-head log-prob/CE computation.", low=1),
+def key(types: tuple[type, ...], default: Any = None, doc: str = "", *, flat: str | None = None, **spec: Any) -> Any:
+    """A section field declaring one config key; ``flat`` is its name in the file when the field's differs."""
+    metadata = {"key": Key(types, default, doc, **spec), "flat": flat}
+    return field(default=default, metadata=metadata)
+
+
+S = TypeVar("S")
+
+
+def section(cls: type[S]) -> type[S]:
+    """Freeze the section and append the list of its keys, from the fields, to its docstring."""
+    cls = dataclass(frozen=True)(cls)
+    lines = [f"    {flat_name(f)}: {f.metadata['key'].doc}" for f in dataclasses.fields(cls) if "key" in f.metadata]
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Keys:\n" + "\n".join(lines) + "\n"
+    return cls
+
+
+def flat_name(f: dataclasses.Field) -> str:
+    """The key's name in a config file."""
+    return f.metadata.get("flat") or f.name
+
+
+def key_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "key" in f.metadata]
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+@section
+class RunConfig:
+    """Where the run writes and what it computes in."""
+
+    output_dir: str | None = key((str,), None, "Where checkpoints, HF exports, metrics and logs go (required).")
+    device: str = key((str,), "cuda", "cuda | cpu (cpu runs in fp32, for tests and the demo).", choices=("cuda", "cpu"))
+    dtype: str = key((str,), "bf16", "Compute dtype: bf16 | fp32 (fp16 is rejected). Master weights stay fp32.",
+                     only=("bf16", "fp32"))
+    seed: int | None = key((int, type(None)), None, "Random seed; null draws one, logs it and stores it for resume.", low=0)
+    cudnn_deterministic_mode: bool = key((bool,), False, "torch.backends.cudnn.deterministic and deterministic algorithms.")
+
+
+@section
+class ModelConfig:
+    """The model builder, its loss and how its layers are computed (recompute, offload, compile, attention)."""
+
+    component: dict | None = key(SECTION, None, "Model builder component (mirotrain.models.qwen3.*, "
+                                 "mirotrain.models.qwen3_moe.*).", flat="model")
+    loss: dict | None = key(SECTION + (type(None),), None, "Loss component; default LinearCrossEntropyLoss (chunked).")
+    unembed_chunk_size: int | None = key(OPTIONAL_INT, None, "Tokens per chunk of the fused LM-head log-prob/CE "
+                                         "computation.", low=1)
+    compile: bool | dict | None = key((bool, dict, type(None)), None, "torch.compile decoder layers and the loss "
+                                      "(default: on for CUDA).")
+    enable_activation_checkpointing: bool = key((bool,), True, "Recompute each decoder layer in backward.")
+    ac_mode: str | None = key((str, type(None)), None, "Activation checkpointing mode: full | selective | none.",
+                              choices=("full", "selective", "none", None))
+    ac_option: int | str | None = key((int, str, type(None)), None, "selective: checkpoint every N-th layer (int) or "
+                                      "'op' (keep matmul outputs).")
+    enable_activation_offloading: bool = key((bool,), False, "Offload checkpointed activations to CPU (CUDA).")
+    activation_offloading_use_streams: bool = key((bool,), True, "Overlap activation offloading with compute.")
+    attention_backend: str = key((str,), "auto", "auto | flash | varlen | sdpa (see mirotrain.modules.attention).",
+                                 choices=("auto", "flash", "varlen", "sdpa"))
+    use_flash_attention: bool = key((bool,), True, "Accepted for compatibility; see attention_backend.", note="ignored")
+    enable_fp8_training: bool = key((bool,), False, "FP8 training is not supported.", only=(False,))
+    fp8_recipe_name: str | None = key((str, type(None)), None, "Accepted for compatibility (FP8 unsupported).",
+                                      note="ignored")
+    resize_token_embeddings: bool = key((bool,), False, "Qwen3 checkpoints already cover the tokenizer vocab.",
+                                        only=(False,))
+
+    def check(self) -> list[ConfigError]:
+        if self.enable_activation_offloading and not self.enable_activation_checkpointing:
+            return [ConfigError("enable_activation_offloading", "requires enable_activation_checkpointing: True")]
+        return []
+
+
+@section
+class TokenizerConfig:
+    """The tokenizer component. ``max_seq_len`` and ``path`` are read from its node (the tokenizer's arguments)."""
+
+    component: dict | None = key(SECTION, None, "Tokenizer component (qwen3_tokenizer_auto).", flat="tokenizer")
+
+    @property
+    def max_seq_len(self) -> int | None:
+        """Longest document in tokens; longer ones are truncated."""
+        return (self.component or {}).get("max_seq_len")
+
+    @property
+    def path(self) -> str | None:
+        """Directory of the tokenizer files (null: the base checkpoint's, else the bundled Qwen3 tokenizer)."""
+        return (self.component or {}).get("path")
+
+
+# Keys of a tokenizer node the engine knows the range of (the others are typed by the component's signature).
+TOKENIZER_KEYS: dict[str, Key] = {
+    "max_seq_len": Key(OPTIONAL_INT, None, "Longest document in tokens (longer ones are truncated).", low=1),
+    "prompt_template": Key((type(None),), None, "Accepted for compatibility only when null (Qwen3's chat template is used)."),
+    "special_tokens_path": Key((type(None),), None, "Accepted for compatibility only when null (the tokenizer's own are used)."),
 }
 
 
-def default(key: str) -> Any:
-    return KEYS[key].default
+@section
+class DatasetConfig:
+    """One dataset section (``dataset`` or ``dataset_val``): the builder component plus how its rows are made.
+
+    ``node`` is the section as written (builder name and arguments included); the fields are the keys the
+    engine reads itself, never passed to the builder.
+    """
+
+    node: dict = field(default_factory=dict)
+    packed: bool = key((bool,), False, "Pack documents into rows of packed_seq_len tokens (Arrow shards, `mirotrain pack`).")
+    streaming_pack: bool = key((bool,), False, "Pack while training, without shards; excludes packed.")
+    packed_seq_len: int | None = key((int,), None, "Tokens per packed row; required when rows are packed (packed, "
+                                     "streaming_pack, preference pairs) and at least tokenizer.max_seq_len.", low=2)
+    output_dir: str | None = key((str, type(None)), None, "Where packed shards go (local path or fsspec URL).")
+    on_bad_sample: str = key((str,), "error", "error: stop at the first unusable sample (file:line); skip: count and "
+                             "skip it.", choices=("error", "skip"))
+    num_workers: int | None = key(OPTIONAL_INT, None, "Tokenizer processes for `mirotrain pack` (null: all cores, at "
+                                  "most 16).", low=0)
+    pack_seed: int = key((int,), 0, "Seed of the packing order.")
+    rows_per_shard: int | None = key(OPTIONAL_INT, None, "Packed rows per Arrow shard file.", low=1)
+    shard_dir: str | None = key((str, type(None)), None, "Read this existing shard directory instead of packing.")
+
+    @classmethod
+    def from_node(cls, node: dict) -> "DatasetConfig":
+        own = {f.name: node[f.name] for f in key_fields(cls) if node.get(f.name) is not None}
+        return cls(node=dict(node), **own)
+
+    def with_shard_dir(self, shard_dir: str) -> "DatasetConfig":
+        """The same section reading ``shard_dir`` (the node says so too, for code that reads the node)."""
+        return dataclasses.replace(self, shard_dir=shard_dir, node={**self.node, "shard_dir": shard_dir})
+
+    def check(self, name: str, *, batch_size: Any, batch_key: str, max_seq_len: Any, source: str | None,
+              preference: bool) -> list[ConfigError]:
+        """The packing rules of this section: the one place they are decided.
+
+        ``source`` is the dataset's source (its own or the builder's default) and ``preference`` whether the
+        builder makes preference pairs (always packed); both come from the builder's signature.
+        """
+        errors = []
+        if self.packed is True and self.streaming_pack is True:
+            errors.append(ConfigError(f"{name}.streaming_pack", f"{name}.packed and {name}.streaming_pack are "
+                                      "mutually exclusive; set one of them to False"))
+        if source in LOCAL_FORMATS and not self.node.get("data_files") and not self.shard_dir:
+            errors.append(ConfigError(f"{name}.data_files", f"required with source {source!r} (a path, glob, list "
+                                      "or fsspec URL)"))
+        rows_packed = self.packed is True or self.streaming_pack is True
+        if rows_packed and isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size != 1:
+            errors.append(ConfigError(batch_key, f"must be 1 with packed/streaming_pack data (a packed row is the "
+                                      f"batch), got {batch_size}"))
+        if (rows_packed or preference) and self.packed_seq_len is None and not self.shard_dir:  # shards carry it
+            kind = "packed/streaming_pack data" if rows_packed else "preference pairs (always packed)"
+            errors.append(ConfigError(f"{name}.packed_seq_len", f"required with {kind}"))
+        if (isinstance(max_seq_len, int) and isinstance(self.packed_seq_len, int)
+                and not isinstance(self.packed_seq_len, bool) and self.packed_seq_len < max_seq_len):
+            errors.append(ConfigError(f"{name}.packed_seq_len", f"({self.packed_seq_len}) must be >= "
+                                      f"tokenizer.max_seq_len ({max_seq_len})"))
+        return errors
 
 
-# Keys of component sections that the engine reads itself (``dataset``: packing and loading options, not
-# arguments of the dataset builder) or whose range it knows; the other arguments of a component are typed by
-# the component's signature. ``dataset_val`` has the same keys as ``dataset``.
-DATASET_KEYS: dict[str, Key] = {
-    "packed": Key((bool,), False, "Pack documents into rows of packed_seq_len tokens (Arrow shards, `mirotrain pack`)."),
-    "streaming_pack": Key((bool,), False, "Pack while training, without shards; excludes packed."),
-    "packed_seq_len": Key((int,), None, "Tokens per packed row; required when rows are packed (packed, streaming_pack, "
-                          "preference pairs) and at least tokenizer.max_seq_len.", low=2),
-    "output_dir": Key((str, type(None)), None, "Where packed shards go (local path or fsspec URL)."),
-    "on_bad_sample": Key((str,), "error", "error: stop at the first unusable sample (file:line); skip: count and skip it.",
-                         choices=("error", "skip")),
-    "num_workers": Key(OPTIONAL_INT, None, "Tokenizer processes for `mirotrain pack` (null: all cores, at most 16).", low=0),
-    "pack_seed": Key((int,), 0, "Seed of the packing order."),
-    "rows_per_shard": Key(OPTIONAL_INT, None, "Packed rows per Arrow shard file.", low=1),
-    "shard_dir": Key((str, type(None)), None, "Read this existing shard directory instead of packing."),
+@section
+class DataConfig:
+    """What the loop reads: the datasets and the micro-batch and validation cadence."""
+
+    dataset: DatasetConfig | None = key(SECTION, None, "Training dataset component (+ packed, packed_seq_len, "
+                                        "streaming_pack, output_dir).")
+    dataset_val: DatasetConfig | None = key(SECTION + (type(None),), None, "Validation dataset component.")
+    batch_size: int = key((int,), 1, "Rows per micro-batch per data-parallel rank (must be 1 when packed).", low=1)
+    batch_size_val: int | None = key(OPTIONAL_INT, None, "Validation micro-batch size (defaults to batch_size).", low=1)
+    shuffle: bool = key((bool,), True, "Shuffle rows each epoch (from the seed).")
+    run_val_every_n_steps: int | None = key(OPTIONAL_INT, None, "Run validation every N optimizer steps (and at each "
+                                            "epoch end).", low=1)
+    collate_fn: str | None = key((str, type(None)), None, "Accepted for compatibility; the collate follows the data "
+                                 "mode.", note="ignored")
+
+    def section(self, name: str) -> DatasetConfig | None:
+        """``dataset`` or ``dataset_val`` by name."""
+        return {"dataset": self.dataset, "dataset_val": self.dataset_val}[name]
+
+    def batch_size_of(self, name: str) -> int:
+        return self.batch_size if name == "dataset" else (self.batch_size_val or self.batch_size)
+
+
+@section
+class ParallelConfig:
+    """How the ranks split the work: FSDP2 over all ranks, Ulysses sequence parallelism, expert parallelism."""
+
+    fsdp_cpu_offload: bool = key((bool,), False, "Keep sharded parameters, grads and optimizer state on CPU.")
+    fsdp_reshard_after_forward: bool = key((bool,), True, "Free gathered parameters after forward (ZeRO-3) or keep "
+                                           "them (ZeRO-2).")
+    data_parallel_shard_dim: int = key((int,), -1, "FSDP shard degree; -1 = world / (replicate × sp-independent dims).")
+    data_parallel_replicate_dim: int = key((int,), 1, "HSDP replicate degree; HSDP is not supported (FSDP shards over "
+                                           "all ranks): 1.", only=(1,))
+    tensor_parallel_dim: int = key((int,), 1, "Tensor parallelism is not supported (use Ulysses SP).", only=(1,))
+    tensor_parallel_plan: dict | None = key(SECTION + (type(None),), None, "Tensor parallelism is not supported.",
+                                            only=(None,))
+    ulysses_sequence_parallel_size: int = key((int,), 1, "Ulysses sequence-parallel degree.", low=1)
+    moe_expert_parallel_size: int = key((int,), 1, "Expert-parallel degree for MoE models.", low=1)
+    custom_sharded_layers: list | None = key((list, type(None)), None, "Accepted for compatibility and ignored.",
+                                             note="ignored")
+
+    def check(self, world_size: int) -> list[ConfigError]:
+        errors = []
+        for name, degree in (("ulysses_sequence_parallel_size", self.ulysses_sequence_parallel_size),
+                             ("moe_expert_parallel_size", self.moe_expert_parallel_size)):
+            if world_size % degree:
+                errors.append(ConfigError(name, f"({degree}) must divide the world size ({world_size})"))
+        if self.data_parallel_shard_dim not in (-1, world_size):
+            errors.append(ConfigError("data_parallel_shard_dim", f"({self.data_parallel_shard_dim}): FSDP shards over "
+                                      f"all {world_size} ranks (data parallel × sequence parallel); set it to -1"))
+        return errors
+
+
+@section
+class OptimConfig:
+    """The optimizer, its schedule, and how many steps of how many micro-batches."""
+
+    optimizer: dict | None = key(SECTION, None, "Optimizer component (torch.optim.AdamW; fused on CUDA).")
+    lr_scheduler: dict | None = key(SECTION + (type(None),), None, "LR schedule component "
+                                    "(get_cosine_schedule_with_warmup).")
+    clip_grad_norm: int | float | str | None = key((int, float, str, type(None)), None, "Clip to this global L2 norm; "
+                                                   "'inf' measures only; null = off.")
+    gradient_accumulation_steps: int = key((int,), 1, "Micro-batches per optimizer step.", low=1)
+    epochs: int = key((int,), 1, "Number of epochs.", low=1)
+    max_steps_per_epoch: int | None = key(OPTIONAL_INT, None, "Cap on optimizer steps per epoch.", low=1)
+    optimizer_in_bwd: bool = key((bool,), False, "Accepted for compatibility and ignored.", note="ignored")
+
+
+OPTIMIZER_KEYS: dict[str, Key] = {
+    "lr": Key(NUMBER, None, "Peak learning rate.", low=0, low_open=True),
+    "weight_decay": Key(NUMBER, 0.0, "Decoupled weight decay.", low=0),
+    "eps": Key(NUMBER, 1e-8, "Adam epsilon.", low=0, low_open=True),
+}
+LR_SCHEDULER_KEYS: dict[str, Key] = {
+    "warmup_ratio": Key(NUMBER, 0.1, "Fraction of the optimizer steps spent warming up linearly.", low=0, high=1),
+    "num_cycles": Key(NUMBER, 0.5, "Cosine cycles after warm-up (0.5: one decay to min_lr_ratio).", low=0),
+    "min_lr_ratio": Key(NUMBER, 0.0, "Floor of the schedule as a fraction of the peak learning rate.", low=0, high=1),
 }
 
+
+@section
+class CheckpointConfig:
+    """Base weights, step checkpoints for auto-resume, and HF exports."""
+
+    checkpointer: dict | None = key(SECTION, None, "Base weights (checkpoint_dir) and HF export settings.")
+    auto_resume: bool = key((bool,), False, "Step checkpoints (async DCP) and automatic resume on restart.")
+    resume_from_checkpoint: bool = key((bool,), False, "Epoch-level resume; implied by auto_resume here.",
+                                       note="ignored")
+    checkpoint_steps_for_auto_resume: int = key((int,), 50, "Optimizer steps between step checkpoints.", low=1)
+    keep_last_n_checkpoints: int = key((int,), 2, "Complete step checkpoints to keep (the newest is never "
+                                       "deleted).", low=1)
+    enable_async_checkpointing: bool = key((bool,), True, "Write step checkpoints asynchronously.")
+    save_hf_every_epoch: bool = key((bool,), True, "Export HF weights at each epoch end (always at the end).")
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        """The base weights' directory (null: random initialisation from the seed)."""
+        return (self.checkpointer or {}).get("checkpoint_dir")
+
+
+@section
+class DPOConfig:
+    """DPO only: the reference model and how its log-probs are obtained."""
+
+    ref_checkpointer: dict | None = key(SECTION + (type(None),), None, "DPO: reference model weights (default: "
+                                        "checkpointer).")
+    reference: str = key((str,), "precompute", "DPO: precompute (cached ref log-probs) | live (frozen sharded copy).",
+                         only=("precompute", "live"))
+
+
+@section
+class MetricsConfig:
+    """What is logged and profiled, and how often."""
+
+    log_every_n_steps: int = key((int,), 1, "Log metrics every N optimizer steps.", low=1)
+    log_peak_memory_stats: bool = key((bool,), True, "Include peak GPU memory in the logs.")
+    log_level: str = key((str,), "INFO", "Python logging level.", choices=LOG_LEVELS)
+    metric_logger: dict | None = key(SECTION + (type(None),), None, "A metric logger component (DiskLogger, "
+                                     "TensorBoardLogger, ...).")
+    mfu_peak_tflops: float | None = key(NUMBER + (type(None),), None, "bf16 peak TFLOP/s per GPU for the logged MFU; "
+                                        "null = from the GPU's name (H100/H200: 989).", low=0, low_open=True)
+    profiler: dict | None = key(SECTION + (type(None),), None, "torch.profiler settings (enabled, wait, warmup, "
+                                "active, output_dir).")
+    enable_memory_trace: bool = key((bool,), False, "Record a CUDA memory snapshot.")
+    memory_trace_start_step: int = key((int,), 5, "First step of the memory trace.", low=0)
+    memory_trace_end_step: int | None = key(OPTIONAL_INT, None, "Last step of the memory trace (start + 1).", low=0)
+    memory_trace_file_path: str | None = key((str, type(None)), None, "Where the memory snapshot is written.")
+
+
+# section name in the tree -> its dataclass, in the order a reader meets them
+SECTIONS: dict[str, type] = {
+    "run": RunConfig, "model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig,
+    "parallel": ParallelConfig, "optim": OptimConfig, "checkpoint": CheckpointConfig, "dpo": DPOConfig,
+    "metrics": MetricsConfig,
+}
+
+
+def _flat_table() -> dict[str, tuple[str, str, Key]]:
+    """Flat key -> (section, field, spec); a flat key belongs to exactly one section."""
+    table: dict[str, tuple[str, str, Key]] = {}
+    for name, cls in SECTIONS.items():
+        for f in key_fields(cls):
+            flat = flat_name(f)
+            if flat in table:
+                raise AssertionError(f"config key {flat!r} is declared by two sections")
+            table[flat] = (name, f.name, f.metadata["key"])
+    return table
+
+
+FLAT_KEYS: dict[str, tuple[str, str, Key]] = _flat_table()
+KEYS: dict[str, Key] = {flat: spec for flat, (_, _, spec) in FLAT_KEYS.items()}
+DATASET_KEYS: dict[str, Key] = {f.name: f.metadata["key"] for f in key_fields(DatasetConfig)}
+# keys of component sections that the engine reads itself or whose range it knows; the other arguments of a
+# component are typed by the component's signature (see ``validation``)
 SECTION_KEYS: dict[str, dict[str, Key]] = {
-    "dataset": DATASET_KEYS,
-    "dataset_val": DATASET_KEYS,
-    "tokenizer": {
-        "max_seq_len": Key(OPTIONAL_INT, None, "Longest document in tokens (longer ones are truncated).", low=1),
-        "prompt_template": Key((type(None),), None, "Accepted for compatibility only when null (Qwen3's chat template is used)."),
-        "special_tokens_path": Key((type(None),), None, "Accepted for compatibility only when null (the tokenizer's own are used)."),
-    },
-    "optimizer": {
-        "lr": Key(NUMBER, None, "Peak learning rate.", low=0, low_open=True),
-        "weight_decay": Key(NUMBER, 0.0, "Decoupled weight decay.", low=0),
-        "eps": Key(NUMBER, 1e-8, "Adam epsilon.", low=0, low_open=True),
-    },
-    "lr_scheduler": {
-        "warmup_ratio": Key(NUMBER, 0.1, "Fraction of the optimizer steps spent warming up linearly.", low=0, high=1),
-        "num_cycles": Key(NUMBER, 0.5, "Cosine cycles after warm-up (0.5: one decay to min_lr_ratio).", low=0),
-        "min_lr_ratio": Key(NUMBER, 0.0, "Floor of the schedule as a fraction of the peak learning rate.", low=0, high=1),
-    },
+    "dataset": DATASET_KEYS, "dataset_val": DATASET_KEYS, "tokenizer": TOKENIZER_KEYS,
+    "optimizer": OPTIMIZER_KEYS, "lr_scheduler": LR_SCHEDULER_KEYS,
 }
+

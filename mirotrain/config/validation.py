@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 from mirotrain.config.loader import ConfigError
 from mirotrain.config.registry import resolve_component
-from mirotrain.config.schema import KEYS, SECTION_KEYS, Key
+from mirotrain.config.schema import (KEYS, LOCAL_FORMATS, SECTION_KEYS, DatasetConfig, Key, ModelConfig,
+                                     ParallelConfig, flat_name, key_fields)
 
 # keys of a component section that the engine fills in itself (a config may still name them)
 INJECTED_KEYS: dict[str, set[str]] = {
@@ -28,8 +29,6 @@ INJECTED_KEYS: dict[str, set[str]] = {
 PATH_KEYS = ("tokenizer.path", "checkpointer.checkpoint_dir", "ref_checkpointer.checkpoint_dir")
 REQUIRED = ("output_dir", "model", "tokenizer", "optimizer")
 DATA_SECTIONS = ("dataset", "dataset_val")
-# sources the dataset builders read themselves; any other source is a Hub dataset read with datasets.load_dataset
-LOCAL_FORMATS = ("json", "jsonl", "parquet")
 _PLAIN = (bool, int, float, str, dict, list)
 # sections whose component takes **kwargs only to accept old keys (listed in SECTION_KEYS): any other key is refused
 CLOSED_SECTIONS = ("tokenizer",)
@@ -203,50 +202,28 @@ def _is_preference(node: dict) -> bool:
         return False
 
 
-def _check_data_section(cfg: dict, section: str) -> list[ConfigError]:
-    """The packing rules of a dataset section: the one place they are decided."""
-    node = cfg.get(section)
-    if not isinstance(node, dict):
-        return []
-    errors = []
-    packed, streaming = node.get("packed") is True, node.get("streaming_pack") is True
-    if packed and streaming:
-        errors.append(ConfigError(f"{section}.streaming_pack", f"{section}.packed and {section}.streaming_pack are "
-                                  "mutually exclusive; set one of them to False"))
-    source = _source(node)
-    if source in LOCAL_FORMATS and not node.get("data_files") and not node.get("shard_dir"):  # shards: no source read
-        errors.append(ConfigError(f"{section}.data_files", f"required with source {source!r} (a path, glob, list "
-                                  "or fsspec URL)"))
-    packs = packed or streaming or _is_preference(node)
-    batch_key = "batch_size" if section == "dataset" else "batch_size_val"
-    batch = cfg.get(batch_key)
-    if (packed or streaming) and isinstance(batch, int) and not isinstance(batch, bool) and batch != 1:
-        errors.append(ConfigError(batch_key, f"must be 1 with packed/streaming_pack data (a packed row is the batch), "
-                                  f"got {cfg.get(batch_key)}"))
-    packed_len = node.get("packed_seq_len")
-    if packs and packed_len is None and not node.get("shard_dir"):  # shards carry their row length
-        kind = "preference pairs (always packed)" if not (packed or streaming) else "packed/streaming_pack data"
-        errors.append(ConfigError(f"{section}.packed_seq_len", f"required with {kind}"))
-    seq = (cfg.get("tokenizer") or {}).get("max_seq_len")
-    if isinstance(seq, int) and isinstance(packed_len, int) and not isinstance(packed_len, bool) and packed_len < seq:
-        errors.append(ConfigError(f"{section}.packed_seq_len", f"({packed_len}) must be >= tokenizer.max_seq_len ({seq})"))
-    return errors
+def _invalid_keys(errors: list[ConfigError]) -> set[str]:
+    return {e.key.split(".")[0] for e in errors}
 
 
-def _check_layout(cfg: dict, world_size: int) -> list[ConfigError]:
-    errors = []
-    sp = cfg.get("ulysses_sequence_parallel_size", 1)
-    ep = cfg.get("moe_expert_parallel_size", 1)
-    if isinstance(sp, int) and sp >= 1 and world_size % sp:
-        errors.append(ConfigError("ulysses_sequence_parallel_size", f"({sp}) must divide the world size ({world_size})"))
-    if isinstance(ep, int) and ep >= 1 and world_size % ep:
-        errors.append(ConfigError("moe_expert_parallel_size", f"({ep}) must divide the world size ({world_size})"))
-    shard = cfg.get("data_parallel_shard_dim", -1)
-    if isinstance(shard, int) and shard not in (-1, world_size):
-        errors.append(ConfigError("data_parallel_shard_dim", f"({shard}): FSDP shards over all {world_size} ranks "
-                                  "(data parallel × sequence parallel); set it to -1"))
-    if cfg.get("enable_activation_offloading") and cfg.get("enable_activation_checkpointing", True) is False:
-        errors.append(ConfigError("enable_activation_offloading", "requires enable_activation_checkpointing: True"))
+def _check_sections(cfg: dict, world_size: int, scope: Collection[str] | None, bad: set[str]) -> list[ConfigError]:
+    """The rules each section owns (schema: ``check``), run on sections whose keys passed the type checks."""
+    errors: list[ConfigError] = []
+    for name in DATA_SECTIONS:
+        node = cfg.get(name)
+        batch_key = "batch_size" if name == "dataset" else "batch_size_val"
+        if (scope is None or name in scope) and isinstance(node, dict) and not {name, batch_key, "tokenizer"} & bad:
+            errors.extend(DatasetConfig.from_node(node).check(
+                name, batch_size=cfg.get(batch_key), batch_key=batch_key,
+                max_seq_len=(cfg.get("tokenizer") or {}).get("max_seq_len"), source=_source(node),
+                preference=_is_preference(node)))
+    if scope is not None:
+        return errors
+    for section_cls, extra in ((ParallelConfig, (world_size,)), (ModelConfig, ())):
+        names = {flat_name(f) for f in key_fields(section_cls)}
+        if not names & bad:
+            own = {f.name: cfg[flat_name(f)] for f in key_fields(section_cls) if flat_name(f) in cfg}
+            errors.extend(section_cls(**own).check(*extra))
     return errors
 
 
@@ -276,11 +253,7 @@ def validate_config(cfg: dict, world_size: int = 1, check_files: bool = True,
                                       else "missing required section"))
     if check_files:
         errors.extend(_check_paths(cfg, KEYS if scope is None else scope))
-    for section in DATA_SECTIONS:
-        if scope is None or section in scope:
-            errors.extend(_check_data_section(cfg, section))
-    if scope is None:
-        errors.extend(_check_layout(cfg, world_size))
+    errors.extend(_check_sections(cfg, world_size, scope, _invalid_keys(errors)))
     return errors
 
 
