@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# The Prefect-layer fixtures (prefect_api, api_env, demo_inputs, ...) are shared by tests/pipelines, tests/tasks,
+# tests/integration and tests/test_hub.py.
+pytest_plugins = ["prefect_fixtures"]
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

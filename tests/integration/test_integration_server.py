@@ -4,7 +4,7 @@ embedded default three times: two new runs, each training all its steps into run
 then a run with ``resume_from`` that continues the first.
 
 Marked ``integration`` (10 to 18 minutes on the shared 2-core development machine, by its load). Everything
-runs in a temporary PREFECT_HOME on 127.0.0.1 (tests/pipeline/prefect_stack.py) and every process it starts is
+runs in a temporary PREFECT_HOME on 127.0.0.1 (tests/integration/prefect_stack.py) and every process it starts is
 stopped at the end, pass or fail.
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_stage_overrides(demo_inputs: dict, recipe: str, workdir: Path, extra: list[str] = ()) -> tuple[str, list[str]]:

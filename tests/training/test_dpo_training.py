@@ -13,7 +13,7 @@ from mirotrain.data.preference import DPOShardReader
 from mirotrain.training.distributed import destroy_distributed
 from mirotrain.training.dpo import run_dpo
 from mirotrain.training.reference import forward_pair_logprobs
-from tests.dpo.conftest import TINY_DPO, tiny_overrides
+from dpo_helpers import TINY_DPO, tiny_overrides
 
 
 def _run(overrides: list[str], **kw) -> dict:

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-from sft_helpers import (  # noqa: E402
+from sft_helpers import (
     REPO, VOCAB, assert_ok, free_port, read_metrics, read_weights, tiny_config, write_config,
 )
 

@@ -1,13 +1,8 @@
-"""Shared pieces of the DPO engine tests: demo preference data and the tiny CPU config."""
+"""Fixtures of the training tests: demo preference data for the DPO runs."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-TINY_DPO = REPO / "mirotrain" / "configs" / "tiny" / "dpo.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -19,9 +14,3 @@ def preference_data(tmp_path_factory) -> dict[str, str]:
     train = write_demo(str(root / "train"), num_samples=1, seed=0, num_pairs=40)["preference"]
     heldout = write_demo(str(root / "heldout"), num_samples=1, seed=1, num_pairs=40)["preference"]
     return {"train": train, "heldout": heldout, "packed": str(root / "packed")}
-
-
-def tiny_overrides(data: dict[str, str], output_dir: Path, *extra: str) -> list[str]:
-    """Overrides of configs/tiny/dpo.yaml for a fast CPU run on ``data['train']``."""
-    return [f"output_dir={output_dir}", f"dataset.data_files={data['train']}", f"dataset.output_dir={data['packed']}",
-            "metric_logger=null", *extra]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dpo.conftest import REPO, TINY_DPO, tiny_overrides
+from dpo_helpers import REPO, TINY_DPO, tiny_overrides
 
 pytestmark = pytest.mark.slow
 KEYS = ("loss", "grad_norm", "pairs", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected")

@@ -1,4 +1,5 @@
-"""Pipeline test setup: an isolated PREFECT_HOME and offline Prefect settings, fixed before Prefect is imported.
+"""Prefect-layer test setup (tests/pipelines, tasks, integration and test_hub.py), loaded as a plugin by
+tests/conftest.py: an isolated PREFECT_HOME and offline Prefect settings, fixed before Prefect is imported.
 
 The ``prefect_api`` fixture starts one temporary Prefect API for the whole session (prefect_test_harness,
 about 20 s on 2 cores) and is only requested by tests that run flows, so the fast tests never pay for it.

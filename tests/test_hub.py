@@ -73,7 +73,7 @@ def test_download_weights_task_cli(api_env: dict, tmp_path: Path, make_checkpoin
     src = make_checkpoint(tmp_path / "src")
     r = subprocess.run([sys.executable, "-m", "tasks.download_weights", "--source", src.as_uri(), "--output-dir",
                         str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=api_env,
-                       cwd=Path(__file__).resolve().parents[2])
+                       cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert out["files"]["config.json"] == (src / "config.json").stat().st_size
@@ -87,7 +87,7 @@ def test_task_cli_exits_2_for_a_permanent_error_and_1_for_another(api_env: dict,
     def cli(source: str, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "tasks.download_weights", "--source", source, "--output-dir",
                                str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=300,
-                              env=api_env, cwd=Path(__file__).resolve().parents[2])
+                              env=api_env, cwd=Path(__file__).resolve().parents[1])
 
     missing = cli(str(tmp_path / "nonexistent"))
     assert missing.returncode == 2, missing.stderr[-4000:]
