@@ -74,17 +74,17 @@ def pack_fingerprint(config: str, overrides: list[str] | None = None, section: s
     data part): the resolved ``section`` and ``tokenizer`` config, the engine's shard directory for them (its
     name hashes the tokenizer files and every packing option), a stamp of each data file, and for a Hub
     dataset the commit its revision points at."""
-    from mirotrain.config import load_config
+    from mirotrain.config.tree import read_config
     from mirotrain.data.pack_shards import build_dataset, output_root, shard_dir_for
     from mirotrain.hub import hub_revision
     from tasks._data_inputs import data_stamps, is_hub_dataset
 
-    cfg = load_config(config, list(overrides or []))
+    cfg = read_config(config, list(overrides or []), scope=("tokenizer", section))
     ds = build_dataset(cfg, section)
     spec = ds.source
     revision = (hub_revision(spec.source, spec.load_kwargs.get("revision"), repo_type="dataset")
                 if is_hub_dataset(spec) else None)
-    return json.dumps({"section": cfg.get(section), "tokenizer": cfg.get("tokenizer"),
+    return json.dumps({"section": cfg.to_dict().get(section), "tokenizer": cfg.tokenizer.component,
                        "shard_dir": shard_dir_for(ds, output_root(cfg, section)), "files": data_stamps(spec),
                        "hub_revision": revision}, sort_keys=True, default=str)
 
@@ -101,13 +101,13 @@ def pack_dataset(config: str, overrides: list[str] | None = None,
         overrides: key=value config overrides, as on the `mirotrain` command line.
         section: Which dataset section to pack (dataset or dataset_val).
     """
-    from mirotrain.config import load_config
+    from mirotrain.config.tree import read_config
     from mirotrain.data.pack_shards import build_dataset, output_root, shard_dir_for, summary_line
     from mirotrain.data.pack_shards import pack_dataset as engine_pack_dataset
     from mirotrain.data.shards import manifest_exists, read_manifest
 
     logger = run_logger()
-    cfg = load_config(config, list(overrides or []))
+    cfg = read_config(config, list(overrides or []), scope=("tokenizer", section))
     logger.info(f"packing section {section!r} of {config} (overrides: {list(overrides or [])})")
     ds = build_dataset(cfg, section)
     existing = shard_dir_for(ds, output_root(cfg, section))

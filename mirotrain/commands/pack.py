@@ -31,12 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 @reports_user_errors("mirotrain pack")
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from mirotrain.config import load_config
-    from mirotrain.config.validation import raise_if_invalid
+    from mirotrain.config.tree import read_config
     from mirotrain.data.pack_shards import build_dataset, output_root, pack, summary_line
 
-    cfg = load_config(args.config, args.overrides)
-    raise_if_invalid(cfg, check_files=True, scope=("tokenizer", args.section), source=args.config)
+    cfg = read_config(args.config, args.overrides, scope=("tokenizer", args.section))
     ds = build_dataset(cfg, args.section)
     workers = args.workers if args.workers is not None else ds.options.num_workers
     out_dir, manifest = pack(ds, output_root(cfg, args.section), num_workers=workers,

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from mirotrain.commands.errors import add_debug_flag
+
+if TYPE_CHECKING:
+    from mirotrain.config.tree import TrainConfig
 
 
 def config_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -23,29 +26,27 @@ def config_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return add_debug_flag(p)
 
 
-def check_machine(cfg: dict) -> None:
+def check_machine(cfg: TrainConfig) -> None:
     """Refuse ``device: cuda`` where no CUDA device is visible, naming the key (validate may run anywhere)."""
     from mirotrain.config import ConfigError
 
-    if cfg.get("device", "cuda") == "cuda":
+    if cfg.run.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("device", "cuda, but this machine has no CUDA device; set device=cpu to train on CPU")
 
 
-def run_recipe(args: argparse.Namespace, run: Callable[[dict], Any]) -> int:
+def run_recipe(args: argparse.Namespace, run: Callable[[TrainConfig], Any]) -> int:
     """Load ``args.config`` with ``args.overrides``, check it, and call ``run(cfg)``; 0 when it returns."""
-    from mirotrain.config import load_config
-    from mirotrain.config.validation import raise_if_invalid
+    from mirotrain.config.tree import read_config
 
-    cfg = load_config(args.config, args.overrides)
-    raise_if_invalid(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), check_files=True, source=args.config)
+    cfg = read_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     check_machine(cfg)
     from mirotrain.training.distributed import destroy_distributed
 
     try:
-        run(cfg)
+        run(cfg.to_dict())
     finally:
         destroy_distributed()
     return 0

@@ -8,17 +8,19 @@ a per-GPU memory estimate; otherwise it prints one line per error, naming the fi
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 
 from mirotrain.commands.errors import add_debug_flag, reports_user_errors
 from mirotrain.config import ConfigError, instantiate, load_config
+from mirotrain.config.tree import TrainConfig
 from mirotrain.config.validation import InvalidConfig, validate_config
 
 GIB = 2**30
 
 
-def estimate_memory(model: torch.nn.Module, cfg: dict, world_size: int) -> dict[str, float]:
+def estimate_memory(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> dict[str, float]:
     """Per-GPU memory estimate (GiB) for FSDP2 full sharding with bf16 compute and fp32 master weights.
 
     Sharded state: fp32 params + fp32 grads + AdamW (2 × fp32) = 16 bytes/param / world (0 on GPU with
@@ -28,14 +30,13 @@ def estimate_memory(model: torch.nn.Module, cfg: dict, world_size: int) -> dict[
     args = model.args
     n_params = sum(p.numel() for p in model.parameters())
     layer_params = sum(p.numel() for p in model.layers[0].parameters())
-    sp = cfg.get("ulysses_sequence_parallel_size", 1)
-    dataset = cfg.get("dataset") or {}
-    tokens = dataset.get("packed_seq_len") or (cfg.get("tokenizer") or {}).get("max_seq_len") or 4096
-    tokens = tokens * cfg.get("batch_size", 1) // sp
-    offload = cfg.get("fsdp_cpu_offload", False)
-    state = 0.0 if offload else 16 * n_params / world_size
+    sp = cfg.parallel.ulysses_sequence_parallel_size
+    dataset = cfg.data.dataset
+    tokens = (dataset.packed_seq_len if dataset else None) or cfg.tokenizer.max_seq_len or 4096
+    tokens = tokens * cfg.data.batch_size // sp
+    state = 0.0 if cfg.parallel.fsdp_cpu_offload else 16 * n_params / world_size
     gathered = 2 * 2 * layer_params
-    ac = cfg.get("enable_activation_checkpointing", True)
+    ac = cfg.model.enable_activation_checkpointing
     ffn = args.moe_hidden_dim * args.num_experts_per_tok if args.is_moe else args.hidden_dim
     per_layer_full = tokens * (12 * args.dim + 3 * args.n_heads * args.head_dim * 2 + 4 * ffn) * 2
     activations = (args.n_layers * tokens * args.dim * 2 + per_layer_full) if ac else args.n_layers * per_layer_full
@@ -63,6 +64,51 @@ def checkpoint_footprint(model: torch.nn.Module, world_size: int, gpus_per_node:
     return {"size": size / GIB, "host_per_node": per_rank * min(gpus_per_node, world_size) / GIB}
 
 
+def _check_against_model(args: Any, cfg: TrainConfig, ns: argparse.Namespace) -> list[ConfigError]:
+    """The layout rules that need the model's shapes: heads per SP rank, experts per EP rank."""
+    errors = []
+    sp, ep = cfg.parallel.ulysses_sequence_parallel_size, cfg.parallel.moe_expert_parallel_size
+    if sp > 1:
+        from mirotrain.parallel.mesh import ParallelDims
+
+        try:
+            ParallelDims(ns.world_size, sp=sp).validate_model(args.n_heads, args.n_kv_heads,
+                                                               cfg.model.attention_backend, cfg.run.device)
+        except ValueError as exc:
+            errors.append(ConfigError("ulysses_sequence_parallel_size", str(exc)))
+    if ep > 1 and (not args.is_moe or args.num_experts % ep):
+        errors.append(ConfigError("moe_expert_parallel_size", f"({ep}) must divide the number of experts ({args.num_experts})"))
+    return errors
+
+
+def _print_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace) -> None:
+    """Parameters, layout, per-GPU memory and checkpoint sizes of a valid config."""
+    args = model.args
+    sp, ep = cfg.parallel.ulysses_sequence_parallel_size, cfg.parallel.moe_expert_parallel_size
+    mem = estimate_memory(model, cfg, ns.world_size)
+    dp = ns.world_size // sp
+    print(f"config:      {ns.config}")
+    print(f"model:       {cfg.model.component.get('_component_')}  {mem['params']:,} parameters "
+          f"({args.n_layers} layers, dim {args.dim}, {args.n_heads}/{args.n_kv_heads} heads"
+          f"{f', {args.num_experts} experts top-{args.num_experts_per_tok}' if args.is_moe else ''})")
+    print(f"layout:      world {ns.world_size} = data-parallel {dp} × sequence-parallel {sp}; "
+          f"expert-parallel {ep}; FSDP2 full shard over {ns.world_size} ranks")
+    print(f"tokens/GPU:  {mem['tokens_per_gpu']:,} per micro-batch")
+    print("memory/GPU:  ~{total:.1f} GiB (sharded state {sharded_state:.1f}, gathered params {gathered_params:.1f}, "
+          "activations {activations:.1f}, loss {loss:.1f})".format(**mem))
+    if mem["total"] > MEMORY_WARN_FRACTION * ns.gpu_memory_gib:
+        print(f"warning:     that is above {MEMORY_WARN_FRACTION:.0%} of a {ns.gpu_memory_gib:g} GiB GPU "
+              "(--gpu-memory-gib): expect an out-of-memory error; raise ulysses_sequence_parallel_size (splits "
+              "the activations), use more GPUs (splits the state) or shorten dataset.packed_seq_len")
+    if cfg.checkpoint.auto_resume:
+        ckpt = checkpoint_footprint(model, ns.world_size, ns.gpus_per_node)
+        keep = cfg.checkpoint.keep_last_n_checkpoints
+        host = (f"; async saves keep ~{ckpt['host_per_node']:.0f} GiB of host memory per node of "
+                f"{min(ns.gpus_per_node, ns.world_size)} GPUs" if cfg.checkpoint.enable_async_checkpointing else "")
+        print(f"checkpoints: ~{ckpt['size']:.0f} GiB each on disk (keep {keep}: up to "
+              f"~{(keep + 1) * ckpt['size']:.0f} GiB while the next one is written){host}")
+
+
 @reports_user_errors("mirotrain validate")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mirotrain validate", description=__doc__.splitlines()[0])
@@ -74,50 +120,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-file-check", action="store_true", help="do not require local paths to exist")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     ns = add_debug_flag(parser).parse_args(argv)
-    cfg = load_config(ns.config, ns.overrides)
-    errors = validate_config(cfg, ns.world_size, check_files=not ns.no_file_check)
+    raw = load_config(ns.config, ns.overrides)
+    errors = validate_config(raw, ns.world_size, check_files=not ns.no_file_check)
     model = None
-    if "model" in cfg and not errors:
+    if "model" in raw and not errors:
         try:
             with torch.device("meta"):
-                model = instantiate(cfg["model"])
+                model = instantiate(raw["model"])
         except (TypeError, ValueError, KeyError) as exc:
             errors.append(ConfigError("model", f"{type(exc).__name__}: {exc}"))
     if model is not None:
-        args = model.args
-        sp, ep = cfg.get("ulysses_sequence_parallel_size", 1), cfg.get("moe_expert_parallel_size", 1)
-        if isinstance(sp, int) and sp > 1 and ns.world_size % sp == 0:
-            from mirotrain.parallel.mesh import ParallelDims
-
-            try:
-                ParallelDims(ns.world_size, sp=sp).validate_model(
-                    args.n_heads, args.n_kv_heads, cfg.get("attention_backend", "auto"), cfg.get("device", "cuda"))
-            except ValueError as exc:
-                errors.append(ConfigError("ulysses_sequence_parallel_size", str(exc)))
-        if isinstance(ep, int) and ep > 1 and (not args.is_moe or args.num_experts % ep):
-            errors.append(ConfigError("moe_expert_parallel_size", f"({ep}) must divide the number of experts ({args.num_experts})"))
-        mem = estimate_memory(model, cfg, ns.world_size)
-        dp = ns.world_size // sp if isinstance(sp, int) and sp > 0 else ns.world_size
-        print(f"config:      {ns.config}")
-        print(f"model:       {cfg['model'].get('_component_')}  {mem['params']:,} parameters "
-              f"({args.n_layers} layers, dim {args.dim}, {args.n_heads}/{args.n_kv_heads} heads"
-              f"{f', {args.num_experts} experts top-{args.num_experts_per_tok}' if args.is_moe else ''})")
-        print(f"layout:      world {ns.world_size} = data-parallel {dp} × sequence-parallel {sp}; "
-              f"expert-parallel {ep}; FSDP2 full shard over {ns.world_size} ranks")
-        print(f"tokens/GPU:  {mem['tokens_per_gpu']:,} per micro-batch")
-        print("memory/GPU:  ~{total:.1f} GiB (sharded state {sharded_state:.1f}, gathered params {gathered_params:.1f}, "
-              "activations {activations:.1f}, loss {loss:.1f})".format(**mem))
-        if mem["total"] > MEMORY_WARN_FRACTION * ns.gpu_memory_gib:
-            print(f"warning:     that is above {MEMORY_WARN_FRACTION:.0%} of a {ns.gpu_memory_gib:g} GiB GPU "
-                  "(--gpu-memory-gib): expect an out-of-memory error; raise ulysses_sequence_parallel_size (splits "
-                  "the activations), use more GPUs (splits the state) or shorten dataset.packed_seq_len")
-        if cfg.get("auto_resume"):
-            ckpt = checkpoint_footprint(model, ns.world_size, ns.gpus_per_node)
-            keep = cfg.get("keep_last_n_checkpoints", 2)
-            host = (f"; async saves keep ~{ckpt['host_per_node']:.0f} GiB of host memory per node of "
-                    f"{min(ns.gpus_per_node, ns.world_size)} GPUs" if cfg.get("enable_async_checkpointing", True) else "")
-            print(f"checkpoints: ~{ckpt['size']:.0f} GiB each on disk (keep {keep}: up to "
-                  f"~{(keep + 1) * ckpt['size']:.0f} GiB while the next one is written){host}")
+        cfg = TrainConfig.from_dict(raw)
+        errors.extend(_check_against_model(model.args, cfg, ns))
+        _print_plan(model, cfg, ns)
     if errors:
         raise InvalidConfig(errors, ns.config)
     print("config is valid")

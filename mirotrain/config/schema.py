@@ -194,10 +194,15 @@ class DatasetConfig:
         if source in LOCAL_FORMATS and not self.node.get("data_files") and not self.shard_dir:
             errors.append(ConfigError(f"{name}.data_files", f"required with source {source!r} (a path, glob, list "
                                       "or fsspec URL)"))
+        if preference and self.streaming_pack is True:
+            errors.append(ConfigError(f"{name}.streaming_pack", "not supported for preference data: pairs are "
+                                      "packed offline (`mirotrain pack`)"))
         rows_packed = self.packed is True or self.streaming_pack is True
-        if rows_packed and isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size != 1:
-            errors.append(ConfigError(batch_key, f"must be 1 with packed/streaming_pack data (a packed row is the "
-                                      f"batch), got {batch_size}"))
+        if ((rows_packed or preference) and isinstance(batch_size, int) and not isinstance(batch_size, bool)
+                and batch_size != 1):
+            why = "a DPO row holds many pairs" if preference else "a packed row is the batch"
+            data = "preference" if preference else "packed/streaming_pack"
+            errors.append(ConfigError(batch_key, f"must be 1 with {data} data ({why}), got {batch_size}"))
         if (rows_packed or preference) and self.packed_seq_len is None and not self.shard_dir:  # shards carry it
             kind = "packed/streaming_pack data" if rows_packed else "preference pairs (always packed)"
             errors.append(ConfigError(f"{name}.packed_seq_len", f"required with {kind}"))

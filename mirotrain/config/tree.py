@@ -12,13 +12,14 @@ parse-and-check decides what a config means. ``to_dict`` gives back the flat for
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from mirotrain.config.schema import (DataConfig, DatasetConfig, FLAT_KEYS, KEYS, SECTIONS, CheckpointConfig,
                                      DPOConfig, MetricsConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig,
                                      TokenizerConfig, flat_name, key_fields)
+from mirotrain.config.loader import load_config
 from mirotrain.config.validation import raise_if_invalid
 
 DATA_SECTIONS = ("dataset", "dataset_val")
@@ -89,3 +90,11 @@ def parse_config(raw: dict, *, world_size: int = 1, check_files: bool = True, sc
     ``source``), then build its tree. ``scope`` limits the checks to the top-level keys a command reads."""
     raise_if_invalid(raw, world_size=world_size, check_files=check_files, scope=scope, source=source)
     return TrainConfig.from_dict(raw)
+
+
+def read_config(path: str, overrides: Sequence[str] = (), *, world_size: int = 1, check_files: bool = True,
+                scope: Collection[str] | None = None) -> TrainConfig:
+    """Load a config file with its ``key=value`` overrides, check it and build its tree: what every command
+    and task runs first."""
+    return parse_config(load_config(path, list(overrides)), world_size=world_size, check_files=check_files,
+                        scope=scope, source=str(path))

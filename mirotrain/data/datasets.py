@@ -13,6 +13,7 @@ validation (mirotrain/config/), before a dataset is built.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -20,34 +21,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mirotrain.data.errors import ON_BAD_SAMPLE, DataError, SampleFormatError
+from mirotrain.config.schema import DATASET_KEYS, DatasetConfig
+from mirotrain.data.errors import DataError, SampleFormatError
 from mirotrain.data.formats import converter_for, preference_to_messages
 from mirotrain.data.sources import SourceSpec, iter_records
 from mirotrain.data.render import MASKING_STRATEGIES, ChatRenderer
 from mirotrain.data.truncation import SampleTooLong, Truncation
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class DataOptions:
-    """Packing / loading options of a ``dataset`` config section."""
-
-    packed: bool = False
-    streaming_pack: bool = False
-    packed_seq_len: int | None = None
-    output_dir: str | None = None
-    on_bad_sample: str = "error"
-    num_workers: int | None = None  # tokenizer processes for `mirotrain pack` (None: all cores, max 16)
-    pack_seed: int = 0
-    rows_per_shard: int | None = None
-    shard_dir: str | None = None  # read this existing shard directory instead of packing
-
-    def __post_init__(self) -> None:
-        if self.on_bad_sample not in ON_BAD_SAMPLE:
-            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {self.on_bad_sample!r}")
-        if self.packed_seq_len is not None and int(self.packed_seq_len) < 2:
-            raise ValueError(f"packed_seq_len must be >= 2, got {self.packed_seq_len}")
 
 
 @dataclass
@@ -96,7 +77,7 @@ class Filtered(Exception):
 class _BaseDataset:
     kind = "base"
 
-    def __init__(self, tokenizer: Any, source: SourceSpec, options: DataOptions, hash_fields: dict):
+    def __init__(self, tokenizer: Any, source: SourceSpec, options: DatasetConfig, hash_fields: dict):
         self.tokenizer = tokenizer
         self.source = source
         self.options = options
@@ -161,7 +142,7 @@ class SFTDataset(_BaseDataset):
 
     kind = "sft"
 
-    def __init__(self, tokenizer: Any, source: SourceSpec, options: DataOptions, convert: Callable[[dict], dict],
+    def __init__(self, tokenizer: Any, source: SourceSpec, options: DatasetConfig, convert: Callable[[dict], dict],
                  masking_strategy: str, filter_fn: Callable | None, hash_fields: dict):
         super().__init__(tokenizer, source, options, hash_fields)
         if masking_strategy not in MASKING_STRATEGIES:
@@ -183,7 +164,7 @@ class PreferenceDataset(_BaseDataset):
 
     kind = "dpo"
 
-    def __init__(self, tokenizer: Any, source: SourceSpec, options: DataOptions, columns: dict, new_system_prompt: str | None,
+    def __init__(self, tokenizer: Any, source: SourceSpec, options: DatasetConfig, columns: dict, new_system_prompt: str | None,
                  hash_fields: dict):
         super().__init__(tokenizer, source, options, hash_fields)
         self.columns = columns
@@ -206,9 +187,9 @@ class PreferenceDataset(_BaseDataset):
 
 # -- builders -----------------------------------------------------------------------------------------
 
-def _options(kw: dict) -> DataOptions:
-    names = set(DataOptions.__dataclass_fields__)
-    return DataOptions(**{k: kw.pop(k) for k in list(kw) if k in names})
+def _options(kw: dict) -> DatasetConfig:
+    """Take the section's engine keys (packing and loading options) out of the builder's arguments."""
+    return DatasetConfig.from_node({k: kw.pop(k) for k in list(kw) if k in DATASET_KEYS})
 
 
 def _source(source: str, data_files: Any, split: str, kw: dict) -> SourceSpec:
@@ -216,8 +197,6 @@ def _source(source: str, data_files: Any, split: str, kw: dict) -> SourceSpec:
     if source in ("json", "jsonl", "parquet"):
         if kw:
             raise ValueError(f"unknown dataset option(s) {', '.join(sorted(kw))} for source {source!r}")
-        if data_files is None:
-            raise ValueError(f"source {source!r} needs data_files (a path, glob, list or fsspec URL)")
     return SourceSpec(source=source, data_files=data_files, split=split, field=fld, load_kwargs=kw)
 
 
@@ -309,16 +288,12 @@ def preference_dataset(
         prompt_column = column_map.get("prompt", prompt_column)
         chosen_column = column_map.get("chosen", chosen_column)
         rejected_column = column_map.get("rejected", rejected_column)
-    kwargs.setdefault("packed", True)
-    options = _options(kwargs)
-    if options.streaming_pack:
-        raise ValueError("streaming_pack is not supported for preference data; pairs are packed offline")
-    options.packed = True
+    options = dataclasses.replace(_options(kwargs), packed=True)
     spec = _source(source, data_files, split, kwargs)
     columns = {"prompt_column": prompt_column, "chosen_column": chosen_column, "rejected_column": rejected_column}
     fields = {"columns": columns, "system": new_system_prompt}
     return PreferenceDataset(tokenizer, spec, options, columns, new_system_prompt, fields)
 
 
-__all__ = ["DataOptions", "Encoded", "EncodedPair", "PreferenceDataset", "SFTDataset", "alpaca_cleaned_dataset",
+__all__ = ["Encoded", "EncodedPair", "PreferenceDataset", "SFTDataset", "alpaca_cleaned_dataset",
            "alpaca_dataset", "chat_dataset", "odr_chat_dataset", "preference_dataset", "shift_labels"]

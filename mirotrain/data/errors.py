@@ -25,9 +25,6 @@ class DataError(ValueError):
         return f"{self.where}: {self.reason}"
 
 
-ON_BAD_SAMPLE = ("error", "skip")
-
-
 @dataclass
 class SkipLog:
     """Counts of skipped (bad) and dropped (over-long) samples, with a few examples for the report.

@@ -17,7 +17,7 @@ The ranks of one sequence-parallel group pass the same ``dp_rank`` and therefore
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from mirotrain.data.collate import collate_packed, padded_collate_dpo, padded_collate_sft, padding_dpo_row, padding_row
 from mirotrain.data.datasets import PreferenceDataset
@@ -25,6 +25,9 @@ from mirotrain.data.pack_shards import build_dataset, pack, output_root
 from mirotrain.data.preference import extra_pair_columns
 from mirotrain.data.samplers import DistributedRowSampler
 from mirotrain.data.shards import ShardReader, read_manifest
+
+if TYPE_CHECKING:
+    from mirotrain.config.tree import TrainConfig
 
 
 def _dist():
@@ -143,7 +146,7 @@ class TrainLoader:
         self._resumed = True
 
 
-def _ensure_packed(cfg: dict, section: str, ds: Any) -> str:
+def _ensure_packed(cfg: TrainConfig, section: str, ds: Any) -> str:
     """Pack on global rank 0 (cache hit if done), barrier, return the shard dir on every rank."""
     from mirotrain.data.pack_shards import shard_dir_for
 
@@ -167,19 +170,16 @@ def _ensure_packed(cfg: dict, section: str, ds: Any) -> str:
     return shard_dir_for(ds, root)
 
 
-def build_train_loader(cfg: dict, section: str = "dataset", *, dp_rank: int = 0, dp_size: int = 1, seed: int | None = 0,
-                       tokenizer: Any = None) -> TrainLoader:
-    """The data loader of one data-parallel rank for ``cfg[section]`` (see the module docstring)."""
-    sec = cfg.get(section)
-    if not isinstance(sec, dict):
+def build_train_loader(cfg: TrainConfig, section: str = "dataset", *, dp_rank: int = 0, dp_size: int = 1,
+                       seed: int | None = 0, tokenizer: Any = None) -> TrainLoader:
+    """The data loader of one data-parallel rank for the config's ``section`` (see the module docstring)."""
+    sec = cfg.data.section(section)
+    if sec is None:
         raise _config_error(section, "missing dataset section")
-    batch_size = int(cfg.get("batch_size", 1) or 1)
-    shuffle = bool(cfg.get("shuffle", True))
+    batch_size = cfg.data.batch_size
     seed = 0 if seed is None else int(seed)
-    packed, streaming = bool(sec.get("packed", False)), bool(sec.get("streaming_pack", False))
-
-    if sec.get("shard_dir"):
-        shard_dir = str(sec["shard_dir"])
+    if sec.shard_dir:
+        shard_dir = str(sec.shard_dir)
         manifest = read_manifest(shard_dir)
         mode = "dpo" if manifest.get("kind") == "dpo" else ("packed" if manifest.get("layout") == "packed" else "unpacked")
         pad_id = int(manifest["pad_id"])
@@ -187,24 +187,22 @@ def build_train_loader(cfg: dict, section: str = "dataset", *, dp_rank: int = 0,
         if tokenizer is None:
             from mirotrain.config import instantiate
 
-            tokenizer = instantiate(cfg["tokenizer"])
+            tokenizer = instantiate(cfg.tokenizer.component)
         ds = build_dataset(cfg, section, tokenizer)
         pad_id = int(tokenizer.pad_id)
         if isinstance(ds, PreferenceDataset):
-            if batch_size != 1:
-                raise _config_error("batch_size", f"DPO rows hold many pairs; batch_size must be 1, got {batch_size}")
             mode = "dpo"
-        elif streaming:
+        elif sec.streaming_pack:
             from mirotrain.data.streaming import StreamingPacker
 
             streamer = StreamingPacker(ds, dp_rank, dp_size, seed)
             return TrainLoader("streaming", batch_size=1, pad_id=pad_id, streamer=streamer,
                                packed_seq_len=ds.options.packed_seq_len, seed=seed)
         else:
-            mode = "packed" if packed else "unpacked"
+            mode = "packed" if sec.packed else "unpacked"
         shard_dir = _ensure_packed(cfg, section, ds)
     reader = ShardReader(shard_dir)
-    sampler = DistributedRowSampler(len(reader), dp_rank=dp_rank, dp_size=dp_size, shuffle=shuffle, seed=seed)
+    sampler = DistributedRowSampler(len(reader), dp_rank=dp_rank, dp_size=dp_size, shuffle=cfg.data.shuffle, seed=seed)
     L = reader.manifest.get("packed_seq_len") if mode in ("packed", "dpo") else None
     return TrainLoader(mode, batch_size=batch_size if mode == "unpacked" else 1, pad_id=pad_id, sampler=sampler,
                        reader=reader, packed_seq_len=L, seed=seed, shard_dir=shard_dir)

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from mirotrain.data.errors import DataError, SkipLog
 from mirotrain.data.packing import SFT_COLUMNS, plan_packs, sft_row
 from mirotrain.data.preference import DPO_COLUMNS, build_dpo_row
 from mirotrain.data.shards import SCHEMA_VERSION, join, local_cpu_count, manifest_exists, read_manifest, write_rows
+
+if TYPE_CHECKING:
+    from mirotrain.config.tree import TrainConfig
 
 PACKING_VERSION = "bfd-1"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "mirotrain", "packed")
@@ -188,28 +191,29 @@ def pack(ds: _BaseDataset, output_root: str, *, num_workers: int | None = None, 
     return out_dir, written
 
 
-def output_root(cfg: dict, section: str = "dataset") -> str:
+def output_root(cfg: TrainConfig, section: str = "dataset") -> str:
     """Where packed data goes: ``{section}.output_dir``, else ``{output_dir}/packed``, else the user cache."""
-    sec = cfg.get(section) or {}
-    if sec.get("output_dir"):
-        return str(sec["output_dir"])
-    if cfg.get("output_dir"):
-        return join(str(cfg["output_dir"]), "packed")
+    ds = cfg.data.section(section)
+    if ds is not None and ds.output_dir:
+        return str(ds.output_dir)
+    if cfg.run.output_dir:
+        return join(str(cfg.run.output_dir), "packed")
     return DEFAULT_CACHE
 
 
-def build_dataset(cfg: dict, section: str = "dataset", tokenizer: Any = None) -> _BaseDataset:
+def build_dataset(cfg: TrainConfig, section: str = "dataset", tokenizer: Any = None) -> _BaseDataset:
     """Instantiate the tokenizer (unless given) and the dataset section of a config."""
     from mirotrain.config import ConfigError, instantiate
 
-    if section not in cfg or not isinstance(cfg[section], dict):
+    ds_cfg = cfg.data.section(section)
+    if ds_cfg is None:
         raise ConfigError(section, "missing dataset section")
     if tokenizer is None:
-        if "tokenizer" not in cfg:
+        if cfg.tokenizer.component is None:
             raise ConfigError("tokenizer", "missing tokenizer section")
-        tokenizer = instantiate(cfg["tokenizer"])
-    node = dict(cfg[section])
-    if isinstance(node.get("_component_"), str) is False and "_component_" not in node:
+        tokenizer = instantiate(cfg.tokenizer.component)
+    node = dict(ds_cfg.node)
+    if "_component_" not in node:
         raise ConfigError(f"{section}._component_", "missing")
     try:
         ds = instantiate(node, tokenizer=tokenizer)
@@ -220,7 +224,7 @@ def build_dataset(cfg: dict, section: str = "dataset", tokenizer: Any = None) ->
     return ds
 
 
-def pack_dataset(cfg: dict, section: str = "dataset", *, tokenizer: Any = None, progress: bool = False,
+def pack_dataset(cfg: TrainConfig, section: str = "dataset", *, tokenizer: Any = None, progress: bool = False,
                  num_workers: int | None = None, force: bool = False) -> str:
     """Pack the ``section`` of a config (cache hit if already packed); returns the shard directory."""
     ds = build_dataset(cfg, section, tokenizer)

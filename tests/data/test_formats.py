@@ -9,6 +9,7 @@ import pytest
 from data_helpers import base_cfg, write_jsonl
 
 from mirotrain.config import ConfigError
+from mirotrain.config.tree import TrainConfig
 from mirotrain.data.errors import DataError
 from mirotrain.data.formats import (
     alpaca_to_messages,
@@ -48,14 +49,14 @@ def _pack_error(tmp_path, lines, **dataset):
 def test_bad_input_names_file_and_line(tmp_path, tok, bad_line, message):
     cfg, path = _pack_error(tmp_path, [json.dumps(GOOD), json.dumps(GOOD), bad_line, json.dumps(GOOD)])
     with pytest.raises(DataError) as info:
-        pack_dataset(cfg, tokenizer=tok)
+        pack_dataset(TrainConfig.from_dict(cfg), tokenizer=tok)
     assert f"{path}:3" in str(info.value) and message in str(info.value)
 
 
 def test_skip_counts_bad_samples(tmp_path, tok):
     lines = [json.dumps(GOOD), "{oops", json.dumps({"messages": []}), json.dumps(GOOD)]
     cfg, path = _pack_error(tmp_path, lines, on_bad_sample="skip")
-    out = pack_dataset(cfg, tokenizer=tok)
+    out = pack_dataset(TrainConfig.from_dict(cfg), tokenizer=tok)
     m = read_manifest(out)
     assert m["skipped"] == 2 and m["docs"] == 2 and m["samples"] == 4
     assert any(f"{path}:2" in e for e in m["skip_examples"]) and any(f"{path}:3" in e for e in m["skip_examples"])
@@ -67,10 +68,10 @@ def test_overlong_drop_is_counted(tmp_path, tok_dir):
     long = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
     cfg, _ = _pack_error(tmp_path, [json.dumps(GOOD), json.dumps(long)], packed_seq_len=128)
     t = qwen3_tokenizer_auto(tok_dir, max_seq_len=128, on_overlong="drop")
-    m = read_manifest(pack_dataset(cfg, tokenizer=t))
+    m = read_manifest(pack_dataset(TrainConfig.from_dict(cfg), tokenizer=t))
     assert m["dropped"] == 1 and m["docs"] == 1
     t2 = qwen3_tokenizer_auto(tok_dir, max_seq_len=128)
-    m2 = read_manifest(pack_dataset(cfg, tokenizer=t2))
+    m2 = read_manifest(pack_dataset(TrainConfig.from_dict(cfg), tokenizer=t2))
     assert m2["truncated"] == 1 and m2["docs"] == 2 and m2["max_doc_len"] == 128
 
 
@@ -79,10 +80,10 @@ def test_json_array_error_names_line(tmp_path, tok):
     path.write_text('[\n  {"messages": []},\n  {oops}\n]\n')
     cfg = base_cfg(tmp_path, str(path), packed=True)
     with pytest.raises(DataError, match=r"arr\.json:3: malformed JSON"):
-        pack_dataset(cfg, tokenizer=tok)
+        pack_dataset(TrainConfig.from_dict(cfg), tokenizer=tok)
     path.write_text(json.dumps([GOOD, {"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}]))
     with pytest.raises(DataError, match=r"arr\.json item 1: tool result first"):
-        pack_dataset(cfg, tokenizer=tok)
+        pack_dataset(TrainConfig.from_dict(cfg), tokenizer=tok)
 
 
 def test_parquet_and_memory_url_sources(tmp_path, tok):
@@ -91,18 +92,18 @@ def test_parquet_and_memory_url_sources(tmp_path, tok):
     with fs.open("/mt-test/data.jsonl", "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = base_cfg(tmp_path, "memory://mt-test/data.jsonl", packed=True, output_dir="memory://mt-test/packed")
-    out = pack_dataset(cfg, tokenizer=tok)
+    out = pack_dataset(TrainConfig.from_dict(cfg), tokenizer=tok)
     assert out.startswith("memory://") and len(ShardReader(out)) == 1 and read_manifest(out)["docs"] == 2
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     cfg = base_cfg(tmp_path, str(tmp_path / "d.parquet"), source="parquet", packed=True)
     cfg["dataset"]["source"] = "parquet"
-    m = read_manifest(pack_dataset(cfg, tokenizer=tok))
+    m = read_manifest(pack_dataset(TrainConfig.from_dict(cfg), tokenizer=tok))
     assert m["docs"] == 2
     bad = [GOOD, {"messages": [{"role": "assistant", "content": "x"}]}]
     pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
     cfg["dataset"]["data_files"] = str(tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=r"bad\.parquet row 1: assistant turn first"):
-        pack_dataset(cfg, tokenizer=tok)
+        pack_dataset(TrainConfig.from_dict(cfg), tokenizer=tok)
 
 
 def test_hf_datasets_source_alpaca_csv(tmp_path, tok):
@@ -110,7 +111,7 @@ def test_hf_datasets_source_alpaca_csv(tmp_path, tok):
     cfg = base_cfg(tmp_path, str(tmp_path / "a.csv"))
     cfg["dataset"] = {"_component_": "torchtune.datasets.alpaca_dataset", "source": "csv", "data_files": str(tmp_path / "a.csv"),
                       "train_on_input": False, "num_workers": 0}
-    ds = build_dataset(cfg, tokenizer=tok)
+    ds = build_dataset(TrainConfig.from_dict(cfg), tokenizer=tok)
     records = ds.records()
     assert len(records) == 2
     item = ds.encode(*records[0])
@@ -156,10 +157,10 @@ def test_config_errors(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
     cfg = base_cfg(tmp_path, path, packed_seqlen=5)
     with pytest.raises(ConfigError, match="unknown dataset option"):
-        build_dataset(cfg, tokenizer=tok)
+        build_dataset(TrainConfig.from_dict(cfg), tokenizer=tok)
     cfg = base_cfg(tmp_path, path, conversation_style="chatml")
     with pytest.raises(ConfigError, match="conversation_style must be one of"):
-        build_dataset(cfg, tokenizer=tok)
+        build_dataset(TrainConfig.from_dict(cfg), tokenizer=tok)
     cfg = base_cfg(tmp_path, str(tmp_path / "missing*.jsonl"), packed=True)
     with pytest.raises(FileNotFoundError):
-        pack(build_dataset(cfg, tokenizer=tok), str(tmp_path / "out"))
+        pack(build_dataset(TrainConfig.from_dict(cfg), tokenizer=tok), str(tmp_path / "out"))

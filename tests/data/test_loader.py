@@ -10,6 +10,7 @@ import pytest
 import torch
 from data_helpers import IM_START, base_cfg, short_conversation, split_docs, write_jsonl
 
+from mirotrain.config.tree import TrainConfig
 from mirotrain.data.collate import collate_packed
 from mirotrain.data.demo import demo_preferences, write_demo
 from mirotrain.data.loader import build_train_loader
@@ -52,7 +53,7 @@ def docs_of_batch(batch):
 def test_packed_batches_follow_the_contract(sft_file, tok):
     tmp, samples, path = sft_file
     cfg = base_cfg(tmp, path, packed=True, packed_seq_len=1024)
-    loader = build_train_loader(cfg, dp_rank=0, dp_size=1, seed=1, tokenizer=tok)
+    loader = build_train_loader(TrainConfig.from_dict(cfg), dp_rank=0, dp_size=1, seed=1, tokenizer=tok)
     seen = collections.Counter()
     n = 0
     for batch in loader:
@@ -96,7 +97,7 @@ def test_unpacked_batches_cover_every_sample_once(sft_file, tok):
     seen = collections.Counter()
     steps = []
     for rank in range(2):
-        loader = build_train_loader(cfg, dp_rank=rank, dp_size=2, seed=3, tokenizer=tok)
+        loader = build_train_loader(TrainConfig.from_dict(cfg), dp_rank=rank, dp_size=2, seed=3, tokenizer=tok)
         loader.set_epoch(0)
         batches = list(loader)
         steps.append((len(batches), loader.steps_per_epoch))
@@ -116,7 +117,7 @@ def test_streaming_pack_runs_the_announced_steps(sft_file, tok):
     tmp, samples, path = sft_file
     cfg = base_cfg(tmp, path, streaming_pack=True, packed_seq_len=512)
     ref = collections.Counter(h(ChatRenderer(tok)(s["messages"])[0]) for s in samples)
-    loaders = [build_train_loader(cfg, dp_rank=r, dp_size=2, seed=8, tokenizer=tok) for r in range(2)]
+    loaders = [build_train_loader(TrainConfig.from_dict(cfg), dp_rank=r, dp_size=2, seed=8, tokenizer=tok) for r in range(2)]
     assert loaders[0].steps_per_epoch == loaders[1].steps_per_epoch > 0
     for epoch in (0, 1):
         seen = collections.Counter()
@@ -138,7 +139,7 @@ def test_streaming_pack_runs_the_announced_steps(sft_file, tok):
     for _ in range(3):
         next(it)
     sd = json.loads(json.dumps(loader.state_dict()))
-    fresh = build_train_loader(cfg, dp_rank=1, dp_size=2, seed=8, tokenizer=tok)
+    fresh = build_train_loader(TrainConfig.from_dict(cfg), dp_rank=1, dp_size=2, seed=8, tokenizer=tok)
     fresh.load_state_dict(sd)
     fresh.set_epoch(1)
     rest = list(fresh)
@@ -151,7 +152,7 @@ def test_dpo_rows_pairs_and_added_columns(tmp_path, tok, hf_tok):
     cfg = base_cfg(tmp_path, files["preference"])
     cfg["dataset"] = {"_component_": "mirotrain.datasets.preference_dataset", "source": "json",
                       "data_files": files["preference"], "packed_seq_len": 256, "num_workers": 0}
-    out = pack_dataset(cfg, tokenizer=tok)
+    out = pack_dataset(TrainConfig.from_dict(cfg), tokenizer=tok)
     m = read_manifest(out)
     assert m["kind"] == "dpo" and m["docs"] == 60
     reader = DPOShardReader(out)
@@ -178,7 +179,7 @@ def test_dpo_rows_pairs_and_added_columns(tmp_path, tok, hf_tok):
     reader2 = DPOShardReader(out2)
     assert reader2.extra_columns == ["ref_chosen_logp", "ref_rejected_logp"] and len(reader2) == len(reader)
     cfg2 = dict(cfg, dataset={"shard_dir": out2})
-    loader = build_train_loader(cfg2, dp_rank=0, dp_size=2, seed=0, tokenizer=tok)
+    loader = build_train_loader(TrainConfig.from_dict(cfg2), dp_rank=0, dp_size=2, seed=0, tokenizer=tok)
     got = {}
     for b in loader:
         assert b.input_ids.shape == (1, 256)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from data_helpers import IM_END, IM_START, NL, base_cfg, reference_mask, short_conversation, write_jsonl
 
+from mirotrain.config.tree import TrainConfig
 from mirotrain.data.loader import build_train_loader
 from mirotrain.data.pack_shards import build_dataset, pack, read_manifest
 from mirotrain.data.packing import greedy_packs, plan_packs
@@ -29,7 +30,7 @@ def packed(tmp_path_factory, tok, hf_tok):
     samples = [short_conversation(rng, i) for i in range(N)]
     path = write_jsonl(tmp / "sft.jsonl", samples)
     cfg = base_cfg(tmp, path, packed=True, packed_seq_len=L, num_workers=2, rows_per_shard=64)
-    ds = build_dataset(cfg, tokenizer=tok)
+    ds = build_dataset(TrainConfig.from_dict(cfg), tokenizer=tok)
     out_dir, manifest = pack(ds, str(tmp / "packed"), num_workers=2)
     reference = [list(hf_tok.apply_chat_template(s["messages"], tokenize=True)["input_ids"]) for s in samples]
     return {"cfg": cfg, "dir": out_dir, "manifest": manifest, "reference": reference, "ds": ds, "tmp": tmp}
@@ -100,7 +101,7 @@ def test_sampler_and_loader_resume_mid_epoch(packed, tok):
 
     cfg = dict(packed["cfg"])
     cfg["dataset"] = dict(cfg["dataset"], output_dir=str(packed["tmp"] / "packed"))
-    loader = build_train_loader(cfg, dp_rank=0, dp_size=2, seed=11, tokenizer=tok)
+    loader = build_train_loader(TrainConfig.from_dict(cfg), dp_rank=0, dp_size=2, seed=11, tokenizer=tok)
     assert loader.shard_dir == packed["dir"]  # cache hit on the directory `pack` wrote
     loader.set_epoch(1)
     batches = list(loader)
@@ -110,7 +111,7 @@ def test_sampler_and_loader_resume_mid_epoch(packed, tok):
     for _ in range(5):
         next(it)
     sd = loader.state_dict()
-    fresh = build_train_loader(cfg, dp_rank=0, dp_size=2, seed=11, tokenizer=tok)
+    fresh = build_train_loader(TrainConfig.from_dict(cfg), dp_rank=0, dp_size=2, seed=11, tokenizer=tok)
     fresh.load_state_dict(sd)
     fresh.set_epoch(1)  # the trainer's usual call: must not rewind a restored epoch
     rest = list(fresh)
@@ -123,7 +124,7 @@ def test_pack_is_deterministic_and_cached(tmp_path, tok):
     rng = random.Random(1)
     path = write_jsonl(tmp_path / "s.jsonl", [short_conversation(rng, i) for i in range(300)])
     cfg = base_cfg(tmp_path, path, packed=True, packed_seq_len=1024)
-    ds = build_dataset(cfg, tokenizer=tok)
+    ds = build_dataset(TrainConfig.from_dict(cfg), tokenizer=tok)
     d1, m1 = pack(ds, str(tmp_path / "a"), num_workers=0)
     d2, m2 = pack(ds, str(tmp_path / "b"), num_workers=2)
     files1 = sorted(p.name for p in (tmp_path / "a").rglob("*.arrow"))
@@ -133,7 +134,7 @@ def test_pack_is_deterministic_and_cached(tmp_path, tok):
     d3, m3 = pack(ds, str(tmp_path / "a"))
     assert d3 == d1 and m3["cache_hit"] is True
     cfg2 = base_cfg(tmp_path, path, packed=True, packed_seq_len=1024, pack_seed=1)
-    d4, _ = pack(build_dataset(cfg2, tokenizer=tok), str(tmp_path / "a"))
+    d4, _ = pack(build_dataset(TrainConfig.from_dict(cfg2), tokenizer=tok), str(tmp_path / "a"))
     assert d4 != d1  # the key covers the options
 
 

@@ -51,12 +51,13 @@ def test_tiny_model_learns_preferences(preference_data, tmp_path):
     assert rows[0]["loss"] == torch.nn.functional.softplus(torch.tensor(0.0)).item()  # policy == reference: log 2
     assert rows[-1]["rewards/accuracies"] > 0.9 and rows[-1]["loss"] < rows[0]["loss"]
 
+    from mirotrain.config.tree import TrainConfig
     from mirotrain.data.pack_shards import pack_dataset
     from mirotrain.models import from_pretrained
     from mirotrain.models.qwen3.builders import qwen3
 
     cfg = load_config(TINY_DPO, tiny_overrides(preference_data, out, f"dataset.data_files={preference_data['heldout']}"))
-    heldout_dir = pack_dataset(cfg)
+    heldout_dir = pack_dataset(TrainConfig.from_dict(cfg))
     policy = from_pretrained(summary["hf_dir"]).eval()
     model_args = {k: v for k, v in cfg["model"].items() if k != "_component_"}
     reference = qwen3(**model_args)
