@@ -4,7 +4,10 @@ Runs the real ``SFTTrainer`` (Qwen3-8B by default, 4 GPUs, packed 16K rows, rand
 in one job: times plain steps (after the first one, the host buffers are allocated in the background, as the
 trainer does); then steps followed by an asynchronous save (``StepCheckpointer`` with pinned-memory staging:
 the step is blocked for the device-to-host copy only, the write runs in a background thread); then a
-synchronous save of the same state. Reported (slowest rank): median plain step, blocked seconds of the first
+synchronous save of the same state. Each save's figures are printed (flushed) as soon as they are measured.
+Where the node's host memory cannot hold the staging buffers besides the checkpoint files (a ``--dir`` on
+tmpfs: ``mirotrain/checkpoint/host_memory.py``), the trainer saves synchronously and so does the "async" loop:
+the result says which (``save_mode``). Reported (slowest rank): median plain step, blocked seconds of the first
 async save and the median of the later ones (time in ``save()``, which returns once the state is copied to
 host memory), time until the async save is persisted (COMPLETE written), blocked seconds of the synchronous
 save, checkpoint size.
@@ -43,6 +46,19 @@ def _max_over_ranks(value: float, device) -> float:
     return float(t)
 
 
+def _progress(first: str):
+    """Print ``first`` and return a printer for the next figures, on rank 0 and flushed at once: a run cut off at
+    its time limit still shows what it measured."""
+    import torch.distributed as dist
+
+    def report(line: str) -> None:
+        if dist.get_rank() == 0:
+            print(f"[checkpoint bench] {line}", flush=True)
+
+    report(first)
+    return report
+
+
 def _drop(path: Path) -> None:
     """Delete a measured checkpoint so the next one never shares the disk with it (8B + AdamW ≈ 100 GB each)."""
     import torch.distributed as dist
@@ -61,7 +77,8 @@ def run_worker(ns: argparse.Namespace) -> None:
 
     work = Path(ns.work)
     cfg = base_config(ns, work, json.loads((work / "shards.json").read_text())["sft"])
-    cfg.update(auto_resume=True, checkpoint_steps_for_auto_resume=10**9, keep_last_n_checkpoints=ns.saves + 2)
+    # one checkpoint at a time (each is deleted once measured): the host-memory guard counts it and the next
+    cfg.update(auto_resume=True, checkpoint_steps_for_auto_resume=10**9, keep_last_n_checkpoints=1)
     if ns.dir:
         cfg["output_dir"] = str(Path(ns.dir) / "ckpt-bench-run")
     trainer = SFTTrainer(cfg)
@@ -86,8 +103,11 @@ def run_worker(ns: argparse.Namespace) -> None:
             trainer.checkpointer.prepare(trainer.checkpoint_state_dict())
     plain = [step() for _ in range(ns.steps)]
     ckpt = trainer.checkpointer
+    ckpt.prepare(trainer.checkpoint_state_dict())  # the save mode the host memory allows (host_memory.py)
+    mode = "async" if ckpt.async_save else "sync (host memory)"
+    report = _progress(f"{ns.steps} plain steps, median {statistics.median(plain):.3f} s; saves are {mode}")
     async_blocked, persisted = [], []
-    for _ in range(ns.saves):
+    for i in range(ns.saves):
         sync()
         dist.barrier()
         t0 = time.perf_counter()
@@ -98,6 +118,8 @@ def run_worker(ns: argparse.Namespace) -> None:
         ckpt.wait()
         persisted.append(_max_over_ranks(time.perf_counter() - t0, dev))
         plain.append(step_during_write)
+        report(f"save {i + 1}/{ns.saves} ({mode}): blocked {async_blocked[-1]:.3f} s, persisted after "
+               f"{persisted[-1]:.3f} s, step during the write {step_during_write:.3f} s")
         _drop(ckpt.root / f"step_{trainer.state.step - 1}")
     ckpt.async_save = False
     sync()
@@ -105,6 +127,7 @@ def run_worker(ns: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     trainer.save_checkpoint()
     sync_blocked = _max_over_ranks(time.perf_counter() - t0, dev)
+    report(f"synchronous save: blocked {sync_blocked:.3f} s")
     last = ckpt.root / f"step_{trainer.state.step}"
     size = sum(f.stat().st_size for f in last.iterdir()) if dist.get_rank() == 0 else 0
     result = {"plain_step_s": statistics.median(plain[: ns.steps]),
@@ -113,7 +136,7 @@ def run_worker(ns: argparse.Namespace) -> None:
               "async_blocked_s": statistics.median(async_blocked[1:] or async_blocked),
               "async_blocked_all_s": async_blocked,
               "async_until_persisted_s": statistics.median(persisted), "sync_blocked_s": sync_blocked,
-              "checkpoint_gib": size / 2**30, "world_size": trainer.world_size}
+              "checkpoint_gib": size / 2**30, "world_size": trainer.world_size, "save_mode": mode}
     if dist.get_rank() == 0:
         (work / "result_checkpoint.json").write_text(json.dumps(result, indent=2))
     trainer.close()
@@ -156,7 +179,7 @@ def main() -> None:
     result = json.loads((work / "result_checkpoint.json").read_text())
     result["config"] = {"size": "tiny" if ns.cpu_smoke else ns.size, "nproc": ns.nproc, "seq": ns.seq}
     print(json.dumps(result, indent=2))
-    print(f"\nstep blocked by async save: {result['async_blocked_s']:.3f} s (target <= 1 s; first save "
+    print(f"\nstep blocked by {result['save_mode']} save: {result['async_blocked_s']:.3f} s (target <= 1 s; first save "
           f"{result['async_first_blocked_s']:.3f} s, {ns.warmup + ns.steps - 1} steps after the buffers were "
           f"requested); by sync save: "
           f"{result['sync_blocked_s']:.3f} s; async persisted after {result['async_until_persisted_s']:.3f} s; "

@@ -28,7 +28,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-from mirotrain.checkpoint.host_memory import HOST_MEMORY_FRACTION, available_host_bytes, local_world_size, staged_bytes
+from mirotrain.checkpoint.host_memory import (
+    HostMemoryError, HostMemoryPlan, available_host_bytes, local_world_size, plan_host_memory, staged_bytes,
+)
 from mirotrain.checkpoint.staging import FIXED_SHAPE_KEYS, ReusedBufferStager
 from mirotrain.checkpoint.layout import (
     META, StepDir, apply_retention, list_step_dirs, newest_valid, read_meta, step_path, write_marker,
@@ -82,15 +84,15 @@ class StepCheckpointer:
     # ------------------------------------------------------------------------------------------ save
 
     def prepare(self, state: dict[str, Any]) -> None:
-        """Decide between async and sync saves (host memory) and start allocating the async host buffers in the
-        background, so the first save does not wait for them. Collective; call once the optimizer state exists
-        (the trainer does after its first step); ``save`` calls it if nobody did."""
+        """Decide the save mode from the node's host memory (``host_memory.py``: async, sync, or a refusal when
+        not even the checkpoint files of a tmpfs directory fit) and start allocating the async host buffers in
+        the background, so the first save does not wait for them. Collective; call once the optimizer state
+        exists (the trainer does after its first step); ``save`` calls it if nobody did."""
         if self.prepared:
             return
         self.prepared = True
-        if not self.async_save:
-            return
-        if not self._staging_fits_in_host_memory(state):
+        mode = self._agree_on_save_mode(state)
+        if mode != "async":
             self.async_save, self._stager = False, None
             return
         self._stager.prepare(state)
@@ -116,21 +118,28 @@ class StepCheckpointer:
         upload.add_done_callback(lambda fut, s=step, p=path, f=self._finished: self._on_upload_done(fut, s, p, f))
         self.blocked_seconds.append(time.perf_counter() - start)
 
-    def _staging_fits_in_host_memory(self, state: dict[str, Any]) -> bool:
-        """Whether every node can hold its ranks' host copies; agreed by all ranks (one mode for everyone)."""
-        need = staged_bytes(state, FIXED_SHAPE_KEYS) * local_world_size()
-        have = available_host_bytes()
-        fits = have is None or need <= HOST_MEMORY_FRACTION * have
-        flag = torch.tensor([int(fits)], dtype=torch.int32)
+    def host_memory_plan(self, state: dict[str, Any]) -> HostMemoryPlan:
+        """This node's host memory for the checkpoints of ``state`` (its ranks' shares: every rank of a node
+        holds about the same)."""
+        per_rank = staged_bytes(state, FIXED_SHAPE_KEYS)
+        node = per_rank * local_world_size()
+        return plan_host_memory(self.root, staging=node if self.async_save else 0, checkpoint=node,
+                                keep_last_n=self.keep_last_n, available=available_host_bytes())
+
+    def _agree_on_save_mode(self, state: dict[str, Any]) -> str:
+        """async, sync or raise :class:`HostMemoryError`; agreed by all ranks (one mode for everyone)."""
+        plan = self.host_memory_plan(state)
+        mode = plan.mode(self.async_save)
+        modes = ("refuse", "sync", "async")
+        flag = torch.tensor([modes.index(mode)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        if not bool(flag.item()):
-            if not fits and os.environ.get("LOCAL_RANK", "0") == "0":
-                log.warning("Async checkpointing would keep %.1f GiB of host memory on this node (%d ranks' model and "
-                            "optimizer state); only %.1f GiB are available. Saving step checkpoints synchronously "
-                            "instead (each save blocks training until written; enable_async_checkpointing: false "
-                            "silences this).", need / 2**30, local_world_size(), (have or 0) / 2**30)
-            return False
-        return True
+        agreed = modes[int(flag.item())]
+        if agreed == "refuse":
+            raise HostMemoryError(plan.refusal() if mode == "refuse" else
+                                  "step checkpoints do not fit in the host memory of another node (see its error)")
+        if agreed == "sync" and self.async_save and mode == "sync" and os.environ.get("LOCAL_RANK", "0") == "0":
+            log.warning(plan.fallback())
+        return agreed
 
     def wait(self, warn: bool = False) -> None:
         """Block until the pending save (if any) is persisted and finished (COMPLETE, retention); re-raise

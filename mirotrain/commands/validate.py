@@ -8,10 +8,12 @@ a per-GPU memory estimate; otherwise it prints one line per error, naming the fi
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from mirotrain.checkpoint.host_memory import available_host_bytes, plan_host_memory
 from mirotrain.commands.errors import add_debug_flag, reports_user_errors
 from mirotrain.config import ConfigError, instantiate, load_config
 from mirotrain.config.tree import TrainConfig
@@ -107,6 +109,31 @@ def _print_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace
                 f"{min(ns.gpus_per_node, ns.world_size)} GPUs" if cfg.checkpoint.enable_async_checkpointing else "")
         print(f"checkpoints: ~{ckpt['size']:.0f} GiB each on disk (keep {keep}: up to "
               f"~{(keep + 1) * ckpt['size']:.0f} GiB while the next one is written){host}")
+        _print_checkpoint_host_memory(cfg, ckpt["host_per_node"])
+
+
+def _print_checkpoint_host_memory(cfg: TrainConfig, per_node_gib: float) -> None:
+    """Where output_dir is on tmpfs/ramfs its checkpoint files are host memory too: the total per node, and the
+    save mode the trainer will pick on a node like this one (``checkpoint/host_memory.py``)."""
+    if not cfg.run.output_dir:
+        return
+    async_save = cfg.checkpoint.enable_async_checkpointing
+    per_node = int(per_node_gib * GIB)
+    plan = plan_host_memory(Path(cfg.run.output_dir) / "checkpoints", staging=per_node if async_save else 0,
+                            checkpoint=per_node, keep_last_n=cfg.checkpoint.keep_last_n_checkpoints,
+                            available=available_host_bytes())
+    if not plan.in_memory:
+        return
+    have = "unknown" if plan.available is None else f"{plan.available / GIB:.0f} GiB"
+    print(f"host memory: {cfg.run.output_dir} is on {plan.fs_type}: its checkpoints take ~{plan.checkpoints / GIB:.0f} "
+          f"GiB of host memory per node{f' + ~{plan.staging / GIB:.0f} GiB of async staging' if async_save else ''} "
+          f"= ~{(plan.checkpoints + plan.staging) / GIB:.0f} GiB (available on this host: {have})")
+    mode = plan.mode(async_save)
+    if mode == "refuse":
+        print(f"warning:     on a node like this one training would stop at its first save: {plan.refusal()}")
+    elif mode == "sync" and async_save:
+        print("warning:     on a node like this one step checkpoints would be saved synchronously: the async staging "
+              "buffers and the checkpoint files do not fit together")
 
 
 @reports_user_errors("mirotrain validate")
