@@ -10,7 +10,9 @@ weights + index, and the tokenizer files, readable by every user; the result loa
 ``transformers.AutoModelForCausalLM.from_pretrained``.
 
 The model architecture comes from the checkpoint's ``meta.json`` (written with every step checkpoint), or
-from ``--config`` when given.
+from ``--config`` when given. The special token ids and ``generation_config.json`` come from the base
+checkpoint the run started from (the ``checkpointer.checkpoint_dir`` of the run's config in ``meta.json``),
+as in the in-training export.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from mirotrain.checkpoint.layout import CheckpointInputError, read_meta, resolve_checkpoint
 from mirotrain.models.families import build_model, family_of
 from mirotrain.models.hf_config import hf_config_from_args
+from mirotrain.models.hf_io import read_hf_config
 from mirotrain.models.hf_writer import HFDirWriter
 from mirotrain.models.qwen3.model import Qwen3Args
 
@@ -46,6 +49,21 @@ def model_args_for(checkpoint: Path, config_path: str | None = None, overrides: 
     meta = read_meta(checkpoint)
     fields = dict(meta["model_args"])
     return Qwen3Args(**{k: v for k, v in fields.items() if k in Qwen3Args.__dataclass_fields__})
+
+
+def base_checkpoint_dir(meta: dict[str, Any]) -> str | None:
+    """The base checkpoint of the run that wrote ``meta`` (None: random initialisation, or not reachable here,
+    with a warning: the export then gets the random-initialisation token ids)."""
+    base = ((meta.get("config") or {}).get("checkpointer") or {}).get("checkpoint_dir")
+    if base is None:
+        return None
+    try:
+        read_hf_config(base)
+    except OSError:
+        log.warning("The run's base checkpoint %s is not readable here: the export's config.json gets the chat "
+                    "models' special token ids (eos_token_id 151645), not the base model's own.", base)
+        return None
+    return base
 
 
 def _native_names(args: Qwen3Args) -> list[tuple[str, tuple[int, ...]]]:
@@ -99,7 +117,9 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
         del tensor
         bar.update(1)
     bar.close()
-    weight_map = writer.finish(hf_config_from_args(args, out_dtype), tokenizer_dir)
+    base_dir = base_checkpoint_dir(meta)
+    base_config = read_hf_config(base_dir) if base_dir is not None else None
+    weight_map = writer.finish(hf_config_from_args(args, out_dtype, base_config), tokenizer_dir, base_dir)
     log.info("Converted %s (step %s) to %s: %d tensors, %d shard(s), %s", checkpoint, step_dir.step, writer.out,
              len(weight_map), writer.n_shards, str(out_dtype).removeprefix("torch."))
     return writer.out

@@ -64,5 +64,6 @@ class FullModelHFCheckpointer:
 
     def save(self, model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | None = None,
              dtype: torch.dtype = torch.bfloat16) -> Path | None:
+        """Export ``model`` to ``out_dir`` keeping the base checkpoint's token ids and generation config."""
         return save_pretrained(model, out_dir, tokenizer_dir=tokenizer_dir or self.checkpoint_dir,
-                               max_shard_size=self.max_shard_size, dtype=dtype)
+                               max_shard_size=self.max_shard_size, dtype=dtype, base_dir=self.checkpoint_dir)

@@ -41,13 +41,30 @@ def args_from_hf_config(config: dict[str, Any], **overrides: Any) -> Qwen3Args:
     return Qwen3Args(**fields)
 
 
-def hf_config_from_args(args: Qwen3Args, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
-    """config.json in the layout of the published Qwen3 checkpoints (read by transformers and vLLM)."""
+# Special token ids of a model trained from random initialisation: those of the published Qwen3 chat models.
+RANDOM_INIT_TOKEN_IDS: dict[str, Any] = {"bos_token_id": 151643, "eos_token_id": 151645}
+# Ids a trained model must keep from its base checkpoint: Qwen3-*-Base checkpoints end documents with
+# <|endoftext|> (151643), the chat models with <|im_end|> (151645); serving stops on this id.
+BASE_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def token_ids(base_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The special token ids of an export: those the base checkpoint's config.json names (as written: an
+    ``eos_token_id`` may be a list), or the chat models' for a random initialisation."""
+    if base_config is None:
+        return dict(RANDOM_INIT_TOKEN_IDS)
+    return {k: base_config[k] for k in BASE_TOKEN_ID_KEYS if k in base_config}
+
+
+def hf_config_from_args(args: Qwen3Args, dtype: torch.dtype = torch.bfloat16,
+                        base_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json in the layout of the published Qwen3 checkpoints (read by transformers and vLLM), with the
+    special token ids of ``base_config`` (the base checkpoint's config.json; None: random initialisation)."""
     config: dict[str, Any] = {
         "architectures": ["Qwen3MoeForCausalLM" if args.is_moe else "Qwen3ForCausalLM"],
         "model_type": args.model_type,
         "attention_bias": False, "attention_dropout": 0.0,
-        "bos_token_id": 151643, "eos_token_id": 151645,
+        **token_ids(base_config),
         "head_dim": args.head_dim, "hidden_act": "silu", "hidden_size": args.dim,
         "initializer_range": 0.02, "intermediate_size": args.hidden_dim,
         "max_position_embeddings": args.max_seq_len, "max_window_layers": args.n_layers,

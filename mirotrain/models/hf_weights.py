@@ -87,9 +87,13 @@ def _hf_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, tor
 
 def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
                     max_shard_size: int | str = "5GB", dtype: torch.dtype = torch.bfloat16,
-                    is_writer: bool | None = None) -> Path | None:
+                    is_writer: bool | None = None, base_dir: str | os.PathLike | None = None) -> Path | None:
     """Write ``model`` as an HF checkpoint (config.json, sharded safetensors + index, tokenizer files) through
     :class:`~mirotrain.models.hf_writer.HFDirWriter` (files 0644, directories 0755).
+
+    ``base_dir`` is the checkpoint training started from (None: random initialisation): the export keeps its
+    special token ids (a -Base model's ``eos_token_id`` is ``<|endoftext|>``, not the chat models'
+    ``<|im_end|>``) and its ``generation_config.json``.
 
     Under torch.distributed every rank must call this (parameters are gathered one by one); only rank 0
     (or ``is_writer``) writes. Tied models write no ``lm_head.weight``, as the published checkpoints do.
@@ -106,5 +110,6 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir:
             writer.add(name, tensor)
     if writer is None:
         return None
-    writer.finish(hf_config_from_args(args, dtype), tokenizer_dir)
+    base_config = read_hf_config(base_dir) if base_dir is not None else None
+    writer.finish(hf_config_from_args(args, dtype, base_config), tokenizer_dir, base_dir)
     return writer.out

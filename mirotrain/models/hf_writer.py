@@ -30,8 +30,9 @@ from safetensors.torch import save_file
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+                   "special_tokens_map.json", "added_tokens.json", GENERATION_CONFIG, "chat_template.jinja")
 
 
 def parse_size(size: int | str) -> int:
@@ -56,15 +57,21 @@ def make_public_dirs(path: Path) -> None:
         os.chmod(p, DIR_MODE)
 
 
-def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy tokenizer (and generation config) files that exist in ``src`` (local or fsspec URL)."""
+def _copy_present(src: str | os.PathLike, dst: str | os.PathLike, names: tuple[str, ...]) -> list[str]:
+    """Copy the files of ``names`` that exist in ``src`` (local or fsspec URL) into ``dst``; returns their names."""
     fs, root = fsspec.core.url_to_fs(str(src))
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in names:
         path = f"{root.rstrip('/')}/{name}"
         if fs.isfile(path):
             fs.get(path, str(Path(dst) / name))
             copied.append(name)
+    return copied
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy tokenizer (and generation config) files that exist in ``src`` (local or fsspec URL)."""
+    copied = _copy_present(src, dst, TOKENIZER_FILES)
     if "tokenizer_config.json" not in copied and "tokenizer.json" not in copied:
         raise FileNotFoundError(f"tokenizer directory {src} holds no tokenizer.json / tokenizer_config.json")
     return copied
@@ -112,9 +119,13 @@ class HFDirWriter:
     def n_shards(self) -> int:
         return len(self._shards)
 
-    def finish(self, config: dict[str, Any], tokenizer_dir: str | os.PathLike | None) -> dict[str, str]:
+    def finish(self, config: dict[str, Any], tokenizer_dir: str | os.PathLike | None,
+               base_dir: str | os.PathLike | None = None) -> dict[str, str]:
         """Write the last shard, the index (when sharded), ``config.json`` and the tokenizer files; set the modes;
-        move the directory into place. Returns the weight map (HF name -> file)."""
+        move the directory into place. Returns the weight map (HF name -> file).
+
+        ``base_dir`` (the base checkpoint) contributes its ``generation_config.json`` where it has one: it
+        belongs to the model (its stop ids), so it wins over one in the tokenizer directory."""
         self._flush()
         n = len(self._shards)
         weight_map: dict[str, str] = {}
@@ -128,6 +139,8 @@ class HFDirWriter:
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, self.tmp)
+        if base_dir is not None:
+            _copy_present(base_dir, self.tmp, (GENERATION_CONFIG,))
         for f in self.tmp.iterdir():
             os.chmod(f, FILE_MODE)
         self._replace_out()
