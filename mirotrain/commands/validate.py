@@ -15,55 +15,14 @@ import torch
 
 from mirotrain.checkpoint.host_memory import available_host_bytes, plan_host_memory
 from mirotrain.commands.errors import add_debug_flag, reports_user_errors
+from mirotrain.commands.estimate import GIB, MemoryEstimate, checkpoint_footprint, estimate_memory
 from mirotrain.config import ConfigError, instantiate, load_config
 from mirotrain.config.tree import TrainConfig
 from mirotrain.config.validation import InvalidConfig, validate_config
 
-GIB = 2**30
-
-
-def estimate_memory(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> dict[str, float]:
-    """Per-GPU memory estimate (GiB) for FSDP2 full sharding with bf16 compute and fp32 master weights.
-
-    Sharded state: fp32 params + fp32 grads + AdamW (2 × fp32) = 16 bytes/param / world (0 on GPU with
-    fsdp_cpu_offload). Transient: one layer's bf16 parameters gathered (×2 with prefetch). Activations with
-    full checkpointing: the layer inputs (T·D bf16 per layer) plus one layer's recomputed activations.
-    """
-    args = model.args
-    n_params = sum(p.numel() for p in model.parameters())
-    layer_params = sum(p.numel() for p in model.layers[0].parameters())
-    sp = cfg.parallel.ulysses_sequence_parallel_size
-    dataset = cfg.data.dataset
-    tokens = (dataset.packed_seq_len if dataset else None) or cfg.tokenizer.max_seq_len or 4096
-    tokens = tokens * cfg.data.batch_size // sp
-    state = 0.0 if cfg.parallel.fsdp_cpu_offload else 16 * n_params / world_size
-    gathered = 2 * 2 * layer_params
-    ac = cfg.model.enable_activation_checkpointing
-    ffn = args.moe_hidden_dim * args.num_experts_per_tok if args.is_moe else args.hidden_dim
-    per_layer_full = tokens * (12 * args.dim + 3 * args.n_heads * args.head_dim * 2 + 4 * ffn) * 2
-    activations = (args.n_layers * tokens * args.dim * 2 + per_layer_full) if ac else args.n_layers * per_layer_full
-    loss_chunk = 2 * 1024 * args.vocab_size * 4  # chunked linear CE: ~1K-token fp32 logits chunk + grad
-    total = state + gathered + activations + loss_chunk
-    return {"sharded_state": state / GIB, "gathered_params": gathered / GIB, "activations": activations / GIB,
-            "loss": loss_chunk / GIB, "total": total / GIB, "tokens_per_gpu": tokens, "params": n_params}
-
-
 # The estimate leaves out allocator fragmentation and compiled-kernel workspaces: measured peaks ran up to ~5%
 # above it (Qwen3-14B at 40K, 4× H100: SP=4 estimated 64.4 GiB, measured 64.0; SP=2 estimated 71.4, OOM at 75+).
 MEMORY_WARN_FRACTION = 0.9
-
-
-def checkpoint_footprint(model: torch.nn.Module, world_size: int, gpus_per_node: int) -> dict[str, float]:
-    """Step-checkpoint sizes (GiB). On disk: fp32 weights + AdamW's two moments, 12 bytes per parameter. In
-    host memory for async saves, per node: each rank's dim-0 shard of those three tensors per parameter
-    (checkpoint/staging.py)."""
-    size = sum(12 * p.numel() for p in model.parameters())
-    per_rank = 0
-    for p in model.parameters():
-        rows = p.shape[0] if p.dim() else 1
-        shard_numel = -(-rows // world_size) * (p.numel() // max(rows, 1))  # FSDP2 pads dim 0 to the world size
-        per_rank += 3 * 4 * shard_numel
-    return {"size": size / GIB, "host_per_node": per_rank * min(gpus_per_node, world_size) / GIB}
 
 
 def _check_against_model(args: Any, cfg: TrainConfig, ns: argparse.Namespace) -> list[ConfigError]:
@@ -87,7 +46,8 @@ def _print_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace
     """Parameters, layout, per-GPU memory and checkpoint sizes of a valid config."""
     args = model.args
     sp, ep = cfg.parallel.ulysses_sequence_parallel_size, cfg.parallel.moe_expert_parallel_size
-    mem = estimate_memory(model, cfg, ns.world_size)
+    estimate = estimate_memory(model, cfg, ns.world_size)
+    mem = estimate.gib()
     dp = ns.world_size // sp
     print(f"config:      {ns.config}")
     print(f"model:       {cfg.model.component.get('_component_')}  {mem['params']:,} parameters "
@@ -95,21 +55,40 @@ def _print_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace
           f"{f', {args.num_experts} experts top-{args.num_experts_per_tok}' if args.is_moe else ''})")
     print(f"layout:      world {ns.world_size} = data-parallel {dp} × sequence-parallel {sp}; "
           f"expert-parallel {ep}; FSDP2 full shard over {ns.world_size} ranks")
-    print(f"tokens/GPU:  {mem['tokens_per_gpu']:,} per micro-batch")
-    print("memory/GPU:  ~{total:.1f} GiB (sharded state {sharded_state:.1f}, gathered params {gathered_params:.1f}, "
-          "activations {activations:.1f}, loss {loss:.1f})".format(**mem))
-    if mem["total"] > MEMORY_WARN_FRACTION * ns.gpu_memory_gib:
-        print(f"warning:     that is above {MEMORY_WARN_FRACTION:.0%} of a {ns.gpu_memory_gib:g} GiB GPU "
-              "(--gpu-memory-gib): expect an out-of-memory error; raise ulysses_sequence_parallel_size (splits "
-              "the activations), use more GPUs (splits the state) or shorten dataset.packed_seq_len")
+    _print_memory(estimate, cfg, ns)
     if cfg.checkpoint.auto_resume:
-        ckpt = checkpoint_footprint(model, ns.world_size, ns.gpus_per_node)
+        ckpt = checkpoint_footprint(model, cfg, ns.world_size, ns.gpus_per_node)
         keep = cfg.checkpoint.keep_last_n_checkpoints
         host = (f"; async saves keep ~{ckpt['host_per_node']:.0f} GiB of host memory per node of "
                 f"{min(ns.gpus_per_node, ns.world_size)} GPUs" if cfg.checkpoint.enable_async_checkpointing else "")
         print(f"checkpoints: ~{ckpt['size']:.0f} GiB each on disk (keep {keep}: up to "
               f"~{(keep + 1) * ckpt['size']:.0f} GiB while the next one is written){host}")
         _print_checkpoint_host_memory(cfg, ckpt["host_per_node"])
+
+
+def _print_memory(estimate: MemoryEstimate, cfg: TrainConfig, ns: argparse.Namespace) -> None:
+    """The tokens a GPU computes, the per-GPU estimate with its terms (``commands/estimate.py``), where the
+    state lives, and the out-of-memory warning."""
+    mem = estimate.gib()
+    sp = cfg.parallel.ulysses_sequence_parallel_size
+    row = (f"DPO row of {estimate.row_tokens:,} tokens: pairs, chosen and rejected" if estimate.objective == "dpo"
+           else f"rows of {estimate.row_tokens:,} tokens")
+    print(f"tokens/GPU:  {mem['tokens_per_gpu']:,} per micro-batch ({row}{f', / SP {sp}' if sp > 1 else ''})")
+    extra = "".join(f", {label} {mem[key]:.1f}" for key, label in (("reference", "live reference"),
+                                                                    ("all_to_all", "SP all-to-all")) if mem[key])
+    print("memory/GPU:  ~{total:.1f} GiB (sharded state {sharded_state:.1f}, gathered params {gathered_params:.1f}, "
+          "activations {activations:.1f}, loss {loss:.1f}".format(**mem) + f"{extra})")
+    where = "GPU"
+    if estimate.offload:
+        ranks = min(ns.gpus_per_node, ns.world_size)
+        where = (f"host (fsdp_cpu_offload): ~{mem['host_state_per_rank'] * ranks:.1f} GiB of host memory per node of "
+                 f"{ranks} GPUs")
+    print(f"state:       {estimate.state_bytes_per_param} bytes/param (fp32 master weights, gradients, AdamW moments) "
+          f"sharded over {ns.world_size} ranks, on the {where}")
+    if mem["total"] > MEMORY_WARN_FRACTION * ns.gpu_memory_gib:
+        print(f"warning:     that is above {MEMORY_WARN_FRACTION:.0%} of a {ns.gpu_memory_gib:g} GiB GPU "
+              "(--gpu-memory-gib): expect an out-of-memory error; raise ulysses_sequence_parallel_size (splits "
+              "the activations), use more GPUs (splits the state) or shorten dataset.packed_seq_len")
 
 
 def _print_checkpoint_host_memory(cfg: TrainConfig, per_node_gib: float) -> None:
