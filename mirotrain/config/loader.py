@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from mirotrain.config.compat import translate_and_report
+
 _INTERP = re.compile(r"\$\{([^{}]+)\}")
 
 
@@ -142,7 +144,8 @@ def resolve_interpolations(cfg: dict) -> dict:
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Read a YAML config, apply overrides, resolve interpolations. Returns plain dicts."""
+    """Read a YAML config, apply overrides, resolve interpolations and translate the MiroTrain keys that work
+    differently here (:mod:`mirotrain.config.compat`, one warning each). Returns plain dicts."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("", f"config file not found: {path}")
@@ -158,6 +161,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise ConfigError("", "the top level must be a mapping of keys to values", source=str(path))
     cfg = apply_overrides(_fix_scientific(raw), list(overrides))
     try:
-        return resolve_interpolations(cfg)
+        resolved = resolve_interpolations(cfg)
     except ConfigError as exc:
         raise exc.in_file(str(path)) from None
+    return translate_and_report(resolved, str(path))

@@ -35,6 +35,9 @@ ALIASES: dict[str, str] = {
     "torchtune.training.metric_logging.StdoutLogger": "mirotrain.training.metric_logging:StdoutLogger",
     "torchtune.training.metric_logging.TensorBoardLogger": "mirotrain.training.metric_logging:TensorBoardLogger",
     "torchtune.training.metric_logging.WandBLogger": "mirotrain.training.metric_logging:WandBLogger",
+    # profiler (the ``profiler`` section; its default component, see DEFAULT_COMPONENTS)
+    "torchtune.training.setup_torch_profiler": "mirotrain.training.torch_profiler:setup_torch_profiler",
+    "mirotrain.training.setup_torch_profiler": "mirotrain.training.torch_profiler:setup_torch_profiler",
     # tokenizer
     "mirotrain.models.qwen3.qwen3_tokenizer_auto": "mirotrain.models.qwen3.tokenizer:qwen3_tokenizer_auto",
     # datasets
@@ -53,6 +56,9 @@ ALIASES: dict[str, str] = {
     "mirotrain.data.padded_collate_packed": "mirotrain.data.collate:collate_packed",
     "torchtune.data.padded_collate_dpo": "mirotrain.data.collate:padded_collate_dpo",
 }
+
+# sections whose ``_component_`` may be left out: this one is meant
+DEFAULT_COMPONENTS: dict[str, str] = {"profiler": "torchtune.training.setup_torch_profiler"}
 
 for _size in _QWEN3_SIZES:
     for _kind in ("base", "instruct"):

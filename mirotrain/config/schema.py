@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from mirotrain.config.loader import ConfigError
@@ -98,8 +99,12 @@ class ModelConfig:
     component: dict | None = key(SECTION, None, "Model builder component (mirotrain.models.qwen3.*, "
                                  "mirotrain.models.qwen3_moe.*).", flat="model")
     loss: dict | None = key(SECTION + (type(None),), None, "Loss component; default LinearCrossEntropyLoss (chunked).")
-    unembed_chunk_size: int | None = key(OPTIONAL_INT, None, "Tokens per chunk of the fused LM-head log-prob/CE "
-                                         "computation.", low=1)
+    unembed_chunk_size: int | None = key(OPTIONAL_INT, None, "MiroTrain's meaning: the number of chunks a sequence's "
+                                         "LM head and loss are split into (tokens per chunk = ceil(length / N), as "
+                                         "torch.chunk); null: loss_chunk_tokens decides.", low=1)
+    loss_chunk_tokens: int | None = key(OPTIONAL_INT, None, "Tokens per chunk of the fused LM-head cross-entropy / "
+                                        "log-prob computation (null: the loss's own default); excludes "
+                                        "unembed_chunk_size.", low=1)
     compile: bool | dict | None = key((bool, dict, type(None)), None, "torch.compile decoder layers and the loss "
                                       "(default: on for CUDA).")
     enable_activation_checkpointing: bool = key((bool,), True, "Recompute each decoder layer in backward.")
@@ -118,10 +123,24 @@ class ModelConfig:
     resize_token_embeddings: bool = key((bool,), False, "Qwen3 checkpoints already cover the tokenizer vocab.",
                                         only=(False,))
 
+    def chunk_tokens(self, seq_len: int) -> int | None:
+        """Tokens per LM-head chunk for a sequence of ``seq_len`` tokens: ``loss_chunk_tokens``, else
+        ``unembed_chunk_size`` chunks of ``ceil(seq_len / N)`` tokens (so N chunks, fewer only when the sequence
+        has fewer than N tokens, like ``torch.chunk``), else None: the loss keeps its own default."""
+        if self.loss_chunk_tokens:
+            return self.loss_chunk_tokens
+        if self.unembed_chunk_size:
+            return max(1, -(-int(seq_len) // self.unembed_chunk_size))
+        return None
+
     def check(self) -> list[ConfigError]:
+        errors = []
         if self.enable_activation_offloading and not self.enable_activation_checkpointing:
-            return [ConfigError("enable_activation_offloading", "requires enable_activation_checkpointing: True")]
-        return []
+            errors.append(ConfigError("enable_activation_offloading", "requires enable_activation_checkpointing: True"))
+        if self.unembed_chunk_size and self.loss_chunk_tokens:
+            errors.append(ConfigError("loss_chunk_tokens", "set either loss_chunk_tokens (tokens per chunk) or "
+                                      "unembed_chunk_size (number of chunks), not both"))
+        return errors
 
 
 @section
@@ -154,10 +173,14 @@ class DatasetConfig:
     """One dataset section (``dataset`` or ``dataset_val``): the builder component plus how its rows are made.
 
     ``node`` is the section as written (builder name and arguments included); the fields are the keys the
-    engine reads itself, never passed to the builder.
+    engine reads itself, never passed to the builder. A section written as a list of builders (MiroTrain's
+    ConcatDataset) keeps them in ``parts``: their records are concatenated, in list order, and packed together
+    into one shard directory, so the engine keys apply to the whole list; a part may write them, and parts that
+    write the same key must agree. ``node`` then holds those merged engine keys only.
     """
 
     node: dict = field(default_factory=dict)
+    parts: tuple[dict, ...] = ()
     packed: bool = key((bool,), False, "Pack documents into rows of packed_seq_len tokens (Arrow shards, `mirotrain pack`).")
     streaming_pack: bool = key((bool,), False, "Pack while training, without shards; excludes packed.")
     packed_seq_len: int | None = key((int,), None, "Tokens per packed row; required when rows are packed (packed, "
@@ -172,28 +195,50 @@ class DatasetConfig:
     shard_dir: str | None = key((str, type(None)), None, "Read this existing shard directory instead of packing.")
 
     @classmethod
-    def from_node(cls, node: dict) -> "DatasetConfig":
+    def from_node(cls, node: dict | list) -> "DatasetConfig":
+        """The section as written: one builder node, or a list of them (concatenated)."""
+        if isinstance(node, list):
+            merged: dict = {}
+            for part in node:
+                merged.update({k: v for k, v in part.items() if k in DATASET_KEYS and k not in merged})
+            return dataclasses.replace(cls.from_node(merged), parts=tuple(dict(p) for p in node))
         own = {f.name: node[f.name] for f in key_fields(cls) if node.get(f.name) is not None}
         return cls(node=dict(node), **own)
+
+    @property
+    def builders(self) -> tuple[dict, ...]:
+        """The builder node of each dataset: the parts of a list, else the section itself."""
+        return self.parts or (self.node,)
+
+    def engine_options(self) -> dict:
+        """The engine keys as a node (the written ones plus any changed on the tree), given to every builder."""
+        out = {k: v for k, v in self.node.items() if k in DATASET_KEYS}
+        for f in key_fields(DatasetConfig):
+            value = getattr(self, f.name)
+            if f.name in out or value != f.metadata["key"].default:
+                out[f.name] = value
+        return out
 
     def with_shard_dir(self, shard_dir: str) -> "DatasetConfig":
         """The same section reading ``shard_dir`` (the node says so too, for code that reads the node)."""
         return dataclasses.replace(self, shard_dir=shard_dir, node={**self.node, "shard_dir": shard_dir})
 
-    def check(self, name: str, *, batch_size: Any, batch_key: str, max_seq_len: Any, source: str | None,
-              preference: bool) -> list[ConfigError]:
+    def check(self, name: str, *, batch_size: Any, batch_key: str, max_seq_len: Any,
+              kinds: Sequence[tuple[str | None, bool]]) -> list[ConfigError]:
         """The packing rules of this section: the one place they are decided.
 
-        ``source`` is the dataset's source (its own or the builder's default) and ``preference`` whether the
-        builder makes preference pairs (always packed); both come from the builder's signature.
+        ``kinds`` holds, for each builder (``builders``), its source (its own or the builder's default) and
+        whether it makes preference pairs (always packed); both come from the builder's signature.
         """
-        errors = []
+        errors = self._check_parts(name, kinds)
+        preference = any(pref for _, pref in kinds)
         if self.packed is True and self.streaming_pack is True:
             errors.append(ConfigError(f"{name}.streaming_pack", f"{name}.packed and {name}.streaming_pack are "
                                       "mutually exclusive; set one of them to False"))
-        if source in LOCAL_FORMATS and not self.node.get("data_files") and not self.shard_dir:
-            errors.append(ConfigError(f"{name}.data_files", f"required with source {source!r} (a path, glob, list "
-                                      "or fsspec URL)"))
+        for where, builder, (source, _) in zip(self._part_names(name), self.builders, kinds):
+            if source in LOCAL_FORMATS and not builder.get("data_files") and not self.shard_dir:
+                errors.append(ConfigError(f"{where}.data_files", f"required with source {source!r} (a path, glob, "
+                                          "list or fsspec URL)"))
         if preference and self.streaming_pack is True:
             errors.append(ConfigError(f"{name}.streaming_pack", "not supported for preference data: pairs are "
                                       "packed offline (`mirotrain pack`)"))
@@ -212,14 +257,32 @@ class DatasetConfig:
                                       f"tokenizer.max_seq_len ({max_seq_len})"))
         return errors
 
+    def _part_names(self, name: str) -> list[str]:
+        return [f"{name}.{i}" for i in range(len(self.parts))] if self.parts else [name]
+
+    def _check_parts(self, name: str, kinds: Sequence[tuple[str | None, bool]]) -> list[ConfigError]:
+        """A list's parts are packed together: their engine keys agree, and all or none make preference pairs."""
+        errors = []
+        for i, part in enumerate(self.parts):
+            for k, v in part.items():
+                if k in self.node and self.node[k] != v:
+                    first = next(j for j, p in enumerate(self.parts) if k in p)
+                    errors.append(ConfigError(f"{name}.{i}.{k}", f"({v!r}) differs from {name}.{first}.{k} "
+                                              f"({self.node[k]!r}): the datasets of a list are packed together"))
+        if len({pref for _, pref in kinds}) > 1:
+            errors.append(ConfigError(name, "mixes preference pairs with SFT data; a dataset list concatenates "
+                                      "datasets of one kind"))
+        return errors
+
 
 @section
 class DataConfig:
     """What the loop reads: the datasets and the micro-batch and validation cadence."""
 
-    dataset: DatasetConfig | None = key(SECTION, None, "Training dataset component (+ packed, packed_seq_len, "
-                                        "streaming_pack, output_dir).")
-    dataset_val: DatasetConfig | None = key(SECTION + (type(None),), None, "Validation dataset component.")
+    dataset: DatasetConfig | None = key(SECTION + (list,), None, "Training dataset component (+ packed, "
+                                        "packed_seq_len, streaming_pack, output_dir), or a list of them: concatenated.")
+    dataset_val: DatasetConfig | None = key(SECTION + (list, type(None)), None, "Validation dataset component (or a "
+                                            "list of them).")
     batch_size: int = key((int,), 1, "Rows per micro-batch per data-parallel rank (must be 1 when packed).", low=1)
     batch_size_val: int | None = key(OPTIONAL_INT, None, "Validation micro-batch size (defaults to batch_size).", low=1)
     shuffle: bool = key((bool,), True, "Shuffle rows each epoch (from the seed).")
@@ -292,6 +355,16 @@ LR_SCHEDULER_KEYS: dict[str, Key] = {
     "min_lr_ratio": Key(NUMBER, 0.0, "Floor of the schedule as a fraction of the peak learning rate.", low=0, high=1),
 }
 
+PROFILER_KEYS: dict[str, Key] = {
+    "enabled": Key((bool,), False, "Profile the steps of the schedule below (off: nothing is recorded)."),
+    "wait_steps": Key(OPTIONAL_INT, 5, "Optimizer steps skipped before each cycle.", low=0),
+    "warmup_steps": Key(OPTIONAL_INT, 3, "Steps traced but discarded (profiler warm-up) in each cycle.", low=0),
+    "active_steps": Key(OPTIONAL_INT, 2, "Steps recorded in each cycle.", low=1),
+    "num_cycles": Key(OPTIONAL_INT, 1, "Cycles of wait/warmup/active; 0 repeats until training ends.", low=0),
+    "output_dir": Key((str, type(None)), None, "Where traces go: iteration_<step>/rank<r>_trace.json (default "
+                      "{output_dir}/profiling_outputs)."),
+}
+
 
 @section
 class CheckpointConfig:
@@ -299,8 +372,8 @@ class CheckpointConfig:
 
     checkpointer: dict | None = key(SECTION, None, "Base weights (checkpoint_dir) and HF export settings.")
     auto_resume: bool = key((bool,), False, "Step checkpoints (async DCP) and automatic resume on restart.")
-    resume_from_checkpoint: bool = key((bool,), False, "Epoch-level resume; implied by auto_resume here.",
-                                       note="ignored")
+    resume_from_checkpoint: bool = key((bool,), False, "MiroTrain's epoch-level resume: True is read as auto_resume: "
+                                       "True (resume from the newest step checkpoint), with a notice.")
     checkpoint_steps_for_auto_resume: int = key((int,), 50, "Optimizer steps between step checkpoints.", low=1)
     keep_last_n_checkpoints: int = key((int,), 2, "Complete step checkpoints to keep (the newest is never "
                                        "deleted).", low=1)
@@ -334,8 +407,9 @@ class MetricsConfig:
                                      "TensorBoardLogger, ...).")
     mfu_peak_tflops: float | None = key(NUMBER + (type(None),), None, "bf16 peak TFLOP/s per GPU for the logged MFU; "
                                         "null = from the GPU's name (H100/H200: 989).", low=0, low_open=True)
-    profiler: dict | None = key(SECTION + (type(None),), None, "torch.profiler settings (enabled, wait, warmup, "
-                                "active, output_dir).")
+    profiler: dict | None = key(SECTION + (type(None),), None, "torch.profiler window, torchtune's "
+                                "setup_torch_profiler keys (enabled, wait_steps, warmup_steps, active_steps, num_cycles, "
+                                "output_dir, cpu, cuda, profile_memory, with_stack, record_shapes, with_flops).")
     enable_memory_trace: bool = key((bool,), False, "Record a CUDA memory snapshot.")
     memory_trace_start_step: int = key((int,), 5, "First step of the memory trace.", low=0)
     memory_trace_end_step: int | None = key(OPTIONAL_INT, None, "Last step of the memory trace (start + 1).", low=0)
@@ -369,6 +443,6 @@ DATASET_KEYS: dict[str, Key] = {f.name: f.metadata["key"] for f in key_fields(Da
 # component are typed by the component's signature (see ``validation``)
 SECTION_KEYS: dict[str, dict[str, Key]] = {
     "dataset": DATASET_KEYS, "dataset_val": DATASET_KEYS, "tokenizer": TOKENIZER_KEYS,
-    "optimizer": OPTIMIZER_KEYS, "lr_scheduler": LR_SCHEDULER_KEYS,
+    "optimizer": OPTIMIZER_KEYS, "lr_scheduler": LR_SCHEDULER_KEYS, "profiler": PROFILER_KEYS,
 }
 

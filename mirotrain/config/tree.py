@@ -19,6 +19,7 @@ from typing import Any
 from mirotrain.config.schema import (DataConfig, DatasetConfig, FLAT_KEYS, KEYS, SECTIONS, CheckpointConfig,
                                      DPOConfig, MetricsConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig,
                                      TokenizerConfig, flat_name, key_fields)
+from mirotrain.config.compat import translate_and_report
 from mirotrain.config.loader import load_config
 from mirotrain.config.validation import raise_if_invalid
 
@@ -69,14 +70,14 @@ class TrainConfig:
         return out
 
 
-def _dataset_dict(ds: DatasetConfig) -> dict:
-    """The section as written, with any engine key that was changed on the tree."""
-    out = dict(ds.node)
-    for f in key_fields(DatasetConfig):
-        value = getattr(ds, f.name)
-        if f.name in out or value != f.metadata["key"].default:
-            out[f.name] = value
-    return out
+def _dataset_dict(ds: DatasetConfig) -> dict | list:
+    """The section as written, with any engine key that was changed on the tree (on every part of a list)."""
+    options = ds.engine_options()
+    if not ds.parts:
+        return {**ds.node, **options}
+    written = DatasetConfig.from_node(list(ds.parts)).node  # the engine keys as the parts wrote them
+    changed = {k: v for k, v in options.items() if k not in written or written[k] != v}
+    return [{**part, **changed} for part in ds.parts]
 
 
 def replace_section(cfg: TrainConfig, section: str, **changes: Any) -> TrainConfig:
@@ -86,8 +87,9 @@ def replace_section(cfg: TrainConfig, section: str, **changes: Any) -> TrainConf
 
 def parse_config(raw: dict, *, world_size: int = 1, check_files: bool = True, scope: Collection[str] | None = None,
                  source: str | None = None) -> TrainConfig:
-    """Check ``raw`` (every problem at once, as :class:`~mirotrain.config.validation.InvalidConfig` naming
-    ``source``), then build its tree. ``scope`` limits the checks to the top-level keys a command reads."""
+    """Translate MiroTrain keys that work differently (:mod:`mirotrain.config.compat`), check ``raw`` (every
+    problem at once, as :class:`~mirotrain.config.validation.InvalidConfig` naming ``source``), then build its tree. ``scope`` limits the checks to the top-level keys a command reads."""
+    raw = translate_and_report(raw, source)
     raise_if_invalid(raw, world_size=world_size, check_files=check_files, scope=scope, source=source)
     return TrainConfig.from_dict(raw)
 

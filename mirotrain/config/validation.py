@@ -17,7 +17,7 @@ from collections.abc import Collection
 from typing import Any, Callable
 
 from mirotrain.config.loader import ConfigError
-from mirotrain.config.registry import resolve_component
+from mirotrain.config.registry import DEFAULT_COMPONENTS, resolve_component
 from mirotrain.config.schema import (KEYS, LOCAL_FORMATS, SECTION_KEYS, DatasetConfig, Key, ModelConfig,
                                      ParallelConfig, flat_name, key_fields)
 
@@ -123,18 +123,22 @@ def _check_keys(section: str, node: dict, keys: dict[str, Key]) -> list[ConfigEr
     return errors
 
 
-def _check_component(section: str, node: dict) -> list[ConfigError]:
+def _check_component(section: str, node: dict, where: str | None = None) -> list[ConfigError]:
+    """The keys of one component node of ``section``; errors name ``where`` (``dataset.1`` for a list's part)."""
+    where = where or section
+    if "_component_" not in node and section in DEFAULT_COMPONENTS:
+        node = {"_component_": DEFAULT_COMPONENTS[section], **node}
     if "_component_" not in node:
         if section in DATA_SECTIONS and "shard_dir" in node:  # read existing shards: nothing to build
-            return _check_keys(section, node, SECTION_KEYS[section])
-        return [ConfigError(f"{section}._component_", "missing: this section must name a _component_"
+            return _check_keys(where, node, SECTION_KEYS[section])
+        return [ConfigError(f"{where}._component_", "missing: this section must name a _component_"
                             + (" (or shard_dir: an existing shard directory)" if section in DATA_SECTIONS else ""))]
     try:
         target = resolve_component(node["_component_"])
     except ValueError as exc:
-        return [ConfigError(f"{section}._component_", str(exc))]
+        return [ConfigError(f"{where}._component_", str(exc))]
     except ImportError as exc:
-        return [ConfigError(f"{section}._component_", f"cannot import {node['_component_']}: {exc}")]
+        return [ConfigError(f"{where}._component_", f"cannot import {node['_component_']}: {exc}")]
     try:
         params, hints = _signature(target)
     except (TypeError, ValueError):
@@ -151,7 +155,7 @@ def _check_component(section: str, node: dict) -> list[ConfigError]:
     allowed = set(params) | set(own) | INJECTED_KEYS.get(section, set()) | extra
     errors = []
     for name, value in node.items():
-        key = f"{section}.{name}"
+        key = f"{where}.{name}"
         if name == "_component_":
             continue
         if name in own:
@@ -177,10 +181,34 @@ def _check_paths(cfg: dict, scope: Collection[str]) -> list[ConfigError]:
         if isinstance(value, str) and _is_local(value) and not os.path.exists(value.removeprefix("file://")):
             errors.append(ConfigError(dotted, f"path does not exist: {value}"))
     for section in DATA_SECTIONS:
-        files = (cfg.get(section) or {}).get("data_files") if section in scope else None
-        for f in [files] if isinstance(files, str) else (files or []) if isinstance(files, list) else []:
-            if isinstance(f, str) and _is_local(f) and not any(c in f for c in "*?[") and not os.path.exists(f.removeprefix("file://")):
-                errors.append(ConfigError(f"{section}.data_files", f"file does not exist: {f}"))
+        for where, node in _builders(section, cfg.get(section)) if section in scope else ():
+            files = node.get("data_files")
+            for f in [files] if isinstance(files, str) else (files or []) if isinstance(files, list) else []:
+                if isinstance(f, str) and _is_local(f) and not any(c in f for c in "*?[") and not os.path.exists(f.removeprefix("file://")):
+                    errors.append(ConfigError(f"{where}.data_files", f"file does not exist: {f}"))
+    return errors
+
+
+def _builders(section: str, value: Any) -> list[tuple[str, dict]]:
+    """The builder nodes of a dataset section with the key path naming each (``dataset``, or ``dataset.1`` for
+    the parts of a list); nodes that are not mappings are left to the type check."""
+    if isinstance(value, dict):
+        return [(section, value)]
+    if isinstance(value, list):
+        return [(f"{section}.{i}", part) for i, part in enumerate(value) if isinstance(part, dict)]
+    return []
+
+
+def _check_dataset_list(section: str, parts: list) -> list[ConfigError]:
+    """A dataset list: each part is a builder node, checked as a dataset section."""
+    if not parts:
+        return [ConfigError(section, "an empty list names no dataset")]
+    errors = []
+    for i, part in enumerate(parts):
+        if isinstance(part, dict):
+            errors.extend(_check_component(section, part, f"{section}.{i}"))
+        else:
+            errors.append(ConfigError(f"{section}.{i}", f"expected a mapping (a dataset builder), got {part!r}"))
     return errors
 
 
@@ -212,11 +240,12 @@ def _check_sections(cfg: dict, world_size: int, scope: Collection[str] | None, b
     for name in DATA_SECTIONS:
         node = cfg.get(name)
         batch_key = "batch_size" if name == "dataset" else "batch_size_val"
-        if (scope is None or name in scope) and isinstance(node, dict) and not {name, batch_key, "tokenizer"} & bad:
-            errors.extend(DatasetConfig.from_node(node).check(
+        if (scope is None or name in scope) and isinstance(node, (dict, list)) and not {name, batch_key, "tokenizer"} & bad:
+            section = DatasetConfig.from_node(node)
+            errors.extend(section.check(
                 name, batch_size=cfg.get(batch_key), batch_key=batch_key,
-                max_seq_len=(cfg.get("tokenizer") or {}).get("max_seq_len"), source=_source(node),
-                preference=_is_preference(node)))
+                max_seq_len=(cfg.get("tokenizer") or {}).get("max_seq_len"),
+                kinds=[(_source(b), _is_preference(b)) for b in section.builders]))
     if scope is not None:
         return errors
     for section_cls, extra in ((ParallelConfig, (world_size,)), (ModelConfig, ())):
@@ -247,6 +276,8 @@ def validate_config(cfg: dict, world_size: int = 1, check_files: bool = True,
         errors.extend(found)
         if not found and isinstance(value, dict) and (key in SECTION_KEYS or "_component_" in value):
             errors.extend(_check_component(key, value))
+        elif not found and isinstance(value, list) and key in DATA_SECTIONS:
+            errors.extend(_check_dataset_list(key, value))
     for key in REQUIRED if scope is None else scope:
         if key not in cfg:
             errors.append(ConfigError(key, "missing: where should checkpoints and outputs go?" if key == "output_dir"

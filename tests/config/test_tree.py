@@ -103,8 +103,8 @@ def test_section_rules_run_only_on_well_typed_sections():
 
 def test_dataset_section_check_names_its_section():
     ds = DatasetConfig.from_node({"_component_": "x", "packed": True, "streaming_pack": True, "packed_seq_len": 512})
-    errors = ds.check("dataset_val", batch_size=2, batch_key="batch_size_val", max_seq_len=1024, source="json",
-                      preference=False)
+    errors = ds.check("dataset_val", batch_size=2, batch_key="batch_size_val", max_seq_len=1024,
+                      kinds=[("json", False)])
     by_key = {e.key: str(e) for e in errors}
     assert set(by_key) == {"dataset_val.streaming_pack", "dataset_val.data_files", "batch_size_val",
                            "dataset_val.packed_seq_len"}
