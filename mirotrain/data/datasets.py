@@ -107,8 +107,17 @@ class _BaseDataset:
 
     def records(self) -> list[tuple[Any, str]]:
         if self._records is None:
-            self._records = list(iter_records(self.source))
+            self._records = list(self.iter_records())
         return self._records
+
+    def origin(self) -> str:
+        """Where the samples come from, for messages: the data files, else the source."""
+        return str(self.source.data_files or self.source.source)
+
+    def describe(self) -> dict:
+        """The inputs and options of the rows, for the shard manifest."""
+        return {"source": self.source.source, "data_files": self.source.data_files, "split": self.source.split,
+                **self._hash_fields, "pack_seed": self.options.pack_seed}
 
     def encode(self, record: Any, where: str) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -183,6 +192,39 @@ class PreferenceDataset(_BaseDataset):
         r = self.encode_doc(pair["prompt"], pair["rejected"], pair["tools"])
         self.truncation.check_pair(len(c), len(r), self.options.packed_seq_len)
         return EncodedPair(c, r)
+
+
+class ConcatDataset(_BaseDataset):
+    """A dataset list (MiroTrain's ConcatDataset): every part's records, in list order, each encoded by its own
+    part, so the rows are packed from all of them together. The parts share the tokenizer and the engine options
+    (``DatasetConfig.engine_options``); the fingerprint covers every part."""
+
+    def __init__(self, parts: list[_BaseDataset]):
+        kinds = sorted({p.kind for p in parts})
+        if len(kinds) != 1:
+            raise ValueError(f"a dataset list concatenates datasets of one kind, got {', '.join(kinds)}")
+        first = parts[0]
+        super().__init__(first.tokenizer, first.source, first.options, {"parts": [p._hash_fields for p in parts]})
+        self.kind = first.kind
+        self.parts = parts
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([self.kind] + [p.fingerprint() for p in self.parts]).encode()).hexdigest()
+
+    def iter_records(self):
+        for i, part in enumerate(self.parts):
+            for record, where in part.iter_records():
+                yield (i, record), where
+
+    def encode_or_report(self, record: Any, where: str) -> tuple[str, Any]:
+        part, raw = record
+        return self.parts[part].encode_or_report(raw, where)
+
+    def origin(self) -> str:
+        return " + ".join(p.origin() for p in self.parts)
+
+    def describe(self) -> dict:
+        return {"parts": [p.describe() for p in self.parts], "pack_seed": self.options.pack_seed}
 
 
 # -- builders -----------------------------------------------------------------------------------------
@@ -295,5 +337,5 @@ def preference_dataset(
     return PreferenceDataset(tokenizer, spec, options, columns, new_system_prompt, fields)
 
 
-__all__ = ["Encoded", "EncodedPair", "PreferenceDataset", "SFTDataset", "alpaca_cleaned_dataset",
+__all__ = ["ConcatDataset", "Encoded", "EncodedPair", "PreferenceDataset", "SFTDataset", "alpaca_cleaned_dataset",
            "alpaca_dataset", "chat_dataset", "odr_chat_dataset", "preference_dataset", "shift_labels"]

@@ -190,7 +190,7 @@ def build_train_loader(cfg: TrainConfig, section: str = "dataset", *, dp_rank: i
             tokenizer = instantiate(cfg.tokenizer.component)
         ds = build_dataset(cfg, section, tokenizer)
         pad_id = int(tokenizer.pad_id)
-        if isinstance(ds, PreferenceDataset):
+        if ds.kind == PreferenceDataset.kind:
             mode = "dpo"
         elif sec.streaming_pack:
             from mirotrain.data.streaming import StreamingPacker

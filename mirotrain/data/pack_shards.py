@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from mirotrain.data.datasets import IGNORE_INDEX, PreferenceDataset, SFTDataset, _BaseDataset
+from mirotrain.config.registry import instantiate
+from mirotrain.data.datasets import IGNORE_INDEX, ConcatDataset, PreferenceDataset, _BaseDataset
 from mirotrain.data.errors import DataError, SkipLog
 from mirotrain.data.packing import SFT_COLUMNS, plan_packs, sft_row
 from mirotrain.data.preference import DPO_COLUMNS, build_dpo_row
@@ -141,10 +142,11 @@ def pack(ds: _BaseDataset, output_root: str, *, num_workers: int | None = None, 
     indices, encoded, log = encode_all(ds, num_workers=num_workers, progress=progress)
     t_tok = time.time() - t0
     if not encoded:
-        raise DataError(f"{ds.source.data_files or ds.source.source}", "no usable samples "
+        raise DataError(ds.origin(), "no usable samples "
                         f"(skipped {log.skipped}, dropped {log.dropped}, filtered {log.filtered})")
     lengths = np.asarray([len(e) for e in encoded], dtype=np.int64)
-    if isinstance(ds, PreferenceDataset):
+    pairs = ds.kind == PreferenceDataset.kind
+    if pairs:
         columns = dict(DPO_COLUMNS)
         plan = plan_packs(lengths, int(L), seed=ds.options.pack_seed)
         rows = (build_dpo_row([(indices[k], encoded[k]) for k in p]) for p in plan)
@@ -158,12 +160,12 @@ def pack(ds: _BaseDataset, output_root: str, *, num_workers: int | None = None, 
         rows = (sft_row([(indices[k], encoded[k]) for k in p]) for p in plan)
         trained = sum(int((e.labels != IGNORE_INDEX).sum()) for e in encoded)
     tokens = int(lengths.sum())
-    row_len = int(L) if (ds.options.packed or isinstance(ds, PreferenceDataset)) else int(lengths.max())
+    row_len = int(L) if (ds.options.packed or pairs) else int(lengths.max())
     rows_per_shard = ds.options.rows_per_shard or max(1, (1 << 24) // row_len)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "kind": ds.kind,
-        "layout": "packed" if (ds.options.packed or isinstance(ds, PreferenceDataset)) else "docs",
+        "layout": "packed" if (ds.options.packed or pairs) else "docs",
         "packing": PACKING_VERSION,
         "packed_seq_len": int(L) if L is not None else None,
         "max_doc_len": int(lengths.max()),
@@ -173,8 +175,7 @@ def pack(ds: _BaseDataset, output_root: str, *, num_workers: int | None = None, 
         "tokenizer_path": str(ds.tokenizer.path),
         "tokenizer_hash": ds.tokenizer.fingerprint(),
         "dataset_hash": ds.fingerprint(),
-        "config": {"source": ds.source.source, "data_files": ds.source.data_files, "split": ds.source.split,
-                   **{k: v for k, v in ds._hash_fields.items()}, "pack_seed": ds.options.pack_seed},
+        "config": ds.describe(),
         "samples": len(encoded) + log.skipped + log.dropped + log.filtered,
         "docs": len(encoded),
         **log.as_dict(),
@@ -202,8 +203,9 @@ def output_root(cfg: TrainConfig, section: str = "dataset") -> str:
 
 
 def build_dataset(cfg: TrainConfig, section: str = "dataset", tokenizer: Any = None) -> _BaseDataset:
-    """Instantiate the tokenizer (unless given) and the dataset section of a config."""
-    from mirotrain.config import ConfigError, instantiate
+    """Instantiate the tokenizer (unless given) and the dataset section of a config; a list of builders gives
+    one :class:`~mirotrain.data.datasets.ConcatDataset` (packed as one dataset, one shard directory)."""
+    from mirotrain.config import ConfigError
 
     ds_cfg = cfg.data.section(section)
     if ds_cfg is None:
@@ -212,15 +214,29 @@ def build_dataset(cfg: TrainConfig, section: str = "dataset", tokenizer: Any = N
         if cfg.tokenizer.component is None:
             raise ConfigError("tokenizer", "missing tokenizer section")
         tokenizer = instantiate(cfg.tokenizer.component)
-    node = dict(ds_cfg.node)
+    options = ds_cfg.engine_options()
+    names = [f"{section}.{i}" for i in range(len(ds_cfg.parts))] if ds_cfg.parts else [section]
+    parts = [_build_one(where, {**builder, **options}, tokenizer) for where, builder in zip(names, ds_cfg.builders)]
+    if not ds_cfg.parts:
+        return parts[0]
+    try:
+        return ConcatDataset(parts)
+    except ValueError as exc:
+        raise ConfigError(section, str(exc)) from None
+
+
+def _build_one(where: str, node: dict, tokenizer: Any) -> _BaseDataset:
+    """One builder node (``where`` names it in errors) with the section's engine keys."""
+    from mirotrain.config import ConfigError
+
     if "_component_" not in node:
-        raise ConfigError(f"{section}._component_", "missing")
+        raise ConfigError(f"{where}._component_", "missing")
     try:
         ds = instantiate(node, tokenizer=tokenizer)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(section, str(exc)) from None
+        raise ConfigError(where, str(exc)) from None
     if not isinstance(ds, _BaseDataset):
-        raise ConfigError(f"{section}._component_", f"{node['_component_']} did not build a MiroTrain dataset")
+        raise ConfigError(f"{where}._component_", f"{node['_component_']} did not build a MiroTrain dataset")
     return ds
 
 

@@ -68,7 +68,7 @@ class StreamingPacker:
         self.lengths, self.counts = length_pass(ds, self.records)
         self.valid = np.flatnonzero(self.lengths > 0)
         if self.valid.size == 0:
-            raise DataError(f"{ds.source.data_files or ds.source.source}", f"no usable samples ({self.counts})")
+            raise DataError(ds.origin(), f"no usable samples ({self.counts})")
         self._plan_epoch: int | None = None
         self._plan: list[list[int]] = []
         # BFD processes lengths longest first; the seed only permutes equal lengths, so the number of packs
