@@ -55,6 +55,7 @@ def test_verify_catches_truncation_and_index_gaps(tmp_path: Path, make_checkpoin
     assert any("'c.weight'" in p for p in verify_dir(root))
 
 
+@pytest.mark.slow  # `mirotrain download` as a child process
 def test_download_cli(tmp_path: Path, make_checkpoint) -> None:
     src = make_checkpoint(tmp_path / "src")
     out = tmp_path / "out"

@@ -15,6 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from sft_helpers import assert_ok, read_metrics, read_weights, run_sft, tiny_config, write_config, write_shards  # noqa: E402
 
+pytestmark = pytest.mark.slow  # `mirotrain sft` under torchrun, killed and restarted
+
 STEPS_PER_EPOCH, EPOCHS, EVERY, KEEP = 20, 2, 5, 2
 TOTAL = STEPS_PER_EPOCH * EPOCHS
 

@@ -36,6 +36,7 @@ def packed(tmp_path_factory, tok, hf_tok):
     return {"cfg": cfg, "dir": out_dir, "manifest": manifest, "reference": reference, "ds": ds, "tmp": tmp}
 
 
+@pytest.mark.slow  # packs 10,000 samples with a pool of 2 worker processes
 def test_rows_split_back_into_the_same_documents(packed):
     reader = ShardReader(packed["dir"])
     ref = packed["reference"]
@@ -68,6 +69,7 @@ def test_rows_split_back_into_the_same_documents(packed):
     assert m["pad_fraction"] < 0.02
 
 
+@pytest.mark.slow  # packs 10,000 samples with a pool of 2 worker processes
 def test_two_dp_readers_cover_rows_disjointly(packed):
     reader = ShardReader(packed["dir"])
     items = []
@@ -85,6 +87,7 @@ def test_two_dp_readers_cover_rows_disjointly(packed):
     assert [i for i in s if i is not None] != items[0]
 
 
+@pytest.mark.slow  # packs 10,000 samples with a pool of 2 worker processes
 def test_sampler_and_loader_resume_mid_epoch(packed, tok):
     reader = ShardReader(packed["dir"])
     s = DistributedRowSampler(len(reader), 1, 2, True, 9)
@@ -120,6 +123,7 @@ def test_sampler_and_loader_resume_mid_epoch(packed, tok):
         assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("input_ids", "labels", "position_ids", "cu_seqlens"))
 
 
+@pytest.mark.slow  # packs with a pool of 2 worker processes
 def test_pack_is_deterministic_and_cached(tmp_path, tok):
     rng = random.Random(1)
     path = write_jsonl(tmp_path / "s.jsonl", [short_conversation(rng, i) for i in range(300)])

@@ -1,5 +1,6 @@
 """Each FSDP rank reads only its own rows of the HF tensors; the gathered result equals a plain load."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -7,6 +8,8 @@ import torch.multiprocessing as mp
 from mirotrain.models import build_model, from_pretrained, load_hf_weights, save_pretrained
 from mirotrain.models.qwen3 import qwen3
 from mirotrain.models.qwen3.model import Qwen3Args
+
+pytestmark = pytest.mark.slow  # 2 processes (mp.spawn, gloo)
 
 
 def _worker(rank: int, world: int, rendezvous: str, ckpt: str, out: str):

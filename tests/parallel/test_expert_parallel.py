@@ -197,10 +197,12 @@ def _spawn(fn, nprocs: int, *args) -> None:
         raise crashed
 
 
+@pytest.mark.slow  # processes started with mp.start_processes (gloo)
 def test_ep2_equals_ep1_gloo():
     _spawn(_worker, WORLD)
 
 
+@pytest.mark.slow  # 4 processes (mp.start_processes, gloo)
 def test_ep_fsdp_sharded_hf_load_4_ranks(tmp_path):
     from mirotrain.models import save_pretrained
 

@@ -214,10 +214,12 @@ CASES_4 = [
 ]
 
 
+@pytest.mark.slow  # 2 processes (mp.spawn, gloo)
 def test_sp2_matches_single_process():
     spawn(2, CASES_2)
 
 
+@pytest.mark.slow  # 4 processes (mp.spawn, gloo)
 def test_sp4_and_dp2_sp2_match_single_process():
     spawn(4, CASES_4)
 

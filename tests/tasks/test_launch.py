@@ -67,6 +67,7 @@ for i in range(1, 1000):
 """
 
 
+@pytest.mark.slow  # child processes
 def test_run_streaming_streams_and_maps_exit_code() -> None:
     seen: list[str] = []
     assert run_streaming([sys.executable, "-c", "print('a'); print('b')"], log=seen.append) == 0
@@ -76,6 +77,7 @@ def test_run_streaming_streams_and_maps_exit_code() -> None:
     assert err.value.returncode == 3 and "boom" in str(err.value)
 
 
+@pytest.mark.slow  # a tree of child processes
 @pytest.mark.parametrize("how", ["timeout", "exception", "ignore_term"])
 def test_run_streaming_kills_whole_tree(how: str) -> None:
     """A timeout or an exception in the waiting thread (what Prefect's cancellation raises) kills the tree."""

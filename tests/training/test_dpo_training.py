@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from mirotrain.config import load_config
@@ -14,6 +15,10 @@ from mirotrain.training.distributed import destroy_distributed
 from mirotrain.training.dpo import run_dpo
 from mirotrain.training.reference import forward_pair_logprobs
 from dpo_helpers import TINY_DPO, tiny_overrides
+
+# The DPO recipe end to end in this process (pack, reference pass, training, checkpoints, HF export): the
+# integration scale of the slow tier.
+pytestmark = pytest.mark.slow
 
 
 def _run(overrides: list[str], **kw) -> dict:

@@ -5,8 +5,11 @@ batches sees exactly the rows 2 ranks see in one micro-batch each."""
 import json
 
 import numpy as np
+import pytest
 
 from sft_helpers import assert_ok, read_metrics, read_weights, run_sft, tiny_config, write_config, write_shards
+
+pytestmark = pytest.mark.slow  # `mirotrain sft` under torchrun
 
 
 def test_two_ranks_equal_one_rank(tmp_path):

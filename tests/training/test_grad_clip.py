@@ -4,10 +4,12 @@ on 2 ranks: FSDP-sharded DTensor grads (uneven shards), a DTensor on a second me
 
 import math
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.slow  # 2 processes (mp.spawn, gloo)
 
 
 def _worker(rank: int, world: int, store_file: str) -> None:

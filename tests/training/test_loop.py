@@ -76,6 +76,7 @@ def test_packed_row_loss_is_the_mean_over_its_documents_trained_tokens(tmp_path)
     trainer.close()
 
 
+@pytest.mark.slow  # inductor compiles in a pool of worker processes
 def test_compiled_layers_and_loss_match_eager(tmp_path):
     """compile: True (decoder layers + loss kernel, with activation checkpointing) trains like eager."""
     shards = write_shards(tmp_path / "packed", n_rows=3, seq_len=48, seed=4)

@@ -2,8 +2,11 @@
 unit dividing by the full DP size) trains exactly like EP=1 on the same 2 ranks; router aux loss logged."""
 
 import numpy as np
+import pytest
 
 from sft_helpers import assert_ok, read_metrics, read_weights, run_sft, tiny_config, write_config, write_shards
+
+pytestmark = pytest.mark.slow  # `mirotrain sft` under torchrun
 
 MOE = {"_component_": "mirotrain.models.qwen3_moe.qwen3_moe", "vocab_size": 256, "dim": 32, "n_layers": 2,
        "n_heads": 4, "n_kv_heads": 2, "head_dim": 8, "hidden_dim": 64, "num_experts": 4, "num_experts_per_tok": 2,

@@ -4,7 +4,11 @@ per epoch); also checks the run's outputs (metrics.jsonl, summary.json, HF expor
 
 import json
 
+import pytest
+
 from sft_helpers import REPO, assert_ok, run_sft
+
+pytestmark = pytest.mark.slow  # `mirotrain sft` as a child process
 
 
 def test_tiny_model_overfits_a_small_trace_set(tmp_path):
