@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,6 +30,7 @@ from mirotrain.data.render import MASKING_STRATEGIES, ChatRenderer
 from mirotrain.data.truncation import SampleTooLong, Truncation
 
 IGNORE_INDEX = -100
+CLEANED_ALPACA = "yahma/alpaca-cleaned"
 
 
 @dataclass
@@ -304,9 +306,17 @@ def alpaca_dataset(
     return SFTDataset(tokenizer, spec, options, convert, strategy, filter_fn, fields)
 
 
-def alpaca_cleaned_dataset(tokenizer: Any, *, source: str = "yahma/alpaca-cleaned", **kwargs: Any) -> SFTDataset:
-    """torchtune ``alpaca_cleaned_dataset``."""
-    return alpaca_dataset(tokenizer, source=source, **kwargs)
+def alpaca_cleaned_dataset(tokenizer: Any, **kwargs: Any) -> SFTDataset:
+    """torchtune ``alpaca_cleaned_dataset``: :func:`alpaca_dataset`, reading yahma/alpaca-cleaned by default."""
+    return alpaca_dataset(tokenizer, **{"source": CLEANED_ALPACA, **kwargs})
+
+
+# The config checks read a builder's signature for its keys (local data_files, train_on_input, ...): this one
+# takes alpaca_dataset's arguments, with its own default source.
+alpaca_cleaned_dataset.__signature__ = inspect.signature(alpaca_dataset).replace(parameters=[  # type: ignore[attr-defined]
+    p.replace(default=CLEANED_ALPACA) if p.name == "source" else p
+    for p in inspect.signature(alpaca_dataset).parameters.values()])
+alpaca_cleaned_dataset.__annotations__ = dict(alpaca_dataset.__annotations__)
 
 
 def preference_dataset(

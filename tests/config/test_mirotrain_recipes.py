@@ -157,3 +157,10 @@ def test_unsupported_settings_are_still_refused_by_name():
     errors = {e.key: e.detail for e in validate_config(load_config(SFT, ["tensor_parallel_dim=2"]), world_size=8,
                                                        check_files=False)}
     assert list(errors) == ["tensor_parallel_dim"] and "not supported" in errors["tensor_parallel_dim"]
+
+
+def test_local_files_replace_a_hub_dataset_by_overrides():
+    """alpaca_cleaned_dataset names alpaca_dataset's arguments, so local data_files are a known key."""
+    raw = load_config(RECIPES / "qwen3" / "8B_full_sft.yaml", ["dataset.source=json", "dataset.data_files=/d/a.jsonl",
+                                                             "dataset.train_on_input=False"])
+    assert validate_config(raw, world_size=8, check_files=False) == []
