@@ -46,7 +46,7 @@ def run_recipe(args: argparse.Namespace, run: Callable[[TrainConfig], Any]) -> i
     from mirotrain.training.distributed import destroy_distributed
 
     try:
-        run(cfg.to_dict())
+        run(cfg)
     finally:
         destroy_distributed()
     return 0

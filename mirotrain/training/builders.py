@@ -1,41 +1,112 @@
-"""Build the parts of a run from its config: model (meta -> parallelised -> materialised -> weights), loss,
-optimizer, LR schedule, tokenizer, data loaders. Each builder reads config values through the schema defaults
-(mirotrain.config.schema.KEYS) so a missing key means its documented default.
+"""Build one part of a run from its config section: a model (meta -> parallelised -> materialised -> weights),
+the optimizer, the LR schedule, the tokenizer, a data loader. :mod:`mirotrain.training.builder` wires them.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from mirotrain.config import instantiate
-from mirotrain.config.schema import KEYS
+from mirotrain.config.tree import TrainConfig, replace_section
+from mirotrain.training.layout import Layout
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def cfg_value(cfg: dict, key: str) -> Any:
-    """``cfg[key]`` or the schema default (a key the schema does not know is a programming error)."""
-    if key not in KEYS:
-        raise KeyError(f"{key!r} is not a config key of mirotrain.config.schema.KEYS")
-    value = cfg.get(key)
-    return KEYS[key].default if value is None and key not in cfg else value
-
-
 # ------------------------------------------------------------------------------------------------ model
 
 
-def build_meta_model(cfg: dict) -> nn.Module:
+@dataclass(frozen=True)
+class ModelSpec:
+    """How every model of a run is built and parallelised (the policy and the DPO reference share it)."""
+
+    component: dict
+    attention_backend: str
+    ac_mode: str
+    ac_option: int | str | None
+    compile_model: bool
+    compile_loss: bool
+    dtype_name: str
+    cpu_offload: bool
+    reshard_after_forward: bool
+    offload_activations: bool  # saved activations to host memory (CUDA only)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, device: torch.device) -> "ModelSpec":
+        from mirotrain.parallel.activation_checkpoint import resolve_ac
+
+        m = cfg.model
+        ac_mode, ac_option = resolve_ac(m.enable_activation_checkpointing, m.ac_mode, m.ac_option)
+        compile_model, compile_loss = _compile_flags(m.compile, device)
+        return cls(component=dict(m.component), attention_backend=m.attention_backend, ac_mode=ac_mode,
+                   ac_option=ac_option, compile_model=compile_model, compile_loss=compile_loss,
+                   dtype_name=cfg.run.dtype, cpu_offload=cfg.parallel.fsdp_cpu_offload,
+                   reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
+                   offload_activations=m.enable_activation_offloading and device.type == "cuda")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    def init_device(self, device: torch.device) -> torch.device:
+        """Where the parameters live (and a random init draws them)."""
+        return torch.device("cpu") if self.cpu_offload else device
+
+
+def _compile_flags(value: bool | dict | None, device: torch.device) -> tuple[bool, bool]:
+    """(compile the decoder layers, compile the loss kernel); default: both on CUDA."""
+    if value is None:
+        value = device.type == "cuda"
+    if isinstance(value, dict):
+        unknown = set(value) - {"model", "loss", "optimizer_step", "scale_grads"}
+        if unknown:
+            raise ValueError(f"compile: unknown keys {sorted(unknown)} (model, loss, optimizer_step, scale_grads)")
+        return bool(value.get("model", False)), bool(value.get("loss", False))
+    return bool(value), bool(value)
+
+
+def build_meta_model(component: dict, attention_backend: str) -> nn.Module:
     """The model on the meta device (no memory), with the configured attention backend."""
-    node = dict(cfg["model"])
-    node.setdefault("attention_backend", cfg_value(cfg, "attention_backend"))
+    node = dict(component)
+    node.setdefault("attention_backend", attention_backend)
     with torch.device("meta"):
         model = instantiate(node)
+    return model
+
+
+def build_model(spec: ModelSpec, layout: Layout, checkpointer: Any, seed: int) -> nn.Module:
+    """A sharded model on ``layout``: weights from ``checkpointer`` (an HF checkpointer), or a random init from
+    ``seed`` when there is none."""
+    from mirotrain.models.families import family_of
+    from mirotrain.parallel.options import ParallelizeOptions
+
+    model = build_meta_model(spec.component, spec.attention_backend)
+    hf_config = checkpointer.hf_config() if checkpointer is not None else None
+    check_against_checkpoint(model, hf_config)
+    args = model.args
+    layout.meshes.dims.validate_model(args.n_heads, args.n_kv_heads, args.attention_backend, layout.device.type)
+    family_of(args).parallelize(model, layout.meshes, ParallelizeOptions(
+        device_type=layout.device.type, ac_mode=spec.ac_mode, ac_option=spec.ac_option, compile=spec.compile_model,
+        param_dtype=spec.dtype, cpu_offload=spec.cpu_offload, reshard_after_forward=spec.reshard_after_forward))
+    materialize(model, layout.device, spec.cpu_offload)
+    if hf_config is not None:
+        checkpointer.load_into(model)
+        log.info("Loaded base weights from %s", checkpointer.checkpoint_dir)
+    else:
+        init_random(model, seed)
+        log.info("checkpointer.checkpoint_dir is not set: random initialisation (seed %d)", seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("Model: %.3fB parameters, %d layers; AC=%s%s, compile=%s, dtype=%s, world=%d (dp=%d, sp=%d, ep=%d)",
+             n_params / 1e9, args.n_layers, spec.ac_mode, f"({spec.ac_option})" if spec.ac_option else "",
+             spec.compile_model, spec.dtype_name, layout.world_size, layout.dp_size, layout.sp_size,
+             layout.meshes.dims.ep)
     return model
 
 
@@ -86,22 +157,13 @@ def init_random(model: nn.Module, seed: int) -> None:
         model.init_weights(seed=seed, device=device)
 
 
-# ----------------------------------------------------------------------------------------- loss, optim
+# ------------------------------------------------------------------------------------------------ optim
 
 
-def build_loss(cfg: dict) -> nn.Module:
-    node = cfg_value(cfg, "loss")
-    if node is None:
-        from mirotrain.modules.loss import LinearCrossEntropyLoss
-
-        return LinearCrossEntropyLoss()
-    return instantiate(node)
-
-
-def build_optimizer(cfg: dict, model: nn.Module, device: torch.device, cpu_offload: bool) -> torch.optim.Optimizer:
+def build_optimizer(node: dict, model: nn.Module) -> torch.optim.Optimizer:
     """The configured optimizer over all parameters; Adam(W) is fused by default (torch has fused CPU and
     CUDA kernels; CPU-resident parameters under fsdp_cpu_offload use the CPU kernel)."""
-    node = dict(cfg["optimizer"])
+    node = dict(node)
     node.pop("params", None)
     name = node.get("_component_", "")
     if (name.endswith("AdamW") or name.endswith("Adam")) and node.get("fused") is None and not node.get("foreach"):
@@ -109,9 +171,8 @@ def build_optimizer(cfg: dict, model: nn.Module, device: torch.device, cpu_offlo
     return instantiate(node, params=[p for p in model.parameters() if p.requires_grad])
 
 
-def build_lr_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+def build_lr_scheduler(node: dict | None, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
     """The configured schedule with ``num_training_steps`` injected; constant LR when none is configured."""
-    node = cfg_value(cfg, "lr_scheduler")
     if node is None:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     node = {k: v for k, v in node.items() if k not in ("optimizer", "num_training_steps", "last_epoch")}
@@ -121,30 +182,28 @@ def build_lr_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, total_steps:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def build_tokenizer(cfg: dict) -> Any:
-    node = cfg.get("tokenizer")
-    if node is None:
-        return None
-    return instantiate(node)
+def build_tokenizer(node: dict | None) -> Any:
+    return instantiate(node) if node is not None else None
 
 
-def tokenizer_dir(cfg: dict) -> str | None:
+def tokenizer_dir(cfg: TrainConfig) -> str | None:
     """Directory of the tokenizer files to copy into HF exports: tokenizer.path, else the base checkpoint, else
     (``path: null``) the bundled Qwen3 tokenizer the tokenizer itself falls back to."""
-    path = (cfg.get("tokenizer") or {}).get("path")
-    if path:
-        return str(path)
-    base = (cfg.get("checkpointer") or {}).get("checkpoint_dir")
-    if base:
-        return str(base)
-    if cfg.get("tokenizer") is not None:
+    if cfg.tokenizer.path:
+        return str(cfg.tokenizer.path)
+    if cfg.checkpoint.checkpoint_dir:
+        return str(cfg.checkpoint.checkpoint_dir)
+    if cfg.tokenizer.component is not None:
         from mirotrain.models.qwen3.tokenizer import bundled_tokenizer_dir
 
         return str(bundled_tokenizer_dir())
     return None
 
 
-def build_loader(cfg: dict, section: str, *, dp_rank: int, dp_size: int, seed: int, tokenizer: Any) -> Any:
+def build_loader(cfg: TrainConfig, section: str, layout: Layout, *, seed: int, tokenizer: Any) -> Any:
+    """The loader of ``section`` (``dataset`` or ``dataset_val``, with its own batch size) for this rank."""
     from mirotrain.data.loader import build_train_loader
 
-    return build_train_loader(cfg, section, dp_rank=dp_rank, dp_size=dp_size, seed=seed, tokenizer=tokenizer)
+    cfg = replace_section(cfg, "data", batch_size=cfg.data.batch_size_of(section))
+    return build_train_loader(cfg, section, dp_rank=layout.dp_rank, dp_size=layout.dp_size, seed=seed,
+                              tokenizer=tokenizer)

@@ -10,9 +10,14 @@ a chosen point, including while an asynchronous checkpoint is still being writte
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
+
+from mirotrain.training.distributed import broadcast_object
+
+log = logging.getLogger("mirotrain.train")
 
 
 def fault_step() -> int | None:
@@ -36,3 +41,15 @@ def inject_fault() -> None:
     if os.getpgid(0) == os.getpid():
         os.killpg(os.getpgid(0), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FaultHook:
+    """The loop's one call: :meth:`after_step` kills the run at the armed step (every rank agrees on arming)."""
+
+    def __init__(self, rank: int):
+        self.step = fault_step() if broadcast_object(fault_armed() if rank == 0 else None) else None
+
+    def after_step(self, step: int) -> None:
+        if step == self.step:
+            log.warning("MIROTRAIN_FAULT_AFTER_STEP=%d: killing this process group (test fault injection)", step)
+            inject_fault()

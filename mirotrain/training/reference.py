@@ -1,44 +1,42 @@
-"""DPO reference log-probs: one pass over the shards, cached next to them (default), or a live frozen copy.
+"""DPO's reference stage: the reference model's log-probs of every pair, precomputed once or live.
 
-Why precompute: the reference model is frozen, so its log-prob of every chosen/rejected response is a
-constant of the data. Computing it once (a forward-only pass, ~1/3 of a training step per row) and storing
-``ref_chosen_logp`` / ``ref_rejected_logp`` as per-pair columns means training holds one model instead of
-two and spends no compute on the reference (``reference: live`` runs the frozen copy every micro-batch instead).
-
-Cache: the columns are written into a copy of the packed shard directory,
-``{shard_dir}.ref-{key}``, where ``key`` hashes the reference weights (config + safetensors headers + file
-sizes + sampled bytes), the packed data (the shard manifest's dataset/tokenizer hashes and row count), the
-compute dtype and the attention backend. A finished directory has its manifest (written last), so a crashed
-pass is simply redone and a finished one is reused by every later run — including the `--precompute-only`
-pipeline step followed by training.
+``reference: precompute`` (default): one forward-only pass over the packed shards (~1/3 of a training step per
+row) writes ``ref_chosen_logp`` / ``ref_rejected_logp`` into a cached copy of the shards
+(:mod:`mirotrain.training.reference_cache`), and training reads them as batch columns: it holds one model
+instead of two and spends no compute on the reference. The pass runs at setup when the cache is missing (or
+alone with ``mirotrain dpo --precompute-only``), before any optimizer step or restore, so with the default
+reference (the starting weights) it simply reuses the freshly loaded policy.
 
 ``reference: live`` keeps a frozen copy of the reference, sharded like the policy, and computes the same
-numbers per micro-batch (:class:`LiveReference`); the two give the same losses (tests/dpo).
+numbers per micro-batch (:class:`LiveReference`); the two give the same losses (tests/training/test_dpo_training.py).
+
+The stage is built from its own config (``reference``, ``ref_checkpointer``; :class:`ReferenceSettings`) and
+the run's model spec and layout; its reference model is a model of its own, never the trainer's.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from mirotrain.config import instantiate
+from mirotrain.config.tree import TrainConfig
 from mirotrain.data.batch import PreferenceBatch
 from mirotrain.modules.loss.logprobs import DEFAULT_CHUNK_SIZE, pair_logprobs
-from mirotrain.training.forward import forward_hidden
+from mirotrain.training.builders import ModelSpec, build_model, init_device_signature
+from mirotrain.training.distributed import broadcast_object
+from mirotrain.training.forward import BatchPlacement, HeadChunks, forward_hidden, reshard
+from mirotrain.training.layout import Layout
+from mirotrain.training.reference_cache import (REF_COLUMNS, has_reference_columns, num_pair_ids, reference_cache_key,
+                                                reference_shard_dir, write_reference_dir)
 
 log = logging.getLogger(__name__)
-
-REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
-CACHE_VERSION = 1
-_SAMPLE_BYTES = 1 << 16
-_SAMPLES_PER_FILE = 8
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -71,113 +69,62 @@ class LiveReference:
     """``reference: live``: a frozen copy of the reference model evaluated on each micro-batch.
 
     Parameters are frozen and the model is in eval mode; the forward runs under ``no_grad``, so no
-    activations are kept. The copy is sharded by the caller exactly like the policy.
+    activations are kept, and the gathered parameters are freed after it.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE):
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.chunk_size = chunk_size
+    def __init__(self, model: nn.Module, chunks: HeadChunks, sp_group: Any = None, sp_rank: int = 0):
+        self.model = freeze(model)
+        self.chunks, self.sp_group, self.sp_rank = chunks, sp_group, sp_rank
 
     @torch.no_grad()
-    def __call__(self, batch: PreferenceBatch, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out = forward_pair_logprobs(self.model, batch, chunk_size=self.chunk_size, **kwargs)
+    def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = forward_pair_logprobs(self.model, batch, chunk_size=self.chunks(batch), sp_group=self.sp_group,
+                                    sp_rank=self.sp_rank)
+        reshard(self.model)
         return out["chosen_logps"].detach(), out["rejected_logps"].detach()
 
 
-def batch_reference_logprobs(batch: PreferenceBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The precomputed ``ref_chosen_logp`` / ``ref_rejected_logp`` columns of a batch, as fp32 on ``device``."""
-    missing = [c for c in REF_COLUMNS if c not in batch.pair_columns]
-    if missing:
-        raise KeyError(f"batch has no precomputed reference columns {missing}; run the reference pass "
-                       "(`mirotrain dpo --precompute-only`) or set reference: live")
-    return tuple(batch.pair_columns[c].to(device, torch.float32, non_blocking=True) for c in REF_COLUMNS)  # type: ignore[return-value]
+class PrecomputedReference:
+    """``reference: precompute``: the ``ref_chosen_logp`` / ``ref_rejected_logp`` columns of a batch, as fp32."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = [c for c in REF_COLUMNS if c not in batch.pair_columns]
+        if missing:
+            raise KeyError(f"batch has no precomputed reference columns {missing}; run the reference pass "
+                           "(`mirotrain dpo --precompute-only`) or set reference: live")
+        chosen, rejected = (batch.pair_columns[c].to(self.device, torch.float32, non_blocking=True) for c in REF_COLUMNS)
+        return chosen, rejected
 
 
-# -------------------------------------------------------------------------------------------- cache
-def _fingerprint_file(h: "hashlib._Hash", path: Path) -> None:
-    """Size, safetensors header and a few sampled blocks: cheap, and changes whenever the weights do."""
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
-    with open(path, "rb") as f:
-        if path.suffix == ".safetensors" and size >= 8:
-            n = int.from_bytes(f.read(8), "little")
-            h.update(f.read(min(n, 1 << 26)))
-        for k in range(_SAMPLES_PER_FILE):
-            f.seek(max(0, (size - _SAMPLE_BYTES) * k // max(1, _SAMPLES_PER_FILE - 1)))
-            h.update(f.read(_SAMPLE_BYTES))
-
-
-def model_fingerprint(model_dir: str | None) -> str:
-    """Hash of an HF checkpoint directory's config and weights (``random-init`` when there is none)."""
-    if model_dir is None:
-        return "random-init"
-    from mirotrain.models.hf_io import localize
-
-    root = Path(localize(model_dir))
-    h = hashlib.sha256()
-    for name in ("config.json",):
-        if (root / name).exists():
-            h.update((root / name).read_bytes())
-    for path in sorted(root.glob("*.safetensors")):
-        _fingerprint_file(h, path)
-    return h.hexdigest()
-
-
-def reference_cache_key(model_dir: str | None, shard_manifest: Mapping[str, Any], *, dtype: str,
-                        attention_backend: str = "auto", extra: Mapping[str, Any] | None = None) -> str:
-    """Key of a reference pass: weights x packed data x numerics (dtype, attention backend)."""
-    data = {k: shard_manifest.get(k) for k in ("dataset_hash", "tokenizer_hash", "rows", "packed_seq_len",
-                                               "docs", "packing", "schema_version")}
-    payload = {"version": CACHE_VERSION, "model": model_fingerprint(model_dir), "data": data, "dtype": dtype,
-               "attention_backend": attention_backend, **(dict(extra) if extra else {})}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def reference_shard_dir(shard_dir: str, key: str) -> str:
-    return f"{shard_dir.rstrip('/')}.ref-{key}"
-
-
-def has_reference_columns(shard_dir: str) -> bool:
-    from mirotrain.data.shards import manifest_exists, read_manifest
-
-    if not manifest_exists(shard_dir):
-        return False
-    return set(REF_COLUMNS) <= set(read_manifest(shard_dir).get("extra_pair_columns", []))
-
-
-def num_pair_ids(reader: Any) -> int:
-    """``max pair id + 1`` over every row (size of the per-pair column arrays)."""
-    top = -1
-    for i in range(len(reader)):
-        ids = reader.row(i)["pair_ids"]
-        if len(ids):
-            top = max(top, int(np.max(ids)))
-    return top + 1
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 # --------------------------------------------------------------------------------------------- pass
 @torch.no_grad()
-def compute_reference_columns(model: nn.Module, batches: Iterable[PreferenceBatch],
-                              num_pairs: int, device: torch.device, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                              sp_group: Any = None, sp_rank: int = 0, dp_group: Any = None,
-                              sp_size: int = 1, progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+def compute_reference_columns(model: nn.Module, batches: Iterable[PreferenceBatch], num_pairs: int,
+                              device: torch.device, chunks: HeadChunks, *, sp_group: Any = None, sp_rank: int = 0,
+                              sp_size: int = 1) -> dict[str, torch.Tensor]:
     """Reference log-probs of every pair, indexed by pair id, identical on every rank.
 
-    ``batches`` yields this rank's prepared rows (every rank the same number of batches, as FSDP needs). Each pair is seen by exactly one data-parallel group; the values are summed
-    over all ranks and divided by the SP degree (the ranks of an SP group hold the same full sums).
+    ``batches`` yields this rank's prepared rows (every rank the same number of batches, as FSDP needs). Each
+    pair is seen by exactly one data-parallel group; the values are summed over all ranks and divided by the
+    SP degree (the ranks of an SP group hold the same full sums).
     """
     model.eval()
     chosen = torch.zeros(num_pairs, dtype=torch.float64, device=device)
     rejected = torch.zeros(num_pairs, dtype=torch.float64, device=device)
-    for n, batch in enumerate(batches):
-        out = forward_pair_logprobs(model, batch, chunk_size=chunk_size, sp_group=sp_group, sp_rank=sp_rank)
+    for batch in batches:
+        out = forward_pair_logprobs(model, batch, chunk_size=chunks(batch), sp_group=sp_group, sp_rank=sp_rank)
         ids = batch.pair_ids.to(device, torch.long)
         chosen.index_add_(0, ids, out["chosen_logps"].double())
         rejected.index_add_(0, ids, out["rejected_logps"].double())
-        if progress is not None:
-            progress(n + 1)
     if dist.is_initialized() and dist.get_world_size() > 1:
         for t in (chosen, rejected):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -186,12 +133,111 @@ def compute_reference_columns(model: nn.Module, batches: Iterable[PreferenceBatc
     return {"ref_chosen_logp": chosen.cpu(), "ref_rejected_logp": rejected.cpu()}
 
 
-def write_reference_dir(shard_dir: str, out_dir: str, columns: Mapping[str, torch.Tensor],
-                        info: Mapping[str, Any] | None = None) -> str:
-    """Write ``out_dir`` = ``shard_dir`` + the reference columns (manifest last = complete)."""
-    from mirotrain.data.preference import add_pair_columns
+# -------------------------------------------------------------------------------------------- stage
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """The reference's own config: ``reference`` (precompute | live) and its weights, ``ref_checkpointer``
+    (default: the policy's ``checkpointer``, i.e. the starting weights)."""
 
-    add_pair_columns(shard_dir, out_dir, dict(columns))
-    if info:
-        log.info("reference log-probs written to %s (%s)", out_dir, dict(info))
-    return out_dir
+    mode: str
+    checkpointer: dict | None  # the checkpointer node that loads the reference weights
+    checkpoint_dir: str | None
+    same_as_policy: bool  # the reference is the policy's starting weights
+    chunks: HeadChunks
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "ReferenceSettings":
+        own_dir = (cfg.dpo.ref_checkpointer or {}).get("checkpoint_dir")
+        checkpoint_dir = str(own_dir) if own_dir else cfg.checkpoint.checkpoint_dir
+        node = cfg.dpo.ref_checkpointer or cfg.checkpoint.checkpointer
+        return cls(mode=cfg.dpo.reference, checkpointer={**node, "checkpoint_dir": checkpoint_dir} if node else None,
+                   checkpoint_dir=checkpoint_dir, same_as_policy=checkpoint_dir == cfg.checkpoint.checkpoint_dir,
+                   chunks=HeadChunks(cfg.model, DEFAULT_CHUNK_SIZE))
+
+
+class ReferenceStage:
+    """The reference log-probs of a DPO run (see the module docstring): :meth:`attach` gives a loader whose rows
+    carry the precomputed columns, :meth:`logprobs` what the objective calls per micro-batch.
+
+    ``seconds`` is the time spent in reference passes; ``dirs`` the cache directory of each data section."""
+
+    def __init__(self, settings: ReferenceSettings, model_spec: ModelSpec, layout: Layout, place: BatchPlacement,
+                 seed: int):
+        self.settings, self.model_spec, self.layout, self.place, self.seed = settings, model_spec, layout, place, seed
+        self.seconds = 0.0
+        self.dirs: dict[str, str] = {}
+
+    @property
+    def live(self) -> bool:
+        return self.settings.mode == "live"
+
+    def build_model(self) -> nn.Module:
+        """The reference model from its own checkpointer, sharded exactly like the policy, frozen."""
+        node = self.settings.checkpointer
+        return freeze(build_model(self.model_spec, self.layout, instantiate(node) if node else None, self.seed))
+
+    def logprobs(self) -> Callable[[PreferenceBatch], tuple[torch.Tensor, torch.Tensor]]:
+        if self.live:
+            return LiveReference(self.build_model(), self.settings.chunks, self.layout.sp_group, self.layout.sp_rank)
+        return PrecomputedReference(self.layout.device)
+
+    def attach(self, loader: Any, section: str, policy: nn.Module, rebuild: Callable[[str, str], Any]) -> Any:
+        """``loader`` if it already carries the reference columns (or the reference is live), else
+        ``rebuild(section, cache_dir)`` once the pass has filled the cache. ``policy`` still holds its starting
+        weights (setup runs before any step or restore) and is reused when the reference is those weights."""
+        if self.live or has_reference_columns(loader.shard_dir):
+            return loader
+        self.dirs[section] = self._ensure_cache(loader, policy)
+        return rebuild(section, self.dirs[section])
+
+    def _cache_key(self, manifest: dict) -> str:
+        spec, model_dir = self.model_spec, self.settings.checkpoint_dir
+        # random init: the weights depend on the seed and on the generator's device (CUDA draws differ from
+        # CPU draws, and between GPU models with different SM counts)
+        init_device = spec.init_device(self.layout.device)
+        extra = {"seed": self.seed, "init_device": init_device_signature(init_device)} if model_dir is None else {}
+        extra["model"] = dict(spec.component)
+        return reference_cache_key(model_dir, manifest, dtype=spec.dtype_name, attention_backend=spec.attention_backend,
+                                   extra=extra)
+
+    def _ensure_cache(self, loader: Any, policy: nn.Module) -> str:
+        """``{shard_dir}.ref-{key}``: reused when complete, else computed now (all ranks) and written by rank 0."""
+        from mirotrain.data.shards import manifest_exists
+
+        key = self._cache_key(loader.manifest)
+        out_dir = reference_shard_dir(loader.shard_dir, key)
+        # one decision for all ranks: the pass below is collective
+        if broadcast_object(manifest_exists(out_dir) if self.layout.is_main else None):
+            log.info("Reference log-probs: cache hit %s", out_dir)
+            return out_dir
+        reuse_policy = self.settings.same_as_policy
+        model = policy if reuse_policy else self.build_model()
+        log.info("Reference log-probs: computing %s over %d rows with %s", out_dir, len(loader.reader),
+                 "the starting policy weights" if reuse_policy else "a separate reference model")
+        was_training = model.training
+        start = time.perf_counter()
+        layout = self.layout
+        columns = compute_reference_columns(model, self._batches(loader), num_pair_ids(loader.reader), layout.device,
+                                            self.settings.chunks, sp_group=layout.sp_group, sp_rank=layout.sp_rank,
+                                            sp_size=layout.sp_size)
+        reshard(model)
+        model.train(was_training)
+        del model
+        if layout.is_main:
+            write_reference_dir(loader.shard_dir, out_dir, columns, {"key": key})
+        dist.barrier()
+        self.seconds += time.perf_counter() - start
+        log.info("Reference log-probs: pass over %d rows took %.1f s", len(loader.reader), self.seconds)
+        return out_dir
+
+    def _batches(self, loader: Any) -> Iterator[PreferenceBatch]:
+        """This rank's rows of the whole shard directory in order (padding rows where ranks run out)."""
+        from mirotrain.data.collate import padded_collate_dpo, padding_dpo_row
+        from mirotrain.data.samplers import DistributedRowSampler
+
+        sampler = DistributedRowSampler(len(loader.reader), dp_rank=self.layout.dp_rank, dp_size=self.layout.dp_size,
+                                        shuffle=False)
+        for item in sampler:
+            row = padding_dpo_row(loader.pad_id) if item is None else dict(loader.reader.row(item))
+            yield self.place(padded_collate_dpo([row], pad_id=loader.pad_id, packed_seq_len=loader.packed_seq_len,
+                                                extra_columns=[]))

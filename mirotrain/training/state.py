@@ -45,6 +45,19 @@ class TrainState:
     last_metrics: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def advance(self) -> None:
+        """One optimizer step done."""
+        self.step += 1
+        self.step_in_epoch += 1
+
+    def record(self, metrics: dict[str, float], trained_tokens: int, total_tokens: int) -> None:
+        """A logged window: its metrics and the tokens (all ranks) it trained on and computed."""
+        self.trained_tokens += trained_tokens
+        self.total_tokens += total_tokens
+        self.last_metrics = metrics
+        if self.first_loss is None:
+            self.first_loss = metrics["loss"]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

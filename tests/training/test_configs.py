@@ -9,6 +9,7 @@ import pytest
 from sft_helpers import REPO, tiny_config, write_shards
 
 from mirotrain.config import ConfigError, load_config
+from mirotrain.config.tree import TrainConfig
 from mirotrain.config.validation import validate_config
 from mirotrain.training.builders import build_meta_model
 from mirotrain.training.distributed import destroy_distributed
@@ -20,7 +21,8 @@ SFT_CONFIGS = sorted(p for p in (REPO / "mirotrain" / "configs").rglob("*.yaml")
 def test_shipped_sft_config_validates_and_builds(path: Path):
     cfg = load_config(path)
     assert validate_config(cfg, world_size=8, check_files=False) == []
-    model = build_meta_model(cfg)
+    tree = TrainConfig.from_dict(cfg)
+    model = build_meta_model(tree.model.component, tree.model.attention_backend)
     assert model.args.n_layers >= 2
     if "yarn" in path.name:
         assert model.args.rope_scaling["rope_type"] == "yarn" and model.args.max_seq_len == 163840

@@ -71,7 +71,7 @@ def run_dpo(config: Path, nproc: int = 2, env: dict | None = None, timeout: floa
 def _config(tmp: Path, shards: str, name: str) -> Path:
     cfg = tiny_config(tmp / name, shards, epochs=EPOCHS, auto_resume=True, checkpoint_steps_for_auto_resume=EVERY,
                       keep_last_n_checkpoints=2, max_steps_per_epoch=STEPS_PER_EPOCH,
-                      unembed_chunk_size=16, reference="precompute")
+                      loss_chunk_tokens=16, reference="precompute")
     cfg["loss"] = {"_component_": "mirotrain.modules.loss.DPOLoss", "beta": 0.1,
                    "loss_config": {"sigmoid": 1.0, "bco_pair": 0.5, "sft": 0.1}}
     return write_config(cfg, tmp / f"{name}.yaml")

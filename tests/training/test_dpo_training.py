@@ -98,6 +98,28 @@ def test_precompute_only_fills_the_cache_training_reuses(preference_data, tmp_pa
     assert (tmp_path / "train" / "metrics.jsonl").read_text() == history
 
 
+def test_token_rate_counts_trained_tokens_and_pairs_have_their_own(preference_data, tmp_path):
+    """``trained_tokens_per_sec_per_gpu`` counts labelled tokens, as in SFT, ``pairs_per_sec_per_gpu`` counts
+    pairs, and the summary's ``trained_tokens`` is the labelled tokens of the rows trained on."""
+    from mirotrain.config.tree import TrainConfig
+    from mirotrain.data.loader import build_train_loader
+
+    overrides = tiny_overrides(preference_data, tmp_path / "run", "epochs=1", "max_steps_per_epoch=2",
+                               "auto_resume=False")
+    summary = _run(overrides)
+    rows = _metrics(tmp_path / "run")
+    cfg = TrainConfig.from_dict(load_config(TINY_DPO, overrides))
+    loader = build_train_loader(cfg, dp_rank=0, dp_size=1, seed=cfg.run.seed)  # the run's rows, in its order
+    loader.set_epoch(0)
+    batches = [batch for batch, _ in zip(loader, range(2))]
+    tokens = [batch.num_targets() for batch in batches]
+    assert [row["pairs"] for row in rows] == [batch.num_pairs for batch in batches]
+    assert summary["trained_tokens"] == sum(tokens) >= 2 * sum(row["pairs"] for row in rows)  # chosen + rejected
+    for row, n in zip(rows, tokens):
+        rate_ratio = row["trained_tokens_per_sec_per_gpu"] / row["pairs_per_sec_per_gpu"]
+        assert abs(rate_ratio - n / row["pairs"]) <= 1e-9 * rate_ratio
+
+
 def test_export_loads_in_transformers(preference_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
