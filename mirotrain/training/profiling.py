@@ -1,5 +1,6 @@
-"""Optional diagnostics of a run: a torch.profiler window (``profiler``) and a CUDA memory snapshot
-(``enable_memory_trace``). Both are off by default and cost nothing then."""
+"""Optional diagnostics of a run: the torch.profiler window of the ``profiler`` section
+(:mod:`mirotrain.training.torch_profiler`) and a CUDA memory snapshot (``enable_memory_trace``). Both are off by
+default and cost nothing then."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from mirotrain.config.schema import MetricsConfig
+from mirotrain.training.torch_profiler import profiler_from_node
 
 log = logging.getLogger("mirotrain.train")
 
@@ -19,34 +21,18 @@ class Diagnostics:
 
     def __init__(self, metrics: MetricsConfig, output_dir: Path, rank: int, device: torch.device):
         self.metrics, self.output_dir, self.rank, self.device = metrics, output_dir, rank, device
-        self._profiler: Any = None
+        self.profiler = profiler_from_node(metrics.profiler, rank=rank, device=device, run_output_dir=str(output_dir))
 
     def __enter__(self) -> "Diagnostics":
-        node = self.metrics.profiler or {}
-        if node.get("enabled", False):
-            out = node.get("output_dir") or str(self.output_dir / "profile")
-            schedule = torch.profiler.schedule(wait=int(node.get("wait_steps", node.get("wait", 5))),
-                                               warmup=int(node.get("warmup_steps", node.get("warmup", 3))),
-                                               active=int(node.get("active_steps", node.get("active", 2))), repeat=1)
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if self.device.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            trace = torch.profiler.tensorboard_trace_handler(f"{out}/rank{self.rank}")
-            self._profiler = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=trace,
-                                                    record_shapes=bool(node.get("record_shapes", False)),
-                                                    profile_memory=bool(node.get("profile_memory", False)),
-                                                    with_stack=bool(node.get("with_stack", False)))
-            self._profiler.__enter__()
+        self.profiler.__enter__()
         return self
 
     def after_step(self, step: int) -> None:
         self._memory_trace(step)
-        if self._profiler is not None:
-            self._profiler.step()
+        self.profiler.step()
 
     def __exit__(self, *exc: Any) -> None:
-        if self._profiler is not None:
-            self._profiler.__exit__(None, None, None)
+        self.profiler.__exit__(*exc)
 
     def _memory_trace(self, step: int) -> None:
         m = self.metrics

@@ -88,8 +88,6 @@ def test_recipe_trains_two_steps_on_cpu(path, tmp_path, data):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the trainer's profiling.Diagnostics builds its own torch.profiler (tensorboard "
-                   "layout) instead of entering torch_profiler.profiler_from_node")
 def test_enabled_profiler_writes_traces_during_training(tmp_path, data):
     path = RECIPES / "qwen3" / "8B_full_sft.yaml"
     out = tmp_path / "run"
