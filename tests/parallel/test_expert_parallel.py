@@ -12,14 +12,10 @@ must reproduce grad J, expert rows included.
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mirotrain.models.qwen3_moe import qwen3_moe
@@ -28,6 +24,8 @@ from mirotrain.parallel.expert_parallel import check_expert_parallel
 from mirotrain.parallel.mesh import ParallelDims
 from mirotrain.parallel.options import ParallelizeOptions
 from mirotrain.training.grad_clip import global_grad_norm
+
+from gloo_ranks import run_on_gloo_ranks
 
 WORLD = 2
 ARGS = dict(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
@@ -41,12 +39,6 @@ def _parallelize(model, world: int, ep: int, ac_mode: str = "none"):
     meshes = ParallelDims(world, ep=ep).build_mesh("cpu")
     return parallelize_qwen3_moe(model, meshes, ParallelizeOptions(device_type="cpu", ac_mode=ac_mode,
                                                                    param_dtype=torch.float32))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch(seq: int = 24, rows: int = WORLD):
@@ -93,122 +85,75 @@ def _check_grads(model, ref, rank: int, label: str) -> None:
         assert err <= TOL, f"{label}: grad of {name} differs by {err}"
 
 
-def _worker(rank: int, port: int, errors) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        ref, ref_logits, ref_loss = _reference()
-        world = dist.group.WORLD
-        ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
+def _worker(rank: int, world_size: int) -> None:
+    ref, ref_logits, ref_loss = _reference()
+    world = dist.group.WORLD
+    ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
 
-        # EP=1 (experts sharded by FSDP like every weight) and EP=2 (experts split over "ep", with full AC)
-        for ep, ac_mode in ((1, "none"), (2, "full")):
-            label = f"EP={ep} AC={ac_mode}"
-            model = copy.deepcopy(ref)
-            model.zero_grad(set_to_none=True)
-            _parallelize(model, WORLD, ep, ac_mode)
-            if ep == 2:
-                assert model.layers[0].feed_forward.experts.w1.to_local().shape[0] == ARGS["num_experts"] // 2
-            logits, share = _rank_loss(model, rank, world)
-            assert (logits[0] - ref_logits[rank]).abs().max().item() <= TOL, label
-            (WORLD * share).backward()
-            total = share.detach().clone()
-            dist.all_reduce(total)
-            assert abs(total.item() - ref_loss.item()) <= TOL, (label, total.item(), ref_loss.item())
-            _check_grads(model, ref, rank, label)
-            # the trainer's global norm over the dense and expert meshes = the unsharded norm
-            assert abs(global_grad_norm([p.grad for p in model.parameters()]).item() - ref_norm.item()) <= 1e-5
-            stats = model.expert_load_stats(world)
-            ref_stats = ref.expert_load_stats()
-            for key in ("moe/aux_loss", "moe/z_loss", "moe/layer_0/max_load"):
-                assert abs(stats[key] - ref_stats[key]) <= 1e-5, (label, key, stats[key], ref_stats[key])
-        dist.barrier()
-        errors.put(DONE)
-    except BaseException:  # noqa: BLE001  (report any failure to the parent)
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # EP=1 (experts sharded by FSDP like every weight) and EP=2 (experts split over "ep", with full AC)
+    for ep, ac_mode in ((1, "none"), (2, "full")):
+        label = f"EP={ep} AC={ac_mode}"
+        model = copy.deepcopy(ref)
+        model.zero_grad(set_to_none=True)
+        _parallelize(model, WORLD, ep, ac_mode)
+        if ep == 2:
+            assert model.layers[0].feed_forward.experts.w1.to_local().shape[0] == ARGS["num_experts"] // 2
+        logits, share = _rank_loss(model, rank, world)
+        assert (logits[0] - ref_logits[rank]).abs().max().item() <= TOL, label
+        (WORLD * share).backward()
+        total = share.detach().clone()
+        dist.all_reduce(total)
+        assert abs(total.item() - ref_loss.item()) <= TOL, (label, total.item(), ref_loss.item())
+        _check_grads(model, ref, rank, label)
+        # the trainer's global norm over the dense and expert meshes = the unsharded norm
+        assert abs(global_grad_norm([p.grad for p in model.parameters()]).item() - ref_norm.item()) <= 1e-5
+        stats = model.expert_load_stats(world)
+        ref_stats = ref.expert_load_stats()
+        for key in ("moe/aux_loss", "moe/z_loss", "moe/layer_0/max_load"):
+            assert abs(stats[key] - ref_stats[key]) <= 1e-5, (label, key, stats[key], ref_stats[key])
 
 
-def _sharded_load_worker(rank: int, port: int, errors, world: int, hf_dir: str) -> None:
+def _sharded_load_worker(rank: int, world: int, hf_dir: str) -> None:
     """World 4 = edp 2 x ep 2: meta model -> parallelize (EP, FSDP2) -> load HF weights (own rows only) -> grads."""
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        from torch.distributed.tensor.experimental import implicit_replication
+    from torch.distributed.tensor.experimental import implicit_replication
 
-        from mirotrain.models import load_hf_weights
+    from mirotrain.models import load_hf_weights
 
-        ref, _, _ = _reference(rows=world)
-        with torch.device("meta"):
-            model = qwen3_moe(**ARGS)
-        _parallelize(model, world, ep=2)  # edp 2: the experts' gradients are reduced over 2 ranks
-        model.to_empty(device="cpu")
-        model.rope.reset_parameters()
-        w1 = model.layers[1].feed_forward.experts.w1
-        assert w1.to_local().shape[0] == ARGS["num_experts"] // world  # 8 experts over 4 ranks
-        load_hf_weights(model, hf_dir)
-        expected = dict(ref.named_parameters())
-        for name, p in model.named_parameters():
-            assert torch.equal(p.full_tensor(), expected[name].detach()), name
-        logits, share = _rank_loss(model, rank, dist.group.WORLD, rows=world)
-        (world * share).backward()
-        _check_grads(model, ref, rank, "edp2 x ep2 + FSDP2")
-        with implicit_replication():  # random init of a sharded model equals the unsharded init
-            model.init_weights(seed=0)
-        fresh = qwen3_moe(**ARGS)
-        fresh.init_weights(seed=0)
-        for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
-            assert torch.equal(p.full_tensor(), q.detach()), name
-        dist.barrier()  # nobody tears down the group while a peer still reads from it
-        errors.put(DONE)
-    except BaseException:  # noqa: BLE001
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    ref, _, _ = _reference(rows=world)
+    with torch.device("meta"):
+        model = qwen3_moe(**ARGS)
+    _parallelize(model, world, ep=2)  # edp 2: the experts' gradients are reduced over 2 ranks
+    model.to_empty(device="cpu")
+    model.rope.reset_parameters()
+    w1 = model.layers[1].feed_forward.experts.w1
+    assert w1.to_local().shape[0] == ARGS["num_experts"] // world  # 8 experts over 4 ranks
+    load_hf_weights(model, hf_dir)
+    expected = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.full_tensor(), expected[name].detach()), name
+    logits, share = _rank_loss(model, rank, dist.group.WORLD, rows=world)
+    (world * share).backward()
+    _check_grads(model, ref, rank, "edp2 x ep2 + FSDP2")
+    with implicit_replication():  # random init of a sharded model equals the unsharded init
+        model.init_weights(seed=0)
+    fresh = qwen3_moe(**ARGS)
+    fresh.init_weights(seed=0)
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p.full_tensor(), q.detach()), name
 
 
-DONE = "done"
+@pytest.mark.slow  # 2 processes in one gloo group
+def test_ep2_equals_ep1_gloo(tmp_path):
+    run_on_gloo_ranks(_worker, WORLD, tmp_path)
 
 
-def _spawn(fn, nprocs: int, *args) -> None:
-    """Run ``fn`` on ``nprocs`` gloo ranks; every rank reports DONE after its last assertion and barrier.
-
-    gloo on CPU occasionally aborts a process while tearing down device-mesh subgroups, after all checks
-    have passed (seen under heavy load in CI); such an exit is accepted only if every rank reported DONE.
-    """
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    crashed = None
-    try:
-        mp.start_processes(fn, args=(_free_port(), errors, *args), nprocs=nprocs, start_method="spawn", join=True)
-    except mp.ProcessExitedException as exc:
-        crashed = exc
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    failures = [m for m in messages if m != DONE]
-    assert not failures, "\n".join(failures)
-    if crashed is not None and messages.count(DONE) < nprocs:
-        raise crashed
-
-
-@pytest.mark.slow  # processes started with mp.start_processes (gloo)
-def test_ep2_equals_ep1_gloo():
-    _spawn(_worker, WORLD)
-
-
-@pytest.mark.slow  # 4 processes (mp.start_processes, gloo)
+@pytest.mark.slow  # 4 processes in one gloo group
 def test_ep_fsdp_sharded_hf_load_4_ranks(tmp_path):
     from mirotrain.models import save_pretrained
 
     ref, _, _ = _reference(rows=4)
-    save_pretrained(ref, tmp_path, dtype=torch.float32, max_shard_size=50_000)
-    _spawn(_sharded_load_worker, 4, 4, str(tmp_path))
+    save_pretrained(ref, tmp_path / "hf", dtype=torch.float32, max_shard_size=50_000)
+    run_on_gloo_ranks(_sharded_load_worker, 4, tmp_path, str(tmp_path / "hf"))
 
 
 def test_ep_divisibility_errors():

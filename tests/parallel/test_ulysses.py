@@ -9,13 +9,12 @@ backpropagates ``loss_sum · world / N`` with N the trained tokens over all rank
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from gloo_ranks import run_on_gloo_ranks
 
 from mirotrain.models.qwen3 import qwen3
 from mirotrain.models.qwen3.parallelize import parallelize_qwen3
@@ -174,28 +173,13 @@ def check_meshes(rank: int, world: int) -> None:
         ParallelDims(2 * world, sp=2).build_mesh("cpu")
 
 
-def worker(rank: int, world: int, port: int, cases: list[dict]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        for case in cases:
-            run_case(case, rank, world)
-            if case.get("sequence_loss"):
-                run_sequence_case(case, rank, world)
-        check_errors(rank, world)
-        check_meshes(rank, world)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(world: int, cases: list[dict]) -> None:
-    mp.spawn(worker, args=(world, free_port(), cases), nprocs=world, join=True)
+def worker(rank: int, world: int, cases: list[dict]) -> None:
+    for case in cases:
+        run_case(case, rank, world)
+        if case.get("sequence_loss"):
+            run_sequence_case(case, rank, world)
+    check_errors(rank, world)
+    check_meshes(rank, world)
 
 
 # Documents straddle every shard boundary; totals are not multiples of sp (padding segment is used).
@@ -214,14 +198,14 @@ CASES_4 = [
 ]
 
 
-@pytest.mark.slow  # 2 processes (mp.spawn, gloo)
-def test_sp2_matches_single_process():
-    spawn(2, CASES_2)
+@pytest.mark.slow  # 2 processes in one gloo group
+def test_sp2_matches_single_process(tmp_path):
+    run_on_gloo_ranks(worker, 2, tmp_path, CASES_2)
 
 
-@pytest.mark.slow  # 4 processes (mp.spawn, gloo)
-def test_sp4_and_dp2_sp2_match_single_process():
-    spawn(4, CASES_4)
+@pytest.mark.slow  # 4 processes in one gloo group
+def test_sp4_and_dp2_sp2_match_single_process(tmp_path):
+    run_on_gloo_ranks(worker, 4, tmp_path, CASES_4)
 
 
 # ------------------------------------------------------------------------------------ single process
