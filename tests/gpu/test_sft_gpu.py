@@ -31,7 +31,7 @@ def _gpus() -> int:
 
 
 def _torchrun(config: Path, nproc: int, env: dict | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
-    from sft_helpers import free_port
+    from ports import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), "-m", "mirotrain", "sft", "--config", str(config)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_helpers import REPO
+from ports import free_port
 
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reset_sigint() -> None:  # a background child may inherit SIGINT=ignored, and then the worker never stops
@@ -50,7 +45,7 @@ class PrefectStack:
 
         self.logs = root / "logs"
         self.logs.mkdir(parents=True)
-        self.url = f"http://127.0.0.1:{_free_port()}/api"
+        self.url = f"http://127.0.0.1:{free_port()}/api"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         self.env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_API_URL=self.url,
                         PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",

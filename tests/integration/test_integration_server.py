@@ -48,6 +48,8 @@ def test_deployment_run_post_train(tmp_path: Path) -> None:
 
         work = tmp_path / "work"
         params = demo_parameters(work, prepare_demo_inputs(work))
+        for stage in ("sft_stage", "dpo_stage"):  # the claims are about runs, their directories and resume,
+            params[stage]["overrides"] += ["max_steps_per_epoch=4"]  # not about how long each stage trains
         planned = {"sft": _planned(params["sft_stage"]), "dpo": _planned(params["dpo_stage"])}
 
         def run_deployment(extra: dict) -> dict:

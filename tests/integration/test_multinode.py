@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -22,17 +21,13 @@ from pathlib import Path
 import pytest
 
 from pipeline_helpers import REPO, processes_mentioning, tiny_stage_overrides
+from ports import free_port
 from tasks._launch_spec import FollowersMissing, finish, node_launch, publish, published_seqs, spec_path
 from tasks._rendezvous import resolve_rendezvous
 from tasks.node_agent import follow, run_launch, why_stop
 
 STEPS = ["epochs=1", "max_steps_per_epoch=4", "checkpoint_steps_for_auto_resume=2"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node_env(rank: int, master_addr: str, port: int, launch_dir: Path, extra: dict[str, str]) -> dict:
@@ -45,7 +40,7 @@ def _node_env(rank: int, master_addr: str, port: int, launch_dir: Path, extra: d
 def _two_nodes(train_cli: list[str], master_addr: str, launch_dir: Path, log_dir: Path,
                extra_env: dict[str, str] | None = None) -> tuple[list[int], list[str], float]:
     """Start node 0 and node 1 exactly as the pods start (same command on both), wait; (codes, outputs, seconds)."""
-    port = _free_port()
+    port = free_port()
     entry = [sys.executable, "-m", "tasks.node_agent", "--poll-s", "0.2", "--", *train_cli]
     t0 = time.monotonic()
     procs = []
@@ -105,7 +100,7 @@ def test_two_nodes_train_exactly_what_one_node_with_two_processes_trains(demo_in
 
     t0 = time.monotonic()
     single = subprocess.run(_train_cli(config, overrides, one, "--nproc-per-node", "2", "--master-port",
-                                       str(_free_port())), cwd=REPO, capture_output=True, text=True, timeout=700,
+                                       str(free_port())), cwd=REPO, capture_output=True, text=True, timeout=700,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     print(f"1 node x 2 processes: {time.monotonic() - t0:.0f}s")
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
@@ -242,7 +237,7 @@ def test_agent_stops_a_launch_once_node_zero_has_left_it(tmp_path: Path) -> None
 def test_agent_kills_its_torchrun_when_node_zero_moves_to_a_new_launch(tmp_path: Path) -> None:
     """Node 1's torchrun waits for a node 0 that is gone (its attempt died); node 0's retry publishes launch 2.
     The agent must end launch 1 -- torchrun and all -- within seconds, not at the rendezvous or NCCL timeout."""
-    port = _free_port()
+    port = free_port()
     spec = publish(tmp_path, _launch_fields(port))
 
     def retry_of_node_zero() -> None:

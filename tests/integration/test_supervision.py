@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,14 +19,10 @@ from pathlib import Path
 import pytest
 
 from pipeline_helpers import REPO, processes_mentioning, tiny_stage_overrides
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -56,7 +51,7 @@ def test_killing_torchrun_agent_kills_its_ranks(demo_inputs: dict, tmp_path: Pat
     """SIGKILL of the torchrun agent alone (not its group, not the ranks) leaves no rank running within 10 s."""
     out = tmp_path / "orphan-check"
     config, overrides = tiny_stage_overrides(demo_inputs, "sft", tmp_path, ["epochs=50", f"output_dir={out}"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "mirotrain", "sft", "--config", config, *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "torchrun.log"

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from sft_helpers import (
-    REPO, VOCAB, assert_ok, free_port, read_metrics, read_weights, tiny_config, write_config,
-)
+from ports import free_port
+from sft_helpers import REPO, VOCAB, assert_ok, read_metrics, read_weights, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 STEPS_PER_EPOCH, EPOCHS, EVERY = 8, 2, 3
