@@ -6,7 +6,10 @@
 #   bash benchmarks/gpu_session.sh moe profile mix     # 4 GPUs: MoE EP=4, P1 profile, P1 packed mix
 #   LONG_BUDGET_S=400 bash benchmarks/gpu_session.sh long
 #   bash benchmarks/gpu_session.sh tests p2            # 1 GPU: tests/gpu, P2
-# Each stage's limit is overridable: CKPT_S, DPO_S, DPO40K_S, SFT14B_S, MOE_S, PROFILE_S, MIX_S, LONG_S, TESTS_S, P1_S, P2_S.
+#   bash benchmarks/gpu_session.sh calib               # 2 GPUs: validate's estimate vs measured peaks (issue 18)
+#   CALIB_CASES=mirothinker_8b_sft_40k bash benchmarks/gpu_session.sh calib   # 2 GPUs: MiroThinker 8B SFT 40K
+# Each stage's limit is overridable: CKPT_S, DPO_S, DPO40K_S, SFT14B_S, MOE_S, PROFILE_S, MIX_S, LONG_S, TESTS_S, P1_S, P2_S,
+# CALIB_S (CALIB_CASES and CALIB_ARGS pass --cases and further flags to benchmarks/memory_calibration.py).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
@@ -47,6 +50,9 @@ for s in "$@"; do
     tests) TAIL=40 stage tests "${TESTS_S:-300}" python3 -m pytest -p no:cacheprovider tests/gpu -m gpu -o addopts="" -q -rs ;;
     p2)    stage p2 "${P2_S:-280}" python3 benchmarks/sft.py --size 1.7B --seq 16384 --nproc 1 --ac selective \
              --ac-option attention --chunk 2048 --json "$OUT/p2.json" ;;
+    calib)  # one row per case, flushed as each ends; rows in $OUT/calib/calibration.json, logs beside it
+      TAIL=20 stage calib "${CALIB_S:-570}" python3 benchmarks/memory_calibration.py --out "$OUT/calib" \
+        ${CALIB_CASES:+--cases "$CALIB_CASES"} ${CALIB_ARGS:-} ;;
     *) echo "unknown stage $s" ;;
   esac
 done
