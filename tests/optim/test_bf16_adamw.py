@@ -1,0 +1,81 @@
+"""The bf16 AdamW modes against a float64 AdamW when every update is far below a bf16 ulp of the weight.
+
+Weights near 1 (bf16 ulp 2^-7, updates lost below ~0.004) take AdamW steps of ~lr = 1e-4; after 400 steps the
+gradient scale drops tenfold, so a second moment that cannot decay in bf16 would shrink the steps tenfold too.
+The compensated optimizer (weights and second moment) must follow the reference; torch's AdamW on bf16 weights (rounded to nearest) must
+not move them at all.
+"""
+
+import math
+
+import torch
+
+from mirotrain.optim.bf16_adamw import CompensatedAdamW, stochastic_round_
+
+N, STEPS, DROP_AT, LR, WD, BETAS, EPS = 512, 1200, 400, 1e-4, 0.01, (0.9, 0.999), 1e-8
+
+
+def _gradients(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    sign = torch.where(torch.rand(N, generator=gen) < 0.5, -1.0, 1.0)
+    grads = []
+    for t in range(STEPS):
+        scale = 1.0 if t < DROP_AT else 0.1
+        grads.append((scale * (sign + 0.3 * torch.randn(N, generator=gen))).bfloat16())
+    return grads
+
+
+def _reference(p0: torch.Tensor, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdamW in float64, torch's formula (decoupled weight decay, bias-corrected moments): weights and second
+    moment."""
+    p, m, v = p0.double(), torch.zeros(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        p = p * (1 - LR * WD)
+        m = BETAS[0] * m + (1 - BETAS[0]) * g
+        v = BETAS[1] * v + (1 - BETAS[1]) * g * g
+        denom = (v / (1 - BETAS[1] ** t)).sqrt() + EPS
+        p = p - LR * (m / (1 - BETAS[0] ** t)) / denom
+    return p, v
+
+
+def _train(optimizer_cls, p0: torch.Tensor, grads: list[torch.Tensor], **kwargs) -> tuple[torch.Tensor, dict]:
+    p = torch.nn.Parameter(p0.clone())
+    opt = optimizer_cls([p], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **kwargs)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach(), opt.state[p]
+
+
+def test_compensated_adamw_follows_float64_where_plain_bf16_stays_stuck():
+    torch.manual_seed(0)
+    p0 = (1 + 0.5 * torch.rand(N, generator=torch.Generator().manual_seed(1))).bfloat16()
+    grads = _gradients()
+    ref, ref_v = _reference(p0, grads)
+    moved = (ref - p0.double()).abs().mean().item()
+    assert moved > 10 * 2**-8  # the reference travels many half-ulps (2^-8 for weights in [1, 2))
+
+    compensated, state = _train(CompensatedAdamW, p0, grads)
+    assert {k: v.dtype for k, v in state.items()} == {"step": torch.float32, "exp_avg": torch.bfloat16,
+                                                     "exp_avg_sq": torch.bfloat16, "compensation": torch.bfloat16}
+    error = ((compensated.double() + state["compensation"].double()) - ref).abs().mean().item()
+    assert error < 0.02 * moved, (error, moved)
+    # the second moment decayed with the gradients (rounded to nearest it would stay ~2x too high)
+    assert abs((state["exp_avg_sq"].double() / ref_v).mean().item() - 1) < 0.02
+    assert (compensated.double() - ref).abs().mean().item() < 2**-8  # the bf16 weight itself: within half an ulp
+
+    plain, _ = _train(torch.optim.AdamW, p0, grads, fused=True)
+    assert torch.equal(plain, p0)  # every update rounded away
+    assert (plain.double() - ref).abs().mean().item() > 0.99 * moved
+
+
+def test_stochastic_rounding_is_unbiased_between_neighbours():
+    torch.manual_seed(0)
+    lo = torch.tensor(1.0)
+    value = torch.full((200_000,), 1.0 + 0.3 * 2**-7)  # 30% of the way from 1.0 to the next bf16
+    out = torch.empty(value.shape, dtype=torch.bfloat16)
+    stochastic_round_(out, value)
+    assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert math.isclose(out.double().mean().item(), float(value[0]), rel_tol=0, abs_tol=2e-5)
+    assert torch.equal(value, torch.full_like(value, 1.0 + 0.3 * 2**-7)) and lo == 1.0  # the input is left alone
