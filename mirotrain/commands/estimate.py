@@ -126,7 +126,7 @@ def _all_to_all(args, tokens: int, sp: int) -> int:
 def _loss(args, cfg: TrainConfig, tokens: int, preference: bool) -> int:
     if not preference:
         return 2 * SFT_LOSS_TOKENS * args.vocab_size * FP32
-    chunk = min(cfg.model.unembed_chunk_size or DEFAULT_CHUNK_SIZE, tokens)
+    chunk = min(cfg.model.chunk_tokens(tokens) or DEFAULT_CHUNK_SIZE, tokens)
     return 2 * chunk * args.vocab_size * FP32 + tokens * (args.dim * BF16 + 2 * FP32)
 
 
