@@ -15,8 +15,11 @@ only grow (never decay after a spike); it is stochastically rounded instead (rou
 of the dropped fraction, so its expected value is exact), with random bits from the device's default
 generator, which step checkpoints save and restore per rank: a resumed run stays bitwise equal.
 
-Each parameter's update runs on its local shard (FSDP2 DTensors are updated through ``to_local()``), in fp32
-temporaries of that one shard, so the extra memory is a few copies of the largest shard, never of the model.
+The update runs on local shards (FSDP2 DTensors are updated through ``to_local()``), fused in Python: the
+shards of up to ``CHUNK_ELEMENTS`` parameters' elements are concatenated into flat fp32 buffers, updated with a
+few dozen kernels per chunk (not per parameter: a per-parameter loop launched ~20 kernels for each of a 0.6B
+model's ~300 tensors every step) and copied back with ``_foreach_copy_``. The extra memory is ~30 bytes per
+element of one chunk (about 2 GiB), never a copy of the model.
 
 Why not a library: torchao 0.18 has stochastic rounding only in the private ``torchao.optim._AdamW`` (documented
 for its quantized training), compiles every parameter shape with torch.compile (59 s for a two-layer toy on
@@ -28,7 +31,8 @@ groups (which step checkpoints store as JSON) and applies weight decay outside t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -36,18 +40,49 @@ from torch.distributed.tensor import DTensor
 
 # fp32 bits below a bf16's mantissa
 _LOW_BITS = 16
+# elements updated together: the flat fp32 buffers of one chunk are ~30 bytes per element (2 GiB)
+CHUNK_ELEMENTS = 1 << 26
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (an FSDP2 DTensor's local shard, which in-place updates change)."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def stochastic_round_(out: torch.Tensor, value: torch.Tensor) -> None:
-    """``out`` (bf16) = ``value`` (fp32, left as it is) rounded up or down to a neighbouring bf16, up with the probability of
-    the fraction rounding down would drop: add 16 random bits below the bf16 mantissa, then truncate."""
+def stochastic_round_bf16(value: torch.Tensor) -> torch.Tensor:
+    """``value`` (fp32, left as it is) rounded to bf16 up or down, up with the probability of the fraction that
+    rounding down would drop: 16 random bits are added below the bf16 mantissa, then truncated."""
     bits = value.view(torch.int32)
     bits = (bits + torch.randint_like(bits, 1 << _LOW_BITS)).bitwise_and_(-(1 << _LOW_BITS))
-    out.copy_(bits.view(torch.float32))  # exact: the low bits are zero
+    return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The local shards of ``tensors`` concatenated into one new fp32 buffer."""
+    return torch.cat([local_shard(t).reshape(-1) for t in tensors]).float()
+
+
+def _write_back(targets: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy consecutive pieces of ``flat`` into the local shards of ``targets`` (cast to their dtype)."""
+    shards = [local_shard(t) for t in targets]
+    flat = flat.to(shards[0].dtype)
+    pieces = flat.split([s.numel() for s in shards])
+    torch._foreach_copy_(shards, [piece.view_as(s) for piece, s in zip(pieces, shards)])
+
+
+def _chunks(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """``params`` in consecutive groups of at most ``CHUNK_ELEMENTS`` local elements (a larger one alone)."""
+    chunk: list[torch.Tensor] = []
+    size = 0
+    for p in params:
+        n = local_shard(p).numel()
+        if chunk and size + n > CHUNK_ELEMENTS:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(p)
+        size += n
+    if chunk:
+        yield chunk
 
 
 class CompensatedAdamW(torch.optim.Optimizer):
@@ -69,37 +104,45 @@ class CompensatedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            # parameters that can share flat buffers: same device and dtype, same step count (bias correction)
+            buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
             for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    for name in ("exp_avg", "exp_avg_sq", "compensation"):
+                        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                shard = local_shard(p)
+                buckets[(shard.device, shard.dtype, int(state["step"].item()))].append(p)  # CPU step: no sync
+            for (_, _, t), params in buckets.items():
+                for chunk in _chunks(params):
+                    self._update(chunk, group, t)
         return loss
 
-    def _update(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            for name in ("exp_avg", "exp_avg_sq", "compensation"):
-                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        t = int(state["step"].item())  # a CPU tensor: no device sync
+    def _update(self, params: list[torch.Tensor], group: dict, t: int) -> None:
+        """One AdamW step of ``params`` (their ``t``-th) on flat fp32 copies of their shards."""
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        # fp32 copies (``copy=True``: an fp32 state must not be changed in place through them)
-        weight, exp_avg, exp_avg_sq = _local(p), _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-        compensation = _local(state["compensation"])
+        states = [self.state[p] for p in params]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        compensations = [s["compensation"] for s in states]
 
-        grad = _local(p.grad).float()
-        m = exp_avg.to(torch.float32, copy=True).lerp_(grad, 1 - beta1)
-        exp_avg.copy_(m)
-        v = exp_avg_sq.to(torch.float32, copy=True).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        grad = _flat([p.grad for p in params])
+        m = _flat(exp_avgs).lerp_(grad, 1 - beta1)
+        _write_back(exp_avgs, m)  # rounded to nearest
+        v = _flat(exp_avg_sqs).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         del grad
-        stochastic_round_(exp_avg_sq, v)
+        _write_back(exp_avg_sqs, stochastic_round_bf16(v) if exp_avg_sqs[0].dtype == torch.bfloat16 else v)
         # update = -lr · (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) - lr · wd · weight
         update = m.div_(v.sqrt_().div_(math.sqrt(1 - beta2**t)).add_(eps)).mul_(-lr / (1 - beta1**t))
         del v
-        old = weight.to(torch.float32, copy=True)
+        old = _flat(params)
         if wd:
             update.add_(old, alpha=-lr * wd)
-        update.add_(compensation)
-        total = old.add_(update)          # the exact new weight, in fp32
-        weight.copy_(total)               # rounded to bf16
-        compensation.copy_(total.sub_(weight))  # what the rounding dropped, carried to the next step
+        update.add_(_flat(compensations))
+        total = old.add_(update)                 # the exact new weights, in fp32
+        rounded = total.to(local_shard(params[0]).dtype)
+        _write_back(params, rounded)
+        _write_back(compensations, total.sub_(rounded))  # what the rounding dropped, carried to the next step

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from mirotrain.optim.bf16_adamw import CompensatedAdamW, stochastic_round_
+from mirotrain.optim.bf16_adamw import CompensatedAdamW, stochastic_round_bf16
 
 N, STEPS, DROP_AT, LR, WD, BETAS, EPS = 512, 1200, 400, 1e-4, 0.01, (0.9, 0.999), 1e-8
 
@@ -72,10 +72,34 @@ def test_compensated_adamw_follows_float64_where_plain_bf16_stays_stuck():
 
 def test_stochastic_rounding_is_unbiased_between_neighbours():
     torch.manual_seed(0)
-    lo = torch.tensor(1.0)
     value = torch.full((200_000,), 1.0 + 0.3 * 2**-7)  # 30% of the way from 1.0 to the next bf16
-    out = torch.empty(value.shape, dtype=torch.bfloat16)
-    stochastic_round_(out, value)
+    out = stochastic_round_bf16(value)
     assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
     assert math.isclose(out.double().mean().item(), float(value[0]), rel_tol=0, abs_tol=2e-5)
-    assert torch.equal(value, torch.full_like(value, 1.0 + 0.3 * 2**-7)) and lo == 1.0  # the input is left alone
+    assert torch.equal(value, torch.full_like(value, 1.0 + 0.3 * 2**-7))  # the input is left alone
+
+
+def test_parameters_split_into_chunks_update_as_one_flat_buffer(monkeypatch):
+    """Shards of several shapes are concatenated, updated and written back; a chunk limit that splits them into
+    single parameters gives the same weights and state bit for bit (fp32 here: no random rounding)."""
+    import mirotrain.optim.bf16_adamw as bf16_adamw
+
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(7, 5), (3,), (4, 2, 3)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(5)]
+
+    def train() -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = CompensatedAdamW(params, lr=1e-2, weight_decay=0.1)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        return [t for p in params for t in (p.detach(), *(v for k, v in opt.state[p].items() if k != "step"))]
+
+    together = train()
+    monkeypatch.setattr(bf16_adamw, "CHUNK_ELEMENTS", 1)
+    apart = train()
+    assert all(torch.equal(a, b) for a, b in zip(together, apart))
+    assert not torch.equal(together[0], start[0])
