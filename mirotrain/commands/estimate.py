@@ -4,8 +4,10 @@ FSDP2 shards the persistent state over all W ranks; everything else on a GPU is 
 tokens it computes, T = row tokens × batch_size / SP. Bytes per GPU::
 
     total       = state + reference + gathered + activations + all_to_all + loss
-    state       = S · N / W               S = state_bytes_per_param(cfg): fp32 master weight, fp32 gradient and
-                                          AdamW's two fp32 moments = 16 (on the host with fsdp_cpu_offload)
+    state       = S · N / W               S = state_bytes_per_param(cfg), by ``master_weights``: fp32 master
+                                          weight, fp32 gradient and AdamW's two fp32 moments = 16; bf16 weight,
+                                          gradient, moments and compensation = 10; bf16_plain 8 (on the host with
+                                          fsdp_cpu_offload)
     reference   = 2 · N / W               DPO with ``reference: live``: a frozen bf16 copy sharded like the policy
                                           (``precompute`` reads the reference log-probs from the shards: 0)
     gathered    = 2 · 2 · N_layer         one decoder layer's bf16 parameters gathered, and the next prefetched
@@ -42,28 +44,27 @@ import torch
 from mirotrain.config.registry import resolve_component
 from mirotrain.config.tree import TrainConfig
 from mirotrain.modules.loss.logprobs import DEFAULT_CHUNK_SIZE
+from mirotrain.optim.precision import MODES
 
 GIB = 2**30
 BF16 = 2
 FP32 = 4
-# fp32 master mode: weight 4 + gradient 4 + AdamW exp_avg 4 + exp_avg_sq 4.
-FP32_MASTER_STATE_BYTES = 16
-FP32_GRADIENT_BYTES = 4
 # The SFT loss term's tokens per fp32 logit chunk (kept from the calibrated estimate; the loss's own chunk is
 # unembed_chunk_size, 4096 by default: GPU calibration decides whether the term should follow it).
 SFT_LOSS_TOKENS = 1024
 
 
 def state_bytes_per_param(cfg: TrainConfig) -> int:
-    """Bytes of persistent training state per parameter, sharded over all ranks: the master weight, its gradient
-    and the optimizer's state. The fp32-master mode (the only one today): 16."""
-    return FP32_MASTER_STATE_BYTES
+    """Bytes of persistent training state per parameter, sharded over all ranks: the weight, its gradient and
+    the optimizer's state, as ``master_weights`` keeps them (mirotrain/optim/precision.py): fp32 16, bf16 10,
+    bf16_plain 8."""
+    return MODES[cfg.run.master_weights].state_bytes
 
 
 def checkpoint_bytes_per_param(cfg: TrainConfig) -> int:
     """Bytes per parameter in a step checkpoint (and in async host staging): the state less the gradient, which
-    is never saved (fp32-master mode: 12)."""
-    return state_bytes_per_param(cfg) - FP32_GRADIENT_BYTES
+    is never saved (fp32 12, bf16 8, bf16_plain 6)."""
+    return MODES[cfg.run.master_weights].checkpoint_bytes
 
 
 def is_preference(cfg: TrainConfig) -> bool:

@@ -17,8 +17,10 @@ from mirotrain.checkpoint.host_memory import available_host_bytes, plan_host_mem
 from mirotrain.commands.errors import add_debug_flag, reports_user_errors
 from mirotrain.commands.estimate import GIB, MemoryEstimate, checkpoint_footprint, estimate_memory
 from mirotrain.config import ConfigError, instantiate, load_config
+from mirotrain.config.compat import master_weights_notice
 from mirotrain.config.tree import TrainConfig
 from mirotrain.config.validation import InvalidConfig, validate_config
+from mirotrain.optim.precision import MODES
 
 # The estimate leaves out allocator fragmentation and compiled-kernel workspaces: measured peaks ran up to ~5%
 # above it (Qwen3-14B at 40K, 4× H100: SP=4 estimated 64.4 GiB, measured 64.0; SP=2 estimated 71.4, OOM at 75+).
@@ -83,8 +85,12 @@ def _print_memory(estimate: MemoryEstimate, cfg: TrainConfig, ns: argparse.Names
         ranks = min(ns.gpus_per_node, ns.world_size)
         where = (f"host (fsdp_cpu_offload): ~{mem['host_state_per_rank'] * ranks:.1f} GiB of host memory per node of "
                  f"{ranks} GPUs")
-    print(f"state:       {estimate.state_bytes_per_param} bytes/param (fp32 master weights, gradients, AdamW moments) "
+    mode = MODES[cfg.run.master_weights]
+    print(f"state:       {estimate.state_bytes_per_param} bytes/param, master_weights: {mode.name} ({mode.holds}), "
           f"sharded over {ns.world_size} ranks, on the {where}")
+    notice = master_weights_notice(cfg.run.dtype, cfg.written)
+    if notice:
+        print(f"notice:      {notice}")
     if mem["total"] > MEMORY_WARN_FRACTION * ns.gpu_memory_gib:
         print(f"warning:     that is above {MEMORY_WARN_FRACTION:.0%} of a {ns.gpu_memory_gib:g} GiB GPU "
               "(--gpu-memory-gib): expect an out-of-memory error; raise ulysses_sequence_parallel_size (splits "

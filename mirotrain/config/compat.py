@@ -10,6 +10,7 @@ the meaning of its keys in :mod:`mirotrain.config.schema`. docs/compatibility.md
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any, Callable
 
 log = logging.getLogger("mirotrain.config")
@@ -56,6 +57,17 @@ def _makes_pairs(node: dict) -> bool:
 RULES: tuple[Rule, ...] = (_resume_from_checkpoint, _preference_row_length)
 
 
+def master_weights_notice(dtype: str, written: Collection[str]) -> str | None:
+    """The one line said where a run starts (and by `mirotrain validate`) when ``dtype: bf16`` leaves
+    ``master_weights`` unset: MiroTrain kept bf16 weights and AdamW state, here the default keeps fp32 masters.
+    Not a rewrite (shipped configs keep their meaning), so not one of ``RULES``."""
+    if dtype != "bf16" or "master_weights" in written:
+        return None
+    return ("dtype: bf16 computes in bf16 and keeps fp32 master weights and AdamW state (16 bytes/param; "
+            "MiroTrain kept them in bf16, 8); master_weights: bf16 keeps bf16 ones with compensated updates "
+            "(10 bytes/param), master_weights: bf16_plain rounds updates to nearest as MiroTrain did")
+
+
 def translate_mirotrain(raw: dict) -> tuple[dict, list[str]]:
     """``raw`` with MiroTrain's differently-working keys rewritten (a copy) and one notice per rewrite."""
     cfg: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
@@ -71,4 +83,4 @@ def translate_and_report(raw: dict, source: str | None = None) -> dict:
     return cfg
 
 
-__all__ = ["RULES", "translate_and_report", "translate_mirotrain"]
+__all__ = ["RULES", "master_weights_notice", "translate_and_report", "translate_mirotrain"]

@@ -30,6 +30,9 @@ SECTION = (dict,)
 OPTIONAL_INT = (int, type(None))
 # sources the dataset builders read themselves; any other source is a Hub dataset read with datasets.load_dataset
 LOCAL_FORMATS = ("json", "jsonl", "parquet")
+# master_weights modes (mirotrain/optim/precision.py: MODES) and the AdamW keys the bf16 mode's optimizer takes
+MASTER_WEIGHTS = ("fp32", "bf16", "bf16_plain")
+COMPENSATED_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 LOG_LEVELS = tuple(level for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") for level in (name, name.lower()))
 
 
@@ -86,10 +89,21 @@ class RunConfig:
 
     output_dir: str | None = key((str,), None, "Where checkpoints, HF exports, metrics and logs go (required).")
     device: str = key((str,), "cuda", "cuda | cpu (cpu runs in fp32, for tests and the demo).", choices=("cuda", "cpu"))
-    dtype: str = key((str,), "bf16", "Compute dtype: bf16 | fp32 (fp16 is rejected). Master weights stay fp32.",
-                     only=("bf16", "fp32"))
+    dtype: str = key((str,), "bf16", "Compute dtype: bf16 | fp32 (fp16 is rejected). What the weights and "
+                     "optimizer state are kept in: master_weights.", only=("bf16", "fp32"))
+    master_weights: str = key((str,), "fp32", "What the sharded state is kept in between steps: fp32 (fp32 master "
+                              "weights, gradients and AdamW moments: 16 bytes/param) | bf16 (bf16 weights, gradients "
+                              "and AdamW moments plus a bf16 compensation that keeps small updates: 10) | bf16_plain "
+                              "(bf16, updates rounded to nearest as MiroTrain did: 8). bf16 modes need dtype: bf16.",
+                              choices=MASTER_WEIGHTS)
     seed: int | None = key((int, type(None)), None, "Random seed; null draws one, logs it and stores it for resume.", low=0)
     cudnn_deterministic_mode: bool = key((bool,), False, "torch.backends.cudnn.deterministic and deterministic algorithms.")
+
+    def check(self) -> list[ConfigError]:
+        if self.master_weights != "fp32" and self.dtype != "bf16":
+            return [ConfigError("master_weights", f"{self.master_weights} keeps bf16 weights and needs dtype: bf16, "
+                                f"got dtype: {self.dtype}")]
+        return []
 
 
 @section
@@ -342,6 +356,20 @@ class OptimConfig:
     epochs: int = key((int,), 1, "Number of epochs.", low=1)
     max_steps_per_epoch: int | None = key(OPTIONAL_INT, None, "Cap on optimizer steps per epoch.", low=1)
     optimizer_in_bwd: bool = key((bool,), False, "Accepted for compatibility and ignored.", note="ignored")
+
+    def check(self, master_weights: str) -> list[ConfigError]:
+        """``master_weights: bf16`` runs its own AdamW (mirotrain/optim/bf16_adamw.py): the section must name
+        AdamW and set only the keys that AdamW has (torch's kernel choices, fused and foreach, are moot)."""
+        node = self.optimizer
+        if master_weights != "bf16" or not node:
+            return []
+        name = str(node.get("_component_", ""))
+        if not name.endswith("AdamW"):
+            return [ConfigError("optimizer._component_", "master_weights: bf16 runs a compensated AdamW and needs "
+                                f"torch.optim.AdamW, got {name!r}")]
+        extra = sorted(set(node) - {"_component_", "params", "fused", "foreach", *COMPENSATED_ADAMW_KEYS})
+        return [ConfigError(f"optimizer.{k}", "not supported with master_weights: bf16 (its AdamW takes "
+                            f"{', '.join(COMPENSATED_ADAMW_KEYS)})") for k in extra if node[k] not in (None, False)]
 
 
 OPTIMIZER_KEYS: dict[str, Key] = {

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from mirotrain.config.loader import ConfigError
 from mirotrain.config.registry import DEFAULT_COMPONENTS, resolve_component
 from mirotrain.config.schema import (KEYS, LOCAL_FORMATS, SECTION_KEYS, DatasetConfig, Key, ModelConfig,
-                                     ParallelConfig, flat_name, key_fields)
+                                     OptimConfig, ParallelConfig, RunConfig, flat_name, key_fields)
 
 # keys of a component section that the engine fills in itself (a config may still name them)
 INJECTED_KEYS: dict[str, set[str]] = {
@@ -248,7 +248,9 @@ def _check_sections(cfg: dict, world_size: int, scope: Collection[str] | None, b
                 kinds=[(_source(b), _is_preference(b)) for b in section.builders]))
     if scope is not None:
         return errors
-    for section_cls, extra in ((ParallelConfig, (world_size,)), (ModelConfig, ())):
+    master_weights = cfg.get("master_weights", "fp32")
+    for section_cls, extra in ((ParallelConfig, (world_size,)), (ModelConfig, ()), (RunConfig, ()),
+                               (OptimConfig, (master_weights,))):
         names = {flat_name(f) for f in key_fields(section_cls)}
         if not names & bad:
             own = {f.name: cfg[flat_name(f)] for f in key_fields(section_cls) if flat_name(f) in cfg}

@@ -19,7 +19,9 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+
+from mirotrain.config.schema import COMPENSATED_ADAMW_KEYS
+from mirotrain.optim.bf16_adamw import CompensatedAdamW, local_shard
 
 
 @dataclass(frozen=True)
@@ -43,37 +45,14 @@ MODES: dict[str, PrecisionMode] = {
                                 "bf16 weights, gradients and AdamW moments, updates rounded to nearest"),
 }
 
-# optimizer keys CompensatedAdamW takes; torch's kernel choices are meaningless to it and dropped
-COMPENSATED_KEYS = ("lr", "betas", "eps", "weight_decay")
-KERNEL_KEYS = ("fused", "foreach")
-
-
-def compensated_optimizer_errors(node: dict | None) -> list[tuple[str, str]]:
-    """(key, problem) for an ``optimizer`` section that ``master_weights: bf16`` cannot run: it runs its own
-    AdamW, so the section must name AdamW and only the keys that AdamW has."""
-    if not node:
-        return []
-    name = str(node.get("_component_", ""))
-    if not name.endswith("AdamW"):
-        return [("optimizer._component_", f"master_weights: bf16 runs a compensated AdamW "
-                 f"(mirotrain/optim/bf16_adamw.py) and needs torch.optim.AdamW here, got {name!r}")]
-    extra = sorted(set(node) - {"_component_", "params", *COMPENSATED_KEYS, *KERNEL_KEYS})
-    return [(f"optimizer.{k}", f"not supported with master_weights: bf16 (its AdamW takes "
-             f"{', '.join(COMPENSATED_KEYS)})") for k in extra if node[k] not in (None, False)]
-
 
 def build_compensated_adamw(node: dict, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """The ``bf16`` mode's optimizer with the section's hyper-parameters (torch AdamW's defaults otherwise)."""
-    from mirotrain.optim.bf16_adamw import CompensatedAdamW
-
-    kwargs = {k: node[k] for k in COMPENSATED_KEYS if k in node}
+    """The ``bf16`` mode's optimizer with the section's hyper-parameters (torch AdamW's defaults otherwise; the
+    section's other keys are refused by the config check, ``OptimConfig.check``)."""
+    kwargs = {k: node[k] for k in COMPENSATED_ADAMW_KEYS if k in node}
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     return CompensatedAdamW(params, **kwargs)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def measured_bytes_per_param(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
@@ -82,11 +61,11 @@ def measured_bytes_per_param(model: nn.Module, optimizer: torch.optim.Optimizer)
     every optimizer state tensor of it except the scalar step counters."""
     numel = held = 0
     for p in model.parameters():
-        local = _local(p)
+        local = local_shard(p)
         numel += local.numel()
         held += local.numel() * local.element_size() * (2 if p.requires_grad else 1)
         for value in optimizer.state.get(p, {}).values():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
-                value = _local(value)
+                value = local_shard(value)
                 held += value.numel() * value.element_size()
     return held / max(numel, 1)

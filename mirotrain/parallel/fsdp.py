@@ -1,7 +1,8 @@
 """FSDP2 (``fully_shard``) for Qwen3: one unit per decoder layer, then the root (embedding, norm, LM head).
 
-Parameters stay fp32 and sharded (the master weights); with ``param_dtype=bf16`` FSDP all-gathers them in
-bf16 for compute and reduce-scatters gradients in ``reduce_dtype`` (fp32). Every unit divides gradients by the
+Parameters stay sharded in the dtype they have (fp32 master weights, or bf16 under ``master_weights: bf16``);
+with ``param_dtype=bf16`` FSDP all-gathers them in bf16 for compute and reduce-scatters gradients in
+``reduce_dtype`` (fp32 for fp32 masters, bf16 for bf16 weights). Every unit divides gradients by the
 same factor, the size of the data-parallel mesh, so units sharded over smaller meshes (MoE experts under
 expert parallelism, see ``parallel/expert_parallel.py``) are scaled like the rest. ``forward_hidden`` is
 registered as a forward method so the fused losses can call it directly.
@@ -18,25 +19,27 @@ from torch.distributed.fsdp import (
 )
 
 
-def mixed_precision_policy(param_dtype: torch.dtype) -> MixedPrecisionPolicy:
-    """bf16 compute with fp32 reduction on GPU; everything fp32 for CPU runs."""
-    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+def mixed_precision_policy(param_dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32) -> MixedPrecisionPolicy:
+    """Compute in ``param_dtype``, reduce gradients in ``reduce_dtype``: bf16 compute with fp32 reduction for fp32
+    master weights; bf16 throughout for bf16 weights; everything fp32 for CPU runs."""
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype = torch.bfloat16,
-               cpu_offload: bool = False, reshard_after_forward: bool = True,
-               expert_mesh: DeviceMesh | None = None) -> nn.Module:
+               reduce_dtype: torch.dtype = torch.float32, cpu_offload: bool = False,
+               reshard_after_forward: bool = True, expert_mesh: DeviceMesh | None = None) -> nn.Module:
     """Shard ``model`` in place (per layer, then root) and return it.
 
     Args:
         mesh: 1-D data-parallel mesh (every rank that shares the dense gradients).
         param_dtype: dtype parameters are gathered in for compute.
+        reduce_dtype: dtype gradients are reduce-scattered in.
         cpu_offload: keep sharded parameters, gradients and optimizer state in host memory.
         reshard_after_forward: free gathered layer parameters after forward (ZeRO-3) or keep them (ZeRO-2).
         expert_mesh: under expert parallelism, the ("edp") mesh the MoE experts are sharded over (their own
             FSDP unit inside each layer, dividing by the size of ``mesh`` like everything else).
     """
-    mp = mixed_precision_policy(param_dtype)
+    mp = mixed_precision_policy(param_dtype, reduce_dtype)
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     layers = list(model.layers)
     divide = float(mesh.size())

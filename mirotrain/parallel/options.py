@@ -15,7 +15,8 @@ class ParallelizeOptions:
         device_type: ``cuda`` or ``cpu``; decides which attention backends sequence parallelism accepts.
         ac_mode, ac_option: activation checkpointing (``parallel/activation_checkpoint.py``: ``resolve_ac``).
         compile: torch.compile each decoder layer.
-        param_dtype: dtype FSDP gathers parameters in for compute (master weights stay fp32).
+        param_dtype: dtype FSDP gathers parameters in for compute.
+        reduce_dtype: dtype gradients are reduce-scattered in (fp32 for fp32 master weights, bf16 for bf16 ones).
         cpu_offload: keep sharded parameters, gradients and optimizer state in host memory.
         reshard_after_forward: free gathered layer parameters after forward (ZeRO-3) or keep them (ZeRO-2).
     """
@@ -25,5 +26,6 @@ class ParallelizeOptions:
     ac_option: int | str | None = None
     compile: bool = False
     param_dtype: torch.dtype = torch.bfloat16
+    reduce_dtype: torch.dtype = torch.float32
     cpu_offload: bool = False
     reshard_after_forward: bool = True

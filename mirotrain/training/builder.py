@@ -24,6 +24,7 @@ from torch import nn
 
 from mirotrain.checkpoint.step_checkpointer import StepCheckpointer
 from mirotrain.config import instantiate
+from mirotrain.config.compat import master_weights_notice
 from mirotrain.config.schema import FLAT_KEYS, MetricsConfig
 from mirotrain.config.tree import TrainConfig, parse_config
 from mirotrain.models.hf_writer import make_public_dirs
@@ -136,6 +137,9 @@ def _warn_unused_keys(cfg: TrainConfig) -> None:
         value = getattr(getattr(cfg, section), name)
         if spec.note == "ignored" and flat in cfg.written and value not in (None, False, spec.default):
             log.warning("Config key '%s' is accepted for compatibility and ignored: %s", flat, spec.doc)
+    notice = master_weights_notice(cfg.run.dtype, cfg.written)
+    if notice:
+        log.info(notice)
     if cfg.model.enable_activation_offloading and cfg.run.device != "cuda":
         log.warning("enable_activation_offloading needs CUDA; ignored on %s.", cfg.run.device)
 
@@ -194,7 +198,7 @@ def finish_run(cfg: TrainConfig, env: RunEnv, recipe: str, model: nn.Module, tra
                val_loader: Any) -> RunParts:
     """The optimizer, the schedule over the run's steps, the loop's cadences, checkpoint meta and exports."""
     optim = cfg.optim
-    optimizer = build_optimizer(optim.optimizer, model)
+    optimizer = build_optimizer(optim.optimizer, model, cfg.run.master_weights)
     steps = _steps_per_epoch(int(train_loader.steps_per_epoch), optim.gradient_accumulation_steps,
                              optim.max_steps_per_epoch)
     lr_scheduler = build_lr_scheduler(optim.lr_scheduler, optimizer, optim.epochs * steps)

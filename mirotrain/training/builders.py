@@ -13,6 +13,7 @@ from torch import nn
 
 from mirotrain.config import instantiate
 from mirotrain.config.tree import TrainConfig, replace_section
+from mirotrain.optim.precision import MODES, PrecisionMode, build_compensated_adamw
 from mirotrain.training.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class ModelSpec:
     compile_model: bool
     compile_loss: bool
     dtype_name: str
+    master_weights: str  # what the sharded weights and optimizer state are kept in (mirotrain/optim/precision.py)
     cpu_offload: bool
     reshard_after_forward: bool
     offload_activations: bool  # saved activations to host memory (CUDA only)
@@ -47,13 +49,18 @@ class ModelSpec:
         compile_model, compile_loss = _compile_flags(m.compile, device)
         return cls(component=dict(m.component), attention_backend=m.attention_backend, ac_mode=ac_mode,
                    ac_option=ac_option, compile_model=compile_model, compile_loss=compile_loss,
-                   dtype_name=cfg.run.dtype, cpu_offload=cfg.parallel.fsdp_cpu_offload,
+                   dtype_name=cfg.run.dtype, master_weights=cfg.run.master_weights,
+                   cpu_offload=cfg.parallel.fsdp_cpu_offload,
                    reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
                    offload_activations=m.enable_activation_offloading and device.type == "cuda")
 
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.dtype_name]
+
+    @property
+    def precision(self) -> PrecisionMode:
+        return MODES[self.master_weights]
 
     def init_device(self, device: torch.device) -> torch.device:
         """Where the parameters live (and a random init draws them)."""
@@ -88,13 +95,15 @@ def build_model(spec: ModelSpec, layout: Layout, checkpointer: Any, seed: int) -
     from mirotrain.parallel.options import ParallelizeOptions
 
     model = build_meta_model(spec.component, spec.attention_backend)
+    cast_parameters(model, spec.precision.param_dtype)
     hf_config = checkpointer.hf_config() if checkpointer is not None else None
     check_against_checkpoint(model, hf_config)
     args = model.args
     layout.meshes.dims.validate_model(args.n_heads, args.n_kv_heads, args.attention_backend, layout.device.type)
     family_of(args).parallelize(model, layout.meshes, ParallelizeOptions(
         device_type=layout.device.type, ac_mode=spec.ac_mode, ac_option=spec.ac_option, compile=spec.compile_model,
-        param_dtype=spec.dtype, cpu_offload=spec.cpu_offload, reshard_after_forward=spec.reshard_after_forward))
+        param_dtype=spec.dtype, reduce_dtype=spec.precision.reduce_dtype, cpu_offload=spec.cpu_offload,
+        reshard_after_forward=spec.reshard_after_forward))
     materialize(model, layout.device, spec.cpu_offload)
     if hf_config is not None:
         checkpointer.load_into(model)
@@ -103,10 +112,10 @@ def build_model(spec: ModelSpec, layout: Layout, checkpointer: Any, seed: int) -
         init_random(model, seed)
         log.info("checkpointer.checkpoint_dir is not set: random initialisation (seed %d)", seed)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("Model: %.3fB parameters, %d layers; AC=%s%s, compile=%s, dtype=%s, world=%d (dp=%d, sp=%d, ep=%d)",
-             n_params / 1e9, args.n_layers, spec.ac_mode, f"({spec.ac_option})" if spec.ac_option else "",
-             spec.compile_model, spec.dtype_name, layout.world_size, layout.dp_size, layout.sp_size,
-             layout.meshes.dims.ep)
+    log.info("Model: %.3fB parameters, %d layers; AC=%s%s, compile=%s, dtype=%s, master_weights=%s, world=%d "
+             "(dp=%d, sp=%d, ep=%d)", n_params / 1e9, args.n_layers, spec.ac_mode,
+             f"({spec.ac_option})" if spec.ac_option else "", spec.compile_model, spec.dtype_name, spec.master_weights,
+             layout.world_size, layout.dp_size, layout.sp_size, layout.meshes.dims.ep)
     return model
 
 
@@ -123,6 +132,14 @@ def check_against_checkpoint(model: nn.Module, hf_config: dict | None) -> None:
         if getattr(ckpt, field) != getattr(a, field):
             raise ValueError(f"model builder and checkpoint disagree on {field}: builder {getattr(a, field)!r}, "
                              f"checkpoint config.json {getattr(ckpt, field)!r}")
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Keep the (meta) model's parameters in ``dtype``, in place, so tied weights stay one parameter; buffers
+    (RoPE's frequencies) keep their fp32."""
+    for p in model.parameters():
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def materialize(model: nn.Module, device: torch.device, cpu_offload: bool) -> None:
@@ -160,11 +177,14 @@ def init_random(model: nn.Module, seed: int) -> None:
 # ------------------------------------------------------------------------------------------------ optim
 
 
-def build_optimizer(node: dict, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(node: dict, model: nn.Module, master_weights: str) -> torch.optim.Optimizer:
     """The configured optimizer over all parameters; Adam(W) is fused by default (torch has fused CPU and
-    CUDA kernels; CPU-resident parameters under fsdp_cpu_offload use the CPU kernel)."""
+    CUDA kernels; CPU-resident parameters under fsdp_cpu_offload use the CPU kernel). ``master_weights: bf16``
+    runs the compensated AdamW with the section's hyper-parameters instead (mirotrain/optim/precision.py)."""
     node = dict(node)
     node.pop("params", None)
+    if master_weights == "bf16":
+        return build_compensated_adamw(node, [p for p in model.parameters() if p.requires_grad])
     name = node.get("_component_", "")
     if (name.endswith("AdamW") or name.endswith("Adam")) and node.get("fused") is None and not node.get("foreach"):
         node["fused"] = True

@@ -66,10 +66,13 @@ def test_cpu_offload_moves_the_state_to_the_host(model):
     assert gpu.total - host.total == gpu.sharded_state + gpu.reference
 
 
-def test_state_bytes_per_param_sets_the_sharded_state(model):
-    cfg = _cfg(SFT_8B)
-    assert (state_bytes_per_param(cfg), checkpoint_bytes_per_param(cfg)) == (16, 12)  # fp32 masters + AdamW
-    assert estimate_memory(model, cfg, WORLD).sharded_state == 16 * sum(p.numel() for p in model.parameters()) // WORLD
+@pytest.mark.parametrize("mode, state, checkpoint", [("fp32", 16, 12), ("bf16", 10, 8), ("bf16_plain", 8, 6)])
+def test_state_bytes_per_param_sets_the_sharded_state(model, mode, state, checkpoint):
+    """fp32 masters + fp32 AdamW; bf16 weights, gradients, moments + compensation; bf16 without it. The
+    trainer's measured figures: tests/training/test_master_weights.py."""
+    cfg = _cfg(SFT_8B, f"master_weights={mode}")
+    assert (state_bytes_per_param(cfg), checkpoint_bytes_per_param(cfg)) == (state, checkpoint)
+    assert estimate_memory(model, cfg, WORLD).sharded_state == state * sum(p.numel() for p in model.parameters()) // WORLD
 
 
 def test_validate_prints_the_breakdown(capsys):
@@ -82,6 +85,34 @@ def test_validate_prints_the_breakdown(capsys):
     assert out["memory/GPU: "].startswith("memory/GPU:  ~")
     assert "(sharded state 0.0, gathered params 0.7, activations 8.2, loss " in out["memory/GPU: "]
     assert "live reference" not in out["memory/GPU: "] and ", SP all-to-all 0." in out["memory/GPU: "]
-    assert out["state:      "].startswith("state:       16 bytes/param (fp32 master weights, gradients, AdamW moments) "
-                                          "sharded over 8 ranks, on the host (fsdp_cpu_offload): ~")
+    assert out["state:      "].startswith("state:       16 bytes/param, master_weights: fp32 (fp32 master weights, "
+                                          "gradients, AdamW moments), sharded over 8 ranks, on the host "
+                                          "(fsdp_cpu_offload): ~")
     assert out["state:      "].endswith(" GiB of host memory per node of 8 GPUs")
+    assert out["notice:     "].startswith("notice:      dtype: bf16 computes in bf16 and keeps fp32 master weights")
+    assert "master_weights: bf16 keeps bf16 ones with compensated updates (10 bytes/param)" in out["notice:     "]
+
+
+def test_validate_prints_the_bf16_mode_and_its_bytes(capsys):
+    """A chosen mode is printed with its bytes per parameter, and the notice about dtype: bf16 is not."""
+    assert validate(["--config", str(SFT_8B), "--world-size", "8", "--no-file-check", "master_weights=bf16"]) == 0
+    out = {line[:12]: line for line in capsys.readouterr().out.splitlines()}
+    assert out["state:      "] == ("state:       10 bytes/param, master_weights: bf16 (bf16 weights, gradients, AdamW "
+                                   "moments and update compensation), sharded over 8 ranks, on the GPU")
+    assert "notice:     " not in out
+    assert out["checkpoints:"].startswith("checkpoints: ~61 GiB each on disk")  # 8 bytes/param: weight + AdamW state
+
+
+def test_bf16_modes_need_bf16_compute_and_the_bf16_mode_needs_adamw(capsys):
+    tiny = str(CONFIG_ROOT / "tiny" / "sft.yaml")
+    assert validate(["--config", tiny, "--no-file-check", "master_weights=bf16_plain"]) == 2
+    assert "config key 'master_weights': bf16_plain keeps bf16 weights and needs dtype: bf16, got dtype: fp32" in \
+        capsys.readouterr().err
+    assert validate(["--config", tiny, "--no-file-check", "dtype=bf16", "master_weights=bf16",
+                     "optimizer._component_=torch.optim.SGD"]) == 2
+    assert "config key 'optimizer._component_': master_weights: bf16 runs a compensated AdamW and needs " \
+        "torch.optim.AdamW, got 'torch.optim.SGD'" in capsys.readouterr().err
+    assert validate(["--config", tiny, "--no-file-check", "dtype=bf16", "master_weights=bf16",
+                     "optimizer.amsgrad=True"]) == 2
+    assert "config key 'optimizer.amsgrad': not supported with master_weights: bf16 (its AdamW takes lr, betas, " \
+        "eps, weight_decay)" in capsys.readouterr().err

@@ -32,8 +32,9 @@ def apply_ac_compile_fsdp(model: nn.Module, meshes: ParallelMeshes, options: Par
     apply_activation_checkpointing(model, options.ac_mode, options.ac_option)
     if options.compile:
         apply_compile(model)
-    return apply_fsdp(model, meshes.fsdp, param_dtype=options.param_dtype, cpu_offload=options.cpu_offload,
-                      reshard_after_forward=options.reshard_after_forward, expert_mesh=expert_mesh)
+    return apply_fsdp(model, meshes.fsdp, param_dtype=options.param_dtype, reduce_dtype=options.reduce_dtype,
+                      cpu_offload=options.cpu_offload, reshard_after_forward=options.reshard_after_forward,
+                      expert_mesh=expert_mesh)
 
 
 def parallelize_qwen3(model: nn.Module, meshes: ParallelMeshes, options: ParallelizeOptions) -> nn.Module:

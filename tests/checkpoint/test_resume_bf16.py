@@ -1,0 +1,56 @@
+"""Auto-resume with ``master_weights: bf16``: `mirotrain sft` under torchrun (2 ranks, gloo, bf16 compute on CPU),
+SIGKILLed after step 6 and restarted from its step-4 checkpoint, must reproduce the uninterrupted run bit for
+bit. That needs the bf16 moments and the compensation buffer in the step checkpoint (sharded, like the weights)
+and each rank's RNG state restored, since the second moment's stochastic rounding draws from it."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from sft_helpers import assert_ok, read_metrics, read_weights, run_sft, tiny_config, write_config, write_shards  # noqa: E402
+
+pytestmark = pytest.mark.slow  # `mirotrain sft` under torchrun, killed and restarted
+
+STEPS, EVERY, KILL_AFTER = 12, 4, 6
+
+
+def _config(tmp: Path, shards: str, name: str) -> Path:
+    cfg = tiny_config(tmp / name, shards, auto_resume=True, checkpoint_steps_for_auto_resume=EVERY, seed=5,
+                      dtype="bf16", master_weights="bf16")
+    return write_config(cfg, tmp / f"{name}.yaml")
+
+
+def test_bf16_mode_killed_and_resumed_equals_uninterrupted(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    shards = write_shards(tmp_path / "shards", n_rows=2 * STEPS, seq_len=64, seed=3)
+    clean = run_sft(_config(tmp_path, shards, "clean"), nproc=2)
+    assert_ok(clean)
+
+    faulted = _config(tmp_path, shards, "faulted")
+    marker = tmp_path / "fault.marker"
+    first = run_sft(faulted, nproc=2, env={"MIROTRAIN_FAULT_AFTER_STEP": str(KILL_AFTER),
+                                           "MIROTRAIN_FAULT_MARKER": str(marker)})
+    assert first.returncode != 0 and marker.exists(), first.stderr[-3000:]
+    ckpt = tmp_path / "faulted" / "checkpoints" / f"step_{EVERY}"
+    stored = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    compensation = [k for k in stored if k.endswith(".compensation")]
+    assert "optim.layers.0.attention.wq.weight.compensation" in compensation
+    assert stored["optim.layers.0.attention.wq.weight.exp_avg_sq"].properties.dtype == torch.bfloat16
+
+    resumed = run_sft(faulted, nproc=2)
+    assert_ok(resumed)
+    assert f"step_{EVERY}: step {EVERY}" in resumed.stdout + resumed.stderr
+
+    want, got = read_metrics(tmp_path / "clean"), read_metrics(tmp_path / "faulted")
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        for key in ("loss", "grad_norm", "lr"):
+            assert got[step][key] == want[step][key], (step, key, got[step][key], want[step][key])
+    a, b = read_weights(tmp_path / "clean" / "hf" / "final"), read_weights(tmp_path / "faulted" / "hf" / "final")
+    assert a.keys() == b.keys() and all(t.dtype == torch.bfloat16 for t in a.values())
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
