@@ -3,7 +3,8 @@
 What a CPU run has to override besides the paths, each for a reason a test machine imposes:
 * the model, shrunk (2 layers, width 64; 4 experts for MoE), and the rows, 512 tokens: a packed row is
   attended with a dense [T, T] document mask on CPU, which at 32K-40K tokens needs tens of GB;
-* ``device=cpu``, one process, so the SP/EP degrees become 1;
+* ``device=cpu dtype=fp32`` (bf16 matmuls on CPU are several times slower), one process, so the SP/EP degrees
+  become 1;
 * the data, local files in the same formats (alpaca, agent traces, preference pairs) instead of Hub datasets;
 * the Liger loss (a Triton kernel, CUDA only) -> the chunked linear cross-entropy;
 * ``epochs=1 max_steps_per_epoch=2`` (2 steps).
@@ -39,7 +40,7 @@ def name(path: Path) -> str:
 def data(tmp_path_factory) -> dict[str, str]:
     """Local files in the formats of the recipes' Hub datasets."""
     out = tmp_path_factory.mktemp("recipe-data")
-    files = write_demo(str(out), num_samples=40)
+    files = write_demo(str(out), num_samples=40, num_pairs=200)  # GA 4 x 2 steps: 8 rows of pairs
     alpaca = out / "alpaca.jsonl"
     alpaca.write_text("".join(json.dumps({"instruction": f"Add {i} and {i + 1}.", "input": "",
                                           "output": f"{i} + {i + 1} = {2 * i + 1}."}) + "\n" for i in range(64)))
@@ -58,7 +59,7 @@ def cpu_overrides(raw: dict, out: Path, data: dict[str, str]) -> list[str]:
     builder = raw["dataset"]["_component_"]
     kind = "preference" if builder.endswith("preference_dataset") else "alpaca" if "alpaca" in builder else "sft"
     overrides = [f"output_dir={out}", "checkpointer.checkpoint_dir=null", "tokenizer.path=null", "device=cpu",
-                 f"tokenizer.max_seq_len={ROW}", "ulysses_sequence_parallel_size=1", "epochs=1",
+                 "dtype=fp32", f"tokenizer.max_seq_len={ROW}", "ulysses_sequence_parallel_size=1", "epochs=1",
                  "max_steps_per_epoch=2", "dataset.source=json", f"dataset.data_files={data[kind]}", *SHRINK]
     if "name" in raw["dataset"]:
         overrides.append("~dataset.name")
