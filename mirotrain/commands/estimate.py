@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from mirotrain.config.registry import resolve_component
 from mirotrain.config.tree import TrainConfig
+from mirotrain.config.validation import is_preference_builder
 from mirotrain.modules.loss.logprobs import DEFAULT_CHUNK_SIZE
 from mirotrain.optim.precision import MODES
 
@@ -69,11 +69,7 @@ def checkpoint_bytes_per_param(cfg: TrainConfig) -> int:
 
 def is_preference(cfg: TrainConfig) -> bool:
     """Whether the training data are DPO pairs (``preference_dataset``)."""
-    node = cfg.data.dataset.node if cfg.data.dataset else {}
-    try:
-        return resolve_component(node.get("_component_", "")).__name__ == "preference_dataset"
-    except (ValueError, ImportError):
-        return False
+    return cfg.data.dataset is not None and any(is_preference_builder(b) for b in cfg.data.dataset.builders)
 
 
 def row_tokens(cfg: TrainConfig, preference: bool) -> int:

@@ -223,7 +223,8 @@ def _source(node: dict) -> str | None:
     return None if default is None or default.default is inspect.Parameter.empty else default.default
 
 
-def _is_preference(node: dict) -> bool:
+def is_preference_builder(node: dict) -> bool:
+    """Whether a dataset builder node makes DPO pairs (``preference_dataset``)."""
     try:
         return resolve_component(node.get("_component_", "")).__name__ == "preference_dataset"
     except (ValueError, ImportError):
@@ -245,7 +246,7 @@ def _check_sections(cfg: dict, world_size: int, scope: Collection[str] | None, b
             errors.extend(section.check(
                 name, batch_size=cfg.get(batch_key), batch_key=batch_key,
                 max_seq_len=(cfg.get("tokenizer") or {}).get("max_seq_len"),
-                kinds=[(_source(b), _is_preference(b)) for b in section.builders]))
+                kinds=[(_source(b), is_preference_builder(b)) for b in section.builders]))
     if scope is not None:
         return errors
     master_weights = cfg.get("master_weights", "fp32")
