@@ -74,9 +74,7 @@ def cpu_overrides(raw: dict, out: Path, data: dict[str, str]) -> list[str]:
     return overrides
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", [p for p in CONFIGS if name(p) not in REFUSED], ids=name)
-def test_recipe_trains_two_steps_on_cpu(path, tmp_path, data):
+def trains_two_steps(path: Path, tmp_path: Path, data: dict[str, str]) -> None:
     raw = load_config(path)
     recipe = "dpo" if "ref_checkpointer" in raw else "sft"
     out = tmp_path / "run"
@@ -86,6 +84,24 @@ def test_recipe_trains_two_steps_on_cpu(path, tmp_path, data):
     assert summary["steps"] == 2 and summary["steps_trained"] == 2, summary
     assert (out / "logs").is_dir()  # the recipe's DiskLogger at ${output_dir}/logs
     assert not (out / "profiling_outputs").exists()  # profiler.enabled: False
+
+
+TRAINED = [p for p in CONFIGS if name(p) not in REFUSED]
+
+
+# Two classes so that CI's `--dist loadscope` runs the SFT and the DPO recipes (minutes each) on two workers.
+@pytest.mark.slow
+class TestSFTRecipe:
+    @pytest.mark.parametrize("path", [p for p in TRAINED if "ref_checkpointer" not in load_config(p)], ids=name)
+    def test_trains_two_steps_on_cpu(self, path, tmp_path, data):
+        trains_two_steps(path, tmp_path, data)
+
+
+@pytest.mark.slow
+class TestDPORecipe:
+    @pytest.mark.parametrize("path", [p for p in TRAINED if "ref_checkpointer" in load_config(p)], ids=name)
+    def test_trains_two_steps_on_cpu(self, path, tmp_path, data):
+        trains_two_steps(path, tmp_path, data)
 
 
 @pytest.mark.slow
