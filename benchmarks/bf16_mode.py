@@ -107,16 +107,17 @@ def run_worker(ns: argparse.Namespace) -> None:
     destroy_distributed()
 
 
-def run_mode(ns: argparse.Namespace, work: Path, cfg: dict, mode: str) -> dict:
-    """Train ``mode`` under torchrun; its per-step losses and rates (metrics.jsonl) and the worker's counts."""
-    out = work / mode
+def run_mode(ns: argparse.Namespace, work: Path, cfg: dict, label: str, mode: str) -> dict:
+    """Train ``mode`` under torchrun in ``work/label``; its per-step losses and rates (metrics.jsonl) and the
+    worker's counts."""
+    out = work / label
     cfg = {**cfg, "output_dir": str(out), "master_weights": mode}
-    path = work / f"{mode}.json"
+    path = work / f"{label}.json"
     path.write_text(json.dumps(cfg))
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     cmd = ["torchrun", "--standalone", f"--nproc_per_node={ns.nproc}", str(Path(__file__).resolve()),
            "--worker-config", str(path)]
-    print(f"--- {mode}: {' '.join(cmd)}", flush=True)
+    print(f"--- {label}: {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = {m["step"]: m for m in metrics if "loss" in m}
@@ -158,6 +159,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=4e-5)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--control", action="store_true",
+                   help="run fp32 a second time (fp32_rerun): GPU runs are not bitwise reproducible, so the two fp32 "
+                        "runs' deviation is the floor every mode's deviation is read against")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--work", help="working directory (default: a new temporary one)")
     p.add_argument("--json", help="also write the results here")
@@ -174,7 +178,8 @@ def main() -> None:
     work = Path(ns.work) if ns.work else Path(tempfile.mkdtemp(prefix="mirotrain-bf16-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     cfg = prepare(ns, work)
-    results = {mode: run_mode(ns, work, cfg, mode) for mode in ns.modes}
+    runs = [(mode, mode) for mode in ns.modes] + ([("fp32_rerun", "fp32")] if ns.control else [])
+    results = {label: run_mode(ns, work, cfg, label, mode) for label, mode in runs}
     report(results)
     if ns.json:
         Path(ns.json).write_text(json.dumps({"config": {k: v for k, v in vars(ns).items() if k != "worker_config"},
