@@ -24,6 +24,10 @@ VOCAB = 256
 TINY_MODEL = {"_component_": "mirotrain.models.qwen3.qwen3", "vocab_size": VOCAB, "dim": 32, "n_layers": 2,
               "n_heads": 4, "n_kv_heads": 2, "head_dim": 8, "hidden_dim": 64, "max_seq_len": 4096,
               "tie_word_embeddings": False}
+# Qwen3-MoE of the same size: 4 experts, top-2 (the per-expert loop: the reference path, any width)
+TINY_MOE = {"_component_": "mirotrain.models.qwen3_moe.qwen3_moe", "vocab_size": VOCAB, "dim": 32, "n_layers": 2,
+            "n_heads": 4, "n_kv_heads": 2, "head_dim": 8, "hidden_dim": 64, "num_experts": 4, "num_experts_per_tok": 2,
+            "moe_hidden_dim": 32, "max_seq_len": 4096, "moe_backend": "loop", "router_aux_loss_coef": 0.01}
 
 
 def synthetic_rows(n_rows: int, seq_len: int, seed: int, packed: bool = True) -> list[dict]:

@@ -5,20 +5,17 @@ one process; router aux loss and expert load logged."""
 import numpy as np
 import pytest
 
-from sft_helpers import assert_ok, read_metrics, read_weights, run_sft, tiny_config, write_config, write_shards
+from sft_helpers import (TINY_MOE, assert_ok, read_metrics, read_weights, run_sft, tiny_config, write_config,
+                         write_shards)
 
 pytestmark = pytest.mark.slow  # `mirotrain sft` under torchrun
-
-MOE = {"_component_": "mirotrain.models.qwen3_moe.qwen3_moe", "vocab_size": 256, "dim": 32, "n_layers": 2,
-       "n_heads": 4, "n_kv_heads": 2, "head_dim": 8, "hidden_dim": 64, "num_experts": 4, "num_experts_per_tok": 2,
-       "moe_hidden_dim": 32, "max_seq_len": 4096, "moe_backend": "loop", "router_aux_loss_coef": 0.01}
 
 
 def test_expert_parallel_equals_ep1(tmp_path):
     shards = write_shards(tmp_path / "shards", n_rows=8, seq_len=64, seed=1)
     for name, ep in (("ep1", 1), ("ep2", 2)):
         cfg = tiny_config(tmp_path / name, shards, seed=5, moe_expert_parallel_size=ep)
-        cfg["model"] = dict(MOE)
+        cfg["model"] = dict(TINY_MOE)
         assert_ok(run_sft(write_config(cfg, tmp_path / f"{name}.yaml"), nproc=2))
     m1, m2 = read_metrics(tmp_path / "ep1"), read_metrics(tmp_path / "ep2")
     assert sorted(m1) == sorted(m2) == [1, 2, 3, 4]
@@ -37,7 +34,7 @@ def test_sequence_parallel_equals_single_rank(tmp_path):
     runs = {}
     for name, sp in (("sp1", 1), ("sp2", 2)):
         cfg = tiny_config(tmp_path / name, shards, seed=5, ulysses_sequence_parallel_size=sp)
-        cfg["model"] = dict(MOE)
+        cfg["model"] = dict(TINY_MOE)
         assert_ok(run_sft(write_config(cfg, tmp_path / f"{name}.yaml"), nproc=sp))
         runs[name] = read_metrics(tmp_path / name)
     m1, m2 = runs["sp1"], runs["sp2"]
