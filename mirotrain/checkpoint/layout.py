@@ -5,6 +5,14 @@
 data is persisted, ``COMPLETE``: a JSON manifest of every file and its size. A checkpoint counts only when its
 marker exists, every listed file has its recorded size, and every byte range the DCP metadata refers to lies
 inside its file, so a missing or truncated file is caught before resume rather than during it.
+
+MiroTrain v0.1 wrote its step checkpoints to ``{output_dir}/epoch_{E}/step_{S}/`` (DCP, a ``.metadata`` file,
+no ``meta.json``), beside the HF weights it saved into ``epoch_{E}/`` at each epoch end. Those cannot be
+resumed here: their model and optimizer entries use MiroTrain's parameter names (``layers.0.attn.q_proj``
+where ours say ``layers.0.attention.wq``) and their data-loader state is MiroTrain's. Auto-resume and
+``mirotrain convert`` therefore refuse them with :func:`mirotrain_refusal`, which names the directory found
+and the run to start instead (from MiroTrain's epoch-end HF weights). The ``epoch_{N}/`` directories this
+trainer writes hold HF files only (no ``step_*/.metadata``), so they are never taken for one.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 META = "meta.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+_EPOCH_RE = re.compile(r"^epoch_(\d+)$")
+DCP_METADATA = ".metadata"
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,67 @@ def newest_valid(root: Path, remove_invalid_newer: bool = False) -> StepDir | No
     return None
 
 
+@dataclass(frozen=True)
+class MiroTrainStepDir:
+    """A step checkpoint in MiroTrain's layout: ``{output_dir}/epoch_{epoch}/step_{step}/.metadata``."""
+
+    epoch: int
+    step: int
+    path: Path
+
+
+def _epoch_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    """The ``epoch_E`` directories of ``output_dir`` with their E, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), child) for child in output_dir.iterdir()
+             if (m := _EPOCH_RE.match(child.name)) and child.is_dir()]
+    return sorted(found)
+
+
+def mirotrain_step_dir(path: str | Path) -> MiroTrainStepDir | None:
+    """``path`` as a MiroTrain step checkpoint (``.../epoch_E/step_S`` with a DCP ``.metadata`` and no
+    ``meta.json`` of ours), else None."""
+    path = Path(path)
+    step, epoch = _STEP_RE.match(path.name), _EPOCH_RE.match(path.parent.name)
+    if step and epoch and (path / DCP_METADATA).is_file() and not (path / META).exists():
+        return MiroTrainStepDir(int(epoch.group(1)), int(step.group(1)), path)
+    return None
+
+
+def mirotrain_step_dirs(output_dir: str | Path) -> list[MiroTrainStepDir]:
+    """MiroTrain's step checkpoints under ``output_dir``, oldest first (by epoch, then step: the order MiroTrain's
+    auto-resume chose the newest by)."""
+    found = [mirotrain_step_dir(step.path) for _, epoch_dir in _epoch_dirs(Path(output_dir))
+             for step in list_step_dirs(epoch_dir)]
+    return sorted((d for d in found if d is not None), key=lambda d: (d.epoch, d.step))
+
+
+def newest_epoch_export(output_dir: str | Path) -> Path | None:
+    """The newest ``epoch_E/`` of ``output_dir`` holding HF weights (``config.json`` and a ``*.safetensors``):
+    what MiroTrain saved at an epoch end (or this trainer's own epoch export)."""
+    for _, epoch_dir in reversed(_epoch_dirs(Path(output_dir))):
+        if (epoch_dir / "config.json").is_file() and any(epoch_dir.glob("*.safetensors")):
+            return epoch_dir
+    return None
+
+
+def mirotrain_refusal(found: MiroTrainStepDir) -> str:
+    """Why ``found`` cannot be resumed or converted, and what to run instead: a new run from the newest
+    epoch-end HF export of its output_dir when there is one."""
+    output_dir = found.path.parent.parent
+    head = (f"{found.path} is a MiroTrain step checkpoint (epoch_E/step_S, DCP), which this trainer cannot resume "
+            f"or convert: its model and optimizer state use MiroTrain's parameter names and its data-loader "
+            f"position does not carry over. ")
+    tail = f"To train from the start instead, move {output_dir}/epoch_*/step_* away."
+    export = newest_epoch_export(output_dir)
+    if export is None:
+        return (head + "MiroTrain saved no epoch-end HF weights there (epoch_E/config.json + *.safetensors) to "
+                "start a new run from; finish that epoch with MiroTrain to get them. " + tail)
+    return (head + f"Start a new run from the HF weights MiroTrain saved at the end of {export.name}: "
+            f"checkpointer.checkpoint_dir={export} output_dir=<a new directory> (epochs count from there). " + tail)
+
+
 class CheckpointInputError(ValueError):
     """A named checkpoint that cannot be used (missing, not a checkpoint, incomplete, not matching the model):
     a permanent error of the caller's arguments, never worth retrying."""
@@ -128,6 +199,9 @@ def resolve_checkpoint(path: str | Path) -> StepDir:
         raise CheckpointInputError(f"checkpoint directory {path} does not exist")
     if not path.is_dir():
         raise CheckpointInputError(f"{path} is not a directory")
+    original = mirotrain_step_dir(path)
+    if original is not None:
+        raise CheckpointInputError(mirotrain_refusal(original))
     match = _STEP_RE.match(path.name)
     if match or (path / MARKER).exists() or (path / META).exists():
         reason = check_step_dir(path)
@@ -135,10 +209,13 @@ def resolve_checkpoint(path: str | Path) -> StepDir:
             raise CheckpointInputError(f"{path} is not a usable step checkpoint: {reason}")
         return StepDir(int(match.group(1)) if match else int(read_meta(path)["step"]), path)
     root = path if list_step_dirs(path) else path / "checkpoints"
+    found = newest_valid(root)
+    originals = mirotrain_step_dirs(path)
+    if found is None and originals:
+        raise CheckpointInputError(mirotrain_refusal(originals[-1]))
     if not root.is_dir():
         raise CheckpointInputError(f"{path} is neither a step checkpoint (OUT/checkpoints/step_N) nor a training "
                                    f"output_dir (it has no checkpoints/ directory)")
-    found = newest_valid(root)
     if found is None:
         raise CheckpointInputError(f"{root} holds no complete step checkpoint")
     return found

@@ -33,7 +33,8 @@ from mirotrain.checkpoint.host_memory import (
 )
 from mirotrain.checkpoint.staging import FIXED_SHAPE_KEYS, ReusedBufferStager
 from mirotrain.checkpoint.layout import (
-    META, StepDir, apply_retention, list_step_dirs, newest_valid, read_meta, step_path, write_marker,
+    META, CheckpointInputError, StepDir, apply_retention, list_step_dirs, mirotrain_refusal, mirotrain_step_dirs,
+    newest_valid, read_meta, step_path, write_marker,
 )
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,21 @@ class StepCheckpointer:
     # ------------------------------------------------------------------------------------------ find
 
     def find_latest(self) -> StepDir | None:
-        """Newest intact checkpoint, agreed by all ranks (rank 0 looks; invalid newer ones are removed)."""
-        choice = None
+        """Newest intact checkpoint, agreed by all ranks (rank 0 looks; invalid newer ones are removed).
+
+        Where there is none but the output_dir (``root``'s parent) holds MiroTrain step checkpoints
+        (``epoch_E/step_S``), every rank raises :class:`CheckpointInputError` saying what to run instead:
+        training from scratch there would silently ignore them."""
+        choice, refusal = None, None
         if self.rank == 0:
             found = newest_valid(self.root, remove_invalid_newer=True)
             choice = None if found is None else (found.step, str(found.path))
-        holder = [choice]
+            originals = mirotrain_step_dirs(self.root.parent) if found is None else []
+            refusal = mirotrain_refusal(originals[-1]) if originals else None
+        holder = [choice, refusal]
         dist.broadcast_object_list(holder, src=0, group=self.group)
+        if holder[1] is not None:
+            raise CheckpointInputError(holder[1])
         return None if holder[0] is None else StepDir(holder[0][0], Path(holder[0][1]))
 
     # ------------------------------------------------------------------------------------------ save

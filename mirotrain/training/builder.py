@@ -207,8 +207,9 @@ def finish_run(cfg: TrainConfig, env: RunEnv, recipe: str, model: nn.Module, tra
                         checkpoint_every=cfg.checkpoint.checkpoint_steps_for_auto_resume)
     tok_dir = tokenizer_dir(cfg)
     record = RunRecord(recipe, cfg.to_dict(), cfg.run.dtype, model.args.to_dict(), tok_dir, env.layout)
-    export = HFExport(env.output_dir / "hf", tok_dir, getattr(env.hf_checkpointer, "max_shard_size", "5GB"),
-                      env.model_spec.dtype, cfg.checkpoint.save_hf_every_epoch, optim.epochs)
+    export = HFExport(env.output_dir, tok_dir, cfg.checkpoint.checkpoint_dir,
+                      getattr(env.hf_checkpointer, "max_shard_size", "5GB"), env.model_spec.dtype,
+                      cfg.checkpoint.save_hf_every_epoch, optim.epochs)
     return RunParts(recipe, env, model, optimizer, lr_scheduler, train_loader, val_loader, loop, record, export,
                     cfg.metrics)
 

@@ -1,9 +1,20 @@
-"""HF exports of a run: ``output_dir/hf/{name}`` with safetensors, config.json and the tokenizer files."""
+"""HF exports of a run: ``output_dir/hf/{name}`` with safetensors, config.json and the tokenizer files, and
+``output_dir/epoch_{N}/``, where MiroTrain users' scripts look for the weights of epoch N.
+
+``epoch_{N}/`` is a tree of hard links to the files of ``hf/epoch_{N}`` (``hf/final`` for the last epoch),
+copies where the filesystem has no hard links. Hard links rather than a symlink: the directory holds plain
+files, so ``from_pretrained`` (transformers, vLLM) and upload or sync tools that skip or mishandle symlinks
+see a normal model directory; it takes no extra disk; it stays valid when the run directory is moved or
+copied (a copy that does not keep hard links, such as ``cp -r``, duplicates the bytes); and it is a
+snapshot: rewriting ``hf/final`` (a re-run of a finished run exports it again) replaces files by new ones
+and re-links ``epoch_{N}``, so it never shows a half-written export.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,41 +28,82 @@ from mirotrain.models.hf_writer import make_public_dirs
 
 log = logging.getLogger("mirotrain.train")
 
+_EPOCH_NAME = re.compile(r"^epoch_(\d+)$")
+
 
 @dataclass(frozen=True)
 class HFExport:
-    """Where and how a run exports: ``final`` always, ``epoch_{k}`` after each epoch with ``every_epoch``."""
+    """Where and how a run exports: ``final`` always, ``epoch_{k}`` after each epoch with ``every_epoch``.
 
-    root: Path  # output_dir / "hf"
+    ``base_dir`` is the checkpoint training started from (``checkpointer.checkpoint_dir``; None: random
+    initialisation): every export keeps its special token ids and its ``generation_config.json``.
+    """
+
+    output_dir: Path
     tokenizer_dir: str | None
+    base_dir: str | None
     max_shard_size: Any
     dtype: torch.dtype
     every_epoch: bool
     epochs: int
 
+    @property
+    def root(self) -> Path:
+        return self.output_dir / "hf"
+
+    def epoch_of(self, name: str) -> int:
+        """The epoch whose end export ``name`` is: ``epoch_{k}`` -> k, ``final`` -> the last epoch."""
+        if name == "final":
+            return self.epochs - 1
+        match = _EPOCH_NAME.match(name)
+        if match is None:
+            raise ValueError(f"HF export name {name!r}: expected 'final' or 'epoch_<k>'")
+        return int(match.group(1))
+
     def save(self, model: nn.Module, name: str, is_main: bool) -> Path:
-        """Export ``model`` as ``root/name`` (all ranks must call; the caller finishes pending checkpoint writes
-        first, so the gather does not overlap a background write)."""
+        """Export ``model`` as ``root/name`` and link it as ``output_dir/epoch_{k}`` (all ranks must call; the
+        caller finishes pending checkpoint writes first, so the gather does not overlap a background write)."""
         from mirotrain.models.hf_weights import save_pretrained
 
+        epoch = self.epoch_of(name)
         out = self.root / name
         save_pretrained(model, out, tokenizer_dir=self.tokenizer_dir, max_shard_size=self.max_shard_size,
-                        dtype=self.dtype)
+                        dtype=self.dtype, base_dir=self.base_dir)
         if is_main:
             log.info("Saved HF weights to %s", out)
-            if name == "final" and self.every_epoch and self.epochs > 0:
-                _link_tree(out, self.root / f"epoch_{self.epochs - 1}")
+            if name == "final" and self.every_epoch:
+                link_tree(out, self.root / f"epoch_{epoch}")
+            link_tree(out, self.output_dir / f"epoch_{epoch}")
         dist.barrier()
         return out
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Make ``dst`` a copy of ``src`` by hard links (no extra disk), falling back to copies."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    make_public_dirs(dst)
+def link_tree(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold the files of ``src`` as hard links (copies where hard links fail).
+
+    Built as ``dst.tmp`` and renamed into place. A ``dst`` with subdirectories (MiroTrain kept its
+    ``epoch_E/step_S`` step checkpoints inside the epoch directory) is never deleted: only its files are
+    replaced, and its subdirectories stay as they are.
+    """
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_public_dirs(tmp)
     for f in src.iterdir():
         try:
-            os.link(f, dst / f.name)
+            os.link(f, tmp / f.name)
         except OSError:
-            shutil.copy2(f, dst / f.name)
+            shutil.copy2(f, tmp / f.name)
+    if dst.is_symlink() or dst.is_file():
+        dst.unlink()
+    subdirs = sorted(p.name for p in dst.iterdir() if p.is_dir()) if dst.is_dir() else []
+    if not subdirs:
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+        return
+    log.info("%s keeps its subdirectories %s; only its files are replaced by the export's.", dst, ", ".join(subdirs))
+    for f in dst.iterdir():
+        if not f.is_dir():
+            f.unlink()
+    for f in tmp.iterdir():
+        f.rename(dst / f.name)
+    tmp.rmdir()
