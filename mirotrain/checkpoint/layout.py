@@ -153,10 +153,11 @@ def mirotrain_step_dir(path: str | Path) -> MiroTrainStepDir | None:
 
 
 def mirotrain_step_dirs(output_dir: str | Path) -> list[MiroTrainStepDir]:
-    """MiroTrain's step checkpoints under ``output_dir``, oldest first (by epoch, then step: the order MiroTrain's
-    auto-resume chose the newest by)."""
-    found = [mirotrain_step_dir(step.path) for _, epoch_dir in _epoch_dirs(Path(output_dir))
-             for step in list_step_dirs(epoch_dir)]
+    """MiroTrain's step checkpoints under ``output_dir`` (or in it, when it is one ``epoch_E`` directory), oldest
+    first (by epoch, then step: the order MiroTrain's auto-resume chose the newest by)."""
+    output_dir = Path(output_dir)
+    dirs = [output_dir, *(epoch_dir for _, epoch_dir in _epoch_dirs(output_dir))]
+    found = [mirotrain_step_dir(step.path) for d in dirs for step in list_step_dirs(d)]
     return sorted((d for d in found if d is not None), key=lambda d: (d.epoch, d.step))
 
 

@@ -81,9 +81,9 @@ class HFExport:
 def link_tree(src: Path, dst: Path) -> None:
     """Make ``dst`` hold the files of ``src`` as hard links (copies where hard links fail).
 
-    Built as ``dst.tmp`` and renamed into place. A ``dst`` with subdirectories (MiroTrain kept its
-    ``epoch_E/step_S`` step checkpoints inside the epoch directory) is never deleted: only its files are
-    replaced, and its subdirectories stay as they are.
+    Built as ``dst.tmp`` and renamed into place (the previous ``dst`` is renamed aside first, then deleted).
+    A ``dst`` with subdirectories (MiroTrain kept its ``epoch_E/step_S`` step checkpoints inside the epoch
+    directory) is never deleted: only its files are replaced, and its subdirectories stay as they are.
     """
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -96,9 +96,13 @@ def link_tree(src: Path, dst: Path) -> None:
     if dst.is_symlink() or dst.is_file():
         dst.unlink()
     subdirs = sorted(p.name for p in dst.iterdir() if p.is_dir()) if dst.is_dir() else []
-    if not subdirs:
-        shutil.rmtree(dst, ignore_errors=True)
+    if not subdirs:  # swapped in whole: dst is absent only between the two renames
+        old = dst.with_name(dst.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if dst.exists():
+            dst.rename(old)
         tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
         return
     log.info("%s keeps its subdirectories %s; only its files are replaced by the export's.", dst, ", ".join(subdirs))
     for f in dst.iterdir():

@@ -176,10 +176,10 @@ def test_resume_from_checkpoint_reads_as_auto_resume_and_refuses_too(tmp_path, m
 
 def test_convert_refuses_mirotrain_step_checkpoints_with_the_same_line(mirotrain_output_dir):
     out = mirotrain_output_dir
-    for named in (out / "epoch_0" / "step_3", out):
+    for named, newest in ((out / "epoch_0" / "step_3", out / "epoch_0" / "step_3"),
+                          (out / "epoch_1", out / "epoch_1" / "step_6"), (out, out / "epoch_1" / "step_6")):
         with pytest.raises(CheckpointInputError) as refused:
             resolve_checkpoint(named)
-        newest = named if named.name == "step_3" else out / "epoch_1" / "step_6"
         assert str(refused.value).startswith(f"{newest} is a MiroTrain step checkpoint")
         assert f"checkpointer.checkpoint_dir={out / 'epoch_0'} " in str(refused.value)
 
