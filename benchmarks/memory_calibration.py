@@ -9,9 +9,11 @@ Each case is a shipped config, some ``key=value`` overrides and a world size. Fo
    config the run reads (the same overrides, shard directory included);
 3. trains it for a few optimizer steps under ``torch.distributed.run`` through the real trainer
    (``SFTTrainer`` / ``DPOTrainer`` built from the config, steps timed by ``benchmarks/sft.py``'s ``time_steps``),
-   and reads the allocator peaks on every rank (``mirotrain.training.metrics.peak_memory``, what
-   ``metrics.jsonl`` logs as ``peak_mem_alloc_gib`` / ``peak_mem_reserved_gib``; ``metrics.jsonl`` has rank 0's
-   only and resets them every window, so the worker reads them itself);
+   with the CUDA allocator set as `mirotrain sft`/`dpo` set it (``commands/cuda_alloc.py``: expandable
+   segments unless PYTORCH_CUDA_ALLOC_CONF is set), and reads the allocator peaks on every rank
+   (``mirotrain.training.metrics.peak_memory``, what ``metrics.jsonl`` logs as ``peak_mem_alloc_gib`` /
+   ``peak_mem_reserved_gib``; ``metrics.jsonl`` has rank 0's only and resets them every window, so the worker
+   reads them itself);
 4. prints one table row (flushed as soon as the case ends, so a run cut off at its time limit still shows the
    cases it finished) and rewrites ``--out``/calibration.json with every row so far (each case's training log
    is ``--out``/<case>.log; its shards and run directory, under ``--work``, are deleted after it).
@@ -191,7 +193,10 @@ def launch(case: Case, config: str, overrides: list[str], case_dir: Path, log_pa
     spec.write_text(json.dumps({"config": config, "overrides": overrides, "steps": case.steps}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={case.world_size}",
            str(Path(__file__).resolve()), "--worker", str(spec)]
+    from mirotrain.commands.cuda_alloc import alloc_conf_default
+
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    alloc_conf_default(env)  # the allocator setting `mirotrain sft`/`dpo` give their ranks
     with log_path.open("w") as log:
         # its own process group, so the launcher and its ranks end together (a timeout here, or this script
         # stopped by SIGTERM: main turns it into SystemExit, which passes through the finally)

@@ -1,28 +1,23 @@
 """Per-GPU (and, with CPU offload, per-node host) memory of a training config: what `mirotrain validate` prints.
 
-FSDP2 shards the persistent state over all W ranks; everything else on a GPU is transient and scales with the
-tokens it computes, T = row tokens × batch_size / SP. Bytes per GPU::
+The estimate is the largest of the moments of a step that can hold the peak (``step_memory.py`` says what is
+live at each and why): the forward inside the LM-head loss, the start and the end of the backward, the root's
+gradient reduce-scatter and the optimizer step. Each moment's bytes are split into the terms validate prints:
 
-    total       = state + reference + gathered + activations + all_to_all + loss
-    state       = S · N / W               S = state_bytes_per_param(cfg), by ``master_weights``: fp32 master
-                                          weight, fp32 gradient and AdamW's two fp32 moments = 16; bf16 weight,
-                                          gradient, moments and compensation = 10; bf16_plain 8 (on the host with
-                                          fsdp_cpu_offload)
-    reference   = 2 · N / W               DPO with ``reference: live``: a frozen bf16 copy sharded like the policy
-                                          (``precompute`` reads the reference log-probs from the shards: 0)
-    gathered    = 2 · 2 · N_layer         one decoder layer's bf16 parameters gathered, and the next prefetched
-    activations = L · T · D · 2 + A       full activation checkpointing keeps each layer's bf16 input and
-                                          recomputes one layer (A) in backward; without it, L · A
-    A           = T · (12·D + 6·H·hd + 4·F) · 2     one layer's bf16 activations (F: the MLP width, top-k
-                                          experts' for MoE)
-    all_to_all  = 2 · T · (2·H + 2·KV_sp) · hd · 2  SP > 1: Ulysses' send and receive buffers of one layer's
-                                          q, k, v (KV_sp: KV heads replicated up to SP) and attention output
-    loss        SFT: 2 · 1024 · V · 4     chunked linear CE: fp32 logits and their gradient (the term the 14B
-                                          measurements were taken with; see MEMORY_WARN_FRACTION in validate.py)
-                DPO: 8 · c · V + T · (2·D + 8)   the fused log-prob head: one chunk of c tokens' fp32 logits plus
-                                          logsumexp's fp32 temporary (in backward: the fp32 logit gradient and its
-                                          bf16 copy, no more), and, kept for backward, the trained positions'
-                                          hidden states (bf16) with their fp32 log-sum-exp and log-prob
+    sharded_state   the sharded weights and optimizer state, S·N/W less the gradients not produced yet
+                    (S = state_bytes_per_param: fp32 masters 16, bf16 10, bf16_plain 8; on the host with
+                    fsdp_cpu_offload)
+    reference       DPO ``reference: live``: a frozen bf16 copy sharded like the policy, 2·N/W (``precompute``
+                    reads the reference log-probs from the shards: 0)
+    gathered_params the root (embedding, final norm, LM head) gathered for the whole step, and two decoder
+                    layers (the running one and the prefetched one), in the compute dtype
+    activations     every layer's kept activations (full AC: its bf16 input) and the running layer's recomputed
+                    activations with their gradients (``step_memory.layer_activation_bytes``)
+    all_to_all      SP > 1: Ulysses' send and receive buffers of one layer's q, k, v (KV heads replicated up to
+                    SP) and attention output
+    loss            the LM-head loss's transients (``step_memory.loss_transient``)
+    buffers         the LM head's and the running layer's unsharded gradients, reduce-scatter buffers, the
+                    optimizer's temporaries
 
 Why T differs between the objectives: an SFT row is ``packed_seq_len`` tokens (unpacked: ``max_seq_len``,
 padded, times ``batch_size``). A DPO row holds whole pairs, each pair's chosen *and* rejected document
@@ -30,9 +25,10 @@ padded, times ``batch_size``). A DPO row holds whole pairs, each pair's chosen *
 leaves ``packed_seq_len`` to the shards (MiroTrain's layout of a pair); counting ``max_seq_len`` there
 undercounted MiroThinker 14B DPO at 40K by half its activations (57.9 GiB estimated, ~86 real).
 
-Left out: allocator fragmentation and compiled-kernel workspaces (measured peaks ran up to ~5% above the SFT
-estimate), the embedding/LM-head root kept gathered through the step, and the gradients of a layer being
-reduce-scattered.
+The estimate is of the allocator's peak *allocated* bytes. What an out-of-memory error sees is the reserved
+bytes, which ran 14-47% higher without ``expandable_segments`` (docs/benchmarks.md); `mirotrain sft`/`dpo` set
+``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless the environment sets it (``cuda_alloc.py``), which
+keeps the reserved bytes close to the allocated ones. Left out: compiled-kernel workspaces, NCCL's own buffers.
 """
 
 from __future__ import annotations
@@ -41,17 +37,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mirotrain.commands.step_memory import (Shapes, Step, Terms, kept_per_layer, loss_transient,
+                                            optimizer_transient, step_moments)
 from mirotrain.config.tree import TrainConfig
 from mirotrain.config.validation import is_preference_builder
+from mirotrain.modules.loss.linear_ce import DEFAULT_CHUNK_TOKENS
 from mirotrain.modules.loss.logprobs import DEFAULT_CHUNK_SIZE
 from mirotrain.optim.precision import MODES
+from mirotrain.parallel.activation_checkpoint import resolve_ac
 
 GIB = 2**30
 BF16 = 2
-FP32 = 4
-# The SFT loss term's tokens per fp32 logit chunk (kept from the calibrated estimate; the loss's own chunk is
-# unembed_chunk_size, 4096 by default: GPU calibration decides whether the term should follow it).
-SFT_LOSS_TOKENS = 1024
 
 
 def state_bytes_per_param(cfg: TrainConfig) -> int:
@@ -84,7 +80,8 @@ def row_tokens(cfg: TrainConfig, preference: bool) -> int:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """The estimate's terms in bytes (``gib()``: in GiB, for printing), with what they were computed from."""
+    """The terms of the step's peak moment in bytes (``gib()``: in GiB, for printing), with what they were
+    computed from; ``phase`` names the moment (``step_memory.py``)."""
 
     objective: str            # "sft" or "dpo"
     params: int
@@ -92,67 +89,90 @@ class MemoryEstimate:
     tokens_per_gpu: int
     state_bytes_per_param: int
     offload: bool
+    phase: str                # the moment of the step with the most bytes live
     sharded_state: int        # on the GPU (0 with offload)
     reference: int            # DPO live reference, on the GPU (0 with offload)
     gathered_params: int
     activations: int
     all_to_all: int
     loss: int
+    buffers: int
     host_state_per_rank: int  # with offload: state (+ reference) each rank keeps in host memory
 
     @property
     def total(self) -> int:
         return (self.sharded_state + self.reference + self.gathered_params + self.activations + self.all_to_all
-                + self.loss)
+                + self.loss + self.buffers)
 
     def gib(self) -> dict[str, float]:
-        """Every byte term in GiB plus ``total``; counts and flags as they are."""
-        counts = {"objective", "params", "row_tokens", "tokens_per_gpu", "state_bytes_per_param", "offload"}
+        """Every byte term in GiB plus ``total``; counts, flags and names as they are."""
+        counts = {"objective", "params", "row_tokens", "tokens_per_gpu", "state_bytes_per_param", "offload", "phase"}
         out = {k: (v if k in counts else v / GIB) for k, v in asdict(self).items()}
         out["total"] = self.total / GIB
         return out
 
 
-def _all_to_all(args, tokens: int, sp: int) -> int:
+def _all_to_all(args, tokens: int, sp: int, compute_bytes: int) -> int:
     if sp == 1:
         return 0
     kv_sp = args.n_kv_heads * -(-sp // args.n_kv_heads)  # KV heads replicated until every SP rank has one
-    return 2 * tokens * (2 * args.n_heads + 2 * kv_sp) * args.head_dim * BF16
+    return 2 * tokens * (2 * args.n_heads + 2 * kv_sp) * args.head_dim * compute_bytes
 
 
-def _loss(args, cfg: TrainConfig, tokens: int, preference: bool) -> int:
-    if not preference:
-        return 2 * SFT_LOSS_TOKENS * args.vocab_size * FP32
-    chunk = min(cfg.model.chunk_tokens(tokens) or DEFAULT_CHUNK_SIZE, tokens)
-    return 2 * chunk * args.vocab_size * FP32 + tokens * (args.dim * BF16 + 2 * FP32)
+def loss_kind(cfg: TrainConfig, preference: bool) -> str:
+    """Which LM-head loss the run computes: DPO's fused log-probs, Liger's kernel or the chunked linear CE."""
+    if preference:
+        return "logprobs"
+    return "liger" if "Liger" in str((cfg.model.loss or {}).get("_component_", "")) else "linear_ce"
 
 
-def estimate_memory(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> MemoryEstimate:
-    """The per-GPU estimate of ``cfg`` with ``model`` (built on the meta device) on ``world_size`` ranks."""
+def loss_chunk(cfg: TrainConfig, tokens: int, preference: bool) -> int:
+    """Tokens per LM-head chunk as the trainer sets it (mirotrain/training/forward.py): the model section's
+    ``loss_chunk_tokens`` / ``unembed_chunk_size``, else the loss node's ``chunk_tokens``, else its default."""
+    default = DEFAULT_CHUNK_SIZE if preference else DEFAULT_CHUNK_TOKENS
+    return cfg.model.chunk_tokens(tokens) or int((cfg.model.loss or {}).get("chunk_tokens") or default)
+
+
+def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> tuple[Shapes, Step, int]:
+    """The model's shapes, what the step's moments depend on, and the row's tokens."""
     args = model.args
-    n_params = sum(p.numel() for p in model.parameters())
-    layer_params = sum(p.numel() for p in model.layers[0].parameters())
     sp = cfg.parallel.ulysses_sequence_parallel_size
-    offload = cfg.parallel.fsdp_cpu_offload
+    shapes = Shapes.of(model, world_size, cfg.parallel.moe_expert_parallel_size)
     preference = is_preference(cfg)
     row = row_tokens(cfg, preference)
     tokens = row // sp
-    per_param = state_bytes_per_param(cfg)
-    state = per_param * n_params // world_size
-    reference = BF16 * n_params // world_size if preference and cfg.dpo.reference == "live" else 0
-    ffn = args.moe_hidden_dim * args.num_experts_per_tok if args.is_moe else args.hidden_dim
-    per_layer_full = tokens * (12 * args.dim + 3 * args.n_heads * args.head_dim * 2 + 4 * ffn) * BF16
-    if cfg.model.enable_activation_checkpointing:
-        activations = args.n_layers * tokens * args.dim * BF16 + per_layer_full
-    else:
-        activations = args.n_layers * per_layer_full
+    mode = MODES[cfg.run.master_weights]
+    compute = 2 if cfg.run.dtype == "bf16" else 4
+    reference = BF16 * shapes.params // world_size if preference and cfg.dpo.reference == "live" else 0
+    ac_mode, ac_option = resolve_ac(cfg.model.enable_activation_checkpointing, cfg.model.ac_mode,
+                                    cfg.model.ac_option)
+    step = Step(
+        tokens=tokens, compute_bytes=compute, grad_bytes=torch.empty((), dtype=mode.reduce_dtype).element_size(),
+        state_bytes=mode.state_bytes, world_size=world_size, offload=cfg.parallel.fsdp_cpu_offload,
+        grad_accum=cfg.optim.gradient_accumulation_steps, reference=reference,
+        all_to_all=_all_to_all(args, tokens, sp, compute),
+        kept=kept_per_layer(shapes, compute, ac_mode, ac_option),
+        loss=loss_transient(shapes, compute, tokens, loss_kind(cfg, preference), loss_chunk(cfg, tokens, preference)),
+        optimizer=optimizer_transient(shapes, cfg.optim.optimizer, mode.name, world_size))
+    return shapes, step, row
+
+
+def step_terms(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> dict[str, Terms]:
+    """What is live on one GPU at each moment of a step that can hold its peak (``step_memory.py``)."""
+    shapes, step, _ = _step(model, cfg, world_size)
+    return step_moments(shapes, step)
+
+
+def estimate_memory(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> MemoryEstimate:
+    """The per-GPU estimate of ``cfg`` with ``model`` (built on the meta device) on ``world_size`` ranks: the
+    moment of the step with the most bytes live."""
+    shapes, step, row = _step(model, cfg, world_size)
+    phase, peak = max(step_moments(shapes, step).items(), key=lambda item: item[1].total)
+    state = step.state_bytes * shapes.params // world_size
     return MemoryEstimate(
-        objective="dpo" if preference else "sft", params=n_params, row_tokens=row, tokens_per_gpu=tokens,
-        state_bytes_per_param=per_param, offload=offload,
-        sharded_state=0 if offload else state, reference=0 if offload else reference,
-        gathered_params=2 * BF16 * layer_params, activations=activations,
-        all_to_all=_all_to_all(args, tokens, sp), loss=_loss(args, cfg, tokens, preference),
-        host_state_per_rank=state + reference if offload else 0,
+        objective="dpo" if is_preference(cfg) else "sft", params=shapes.params, row_tokens=row,
+        tokens_per_gpu=step.tokens, state_bytes_per_param=step.state_bytes, offload=step.offload, phase=phase,
+        **asdict(peak), host_state_per_rank=state + step.reference if step.offload else 0,
     )
 
 

@@ -38,7 +38,11 @@ def check_machine(cfg: TrainConfig) -> None:
 
 
 def run_recipe(args: argparse.Namespace, run: Callable[[TrainConfig], Any]) -> int:
-    """Load ``args.config`` with ``args.overrides``, check it, and call ``run(cfg)``; 0 when it returns."""
+    """Load ``args.config`` with ``args.overrides``, check it, and call ``run(cfg)``; 0 when it returns. The
+    CUDA allocator gets expandable segments first, unless the environment configures it (``cuda_alloc.py``)."""
+    from mirotrain.commands.cuda_alloc import alloc_conf_default
+
+    alloc_conf_default()
     from mirotrain.config.tree import read_config
 
     cfg = read_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))

@@ -22,8 +22,9 @@ from mirotrain.config.tree import TrainConfig
 from mirotrain.config.validation import InvalidConfig, validate_config
 from mirotrain.optim.precision import MODES
 
-# The estimate leaves out allocator fragmentation and compiled-kernel workspaces: measured peaks ran up to ~5%
-# above it (Qwen3-14B at 40K, 4× H100: SP=4 estimated 64.4 GiB, measured 64.0; SP=2 estimated 71.4, OOM at 75+).
+# The estimate is of the allocator's peak allocated bytes (within 7% of six measured peaks, docs/benchmarks.md);
+# the 10% margin is for what the allocator reserves beyond them, kept small by expandable_segments
+# (mirotrain/commands/cuda_alloc.py), and for compiled-kernel workspaces the estimate leaves out.
 MEMORY_WARN_FRACTION = 0.9
 
 
@@ -76,10 +77,10 @@ def _print_memory(estimate: MemoryEstimate, cfg: TrainConfig, ns: argparse.Names
     row = (f"DPO row of {estimate.row_tokens:,} tokens: pairs, chosen and rejected" if estimate.objective == "dpo"
            else f"rows of {estimate.row_tokens:,} tokens")
     print(f"tokens/GPU:  {mem['tokens_per_gpu']:,} per micro-batch ({row}{f', / SP {sp}' if sp > 1 else ''})")
-    extra = "".join(f", {label} {mem[key]:.1f}" for key, label in (("reference", "live reference"),
-                                                                    ("all_to_all", "SP all-to-all")) if mem[key])
-    print("memory/GPU:  ~{total:.1f} GiB (sharded state {sharded_state:.1f}, gathered params {gathered_params:.1f}, "
-          "activations {activations:.1f}, loss {loss:.1f}".format(**mem) + f"{extra})")
+    labels = (("reference", "live reference"), ("all_to_all", "SP all-to-all"), ("buffers", "grad/reduce buffers"))
+    extra = "".join(f", {label} {mem[key]:.1f}" for key, label in labels if mem[key])
+    print("memory/GPU:  ~{total:.1f} GiB at the {phase} (sharded state {sharded_state:.1f}, gathered params "
+          "{gathered_params:.1f}, activations {activations:.1f}, loss {loss:.1f}".format(**mem) + f"{extra})")
     where = "GPU"
     if estimate.offload:
         ranks = min(ns.gpus_per_node, ns.world_size)

@@ -1,5 +1,6 @@
 """validate's memory estimate responds to what the run holds: the DPO row and live reference, the state's
-bytes per parameter, CPU offload and sequence parallelism (mirotrain/commands/estimate.py)."""
+bytes per parameter, CPU offload and sequence parallelism (mirotrain/commands/estimate.py, step_memory.py).
+Its agreement with measured peaks: test_estimate_calibration.py."""
 
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from mirotrain.commands.estimate import (checkpoint_bytes_per_param, estimate_memory, row_tokens,
-                                         state_bytes_per_param)
+                                         state_bytes_per_param, step_terms)
 from mirotrain.commands.validate import main as validate
 from mirotrain.config import instantiate, load_config
 from mirotrain.config.tree import TrainConfig
@@ -31,16 +32,20 @@ def _cfg(path: Path, *overrides: str, drop_packed_seq_len: bool = False) -> Trai
     return TrainConfig.from_dict(raw)
 
 
-def test_dpo_costs_more_than_sft_at_the_same_row_length(model):
-    """Same 32K-token row, same activations; DPO's log-prob head keeps its chunk's fp32 logits and the trained
-    positions' hidden states, and a live reference adds a bf16 copy of the model."""
-    sft = estimate_memory(model, _cfg(SFT_8B, "dataset.packed=True", "dataset.packed_seq_len=32768"), WORLD)
-    dpo = estimate_memory(model, _cfg(DPO_8B, "dataset.packed_seq_len=32768"), WORLD)
-    live = estimate_memory(model, _cfg(DPO_8B, "dataset.packed_seq_len=32768", "reference=live"), WORLD)
-    assert sft.tokens_per_gpu == dpo.tokens_per_gpu == 32768
-    assert dpo.activations == sft.activations
-    assert sft.total < dpo.total < live.total
-    assert dpo.reference == 0 and live.reference == 2 * dpo.params // WORLD
+def test_dpo_and_sft_share_the_layers_and_differ_in_the_head(model):
+    """Same 32K-token row: the same decoder layers, so the same activations in backward. At the loss the SFT
+    head (chunked linear CE) computes the LM-head gradient in its forward (fp32 running sum, a chunk's fp32
+    logits and gradients), DPO's log-prob head only a chunk of fp32 logits; a live reference adds a bf16 copy
+    of the model at every moment."""
+    sft = step_terms(model, _cfg(SFT_8B, "dataset.packed=True", "dataset.packed_seq_len=32768"), WORLD)
+    dpo = step_terms(model, _cfg(DPO_8B, "dataset.packed_seq_len=32768"), WORLD)
+    live = step_terms(model, _cfg(DPO_8B, "dataset.packed_seq_len=32768", "reference=live"), WORLD)
+    n_params = sum(p.numel() for p in model.parameters())
+    for moment in ("start of the backward", "end of the backward"):
+        assert dpo[moment].activations == sft[moment].activations
+    assert 0 < dpo["loss in the forward"].loss < sft["loss in the forward"].loss
+    assert all(t.reference == 0 for t in dpo.values())
+    assert all(live[m].total - dpo[m].total == live[m].reference == 2 * n_params // WORLD for m in dpo)
 
 
 def test_a_dpo_row_without_packed_seq_len_holds_chosen_and_rejected():
@@ -50,29 +55,48 @@ def test_a_dpo_row_without_packed_seq_len_holds_chosen_and_rejected():
 
 
 def test_sequence_parallelism_halves_the_activations_and_adds_all_to_all_buffers(model):
-    one = estimate_memory(model, _cfg(SFT_8B, "ulysses_sequence_parallel_size=1"), WORLD)
-    two = estimate_memory(model, _cfg(SFT_8B, "ulysses_sequence_parallel_size=2"), WORLD)
-    assert two.tokens_per_gpu * 2 == one.tokens_per_gpu
-    assert two.activations * 2 == pytest.approx(one.activations, rel=1e-6)
-    assert one.all_to_all == 0 < two.all_to_all < two.activations
-    assert two.sharded_state == one.sharded_state
+    one = step_terms(model, _cfg(SFT_8B, "ulysses_sequence_parallel_size=1"), WORLD)
+    two = step_terms(model, _cfg(SFT_8B, "ulysses_sequence_parallel_size=2"), WORLD)
+    for moment in one:
+        assert two[moment].activations * 2 == pytest.approx(one[moment].activations, rel=1e-6)
+        assert one[moment].all_to_all == 0 < two[moment].all_to_all < two["end of the backward"].activations
+        assert two[moment].sharded_state == one[moment].sharded_state
+    assert estimate_memory(model, _cfg(SFT_8B, "ulysses_sequence_parallel_size=2"), WORLD).tokens_per_gpu == 8192
 
 
 def test_cpu_offload_moves_the_state_to_the_host(model):
-    gpu = estimate_memory(model, _cfg(DPO_8B, "reference=live"), WORLD)
-    host = estimate_memory(model, _cfg(DPO_8B, "reference=live", "fsdp_cpu_offload=True"), WORLD)
-    assert host.sharded_state == host.reference == 0
-    assert host.host_state_per_rank == gpu.sharded_state + gpu.reference
-    assert gpu.total - host.total == gpu.sharded_state + gpu.reference
+    """The state and the optimizer leave the GPU; what the step computes with stays."""
+    gpu_cfg = _cfg(DPO_8B, "reference=live")
+    gpu, host = step_terms(model, gpu_cfg, WORLD), step_terms(model, _cfg(DPO_8B, "reference=live",
+                                                                            "fsdp_cpu_offload=True"), WORLD)
+    assert all(t.sharded_state == t.reference == 0 for t in host.values())
+    assert host["optimizer step"].total == 0
+    for moment in ("loss in the forward", "start of the backward", "end of the backward"):
+        assert host[moment].total == gpu[moment].total - gpu[moment].sharded_state - gpu[moment].reference
+    on_host = estimate_memory(model, _cfg(DPO_8B, "reference=live", "fsdp_cpu_offload=True"), WORLD)
+    step = gpu["optimizer step"]
+    assert on_host.host_state_per_rank == step.sharded_state + step.reference
 
 
 @pytest.mark.parametrize("mode, state, checkpoint", [("fp32", 16, 12), ("bf16", 10, 8), ("bf16_plain", 8, 6)])
 def test_state_bytes_per_param_sets_the_sharded_state(model, mode, state, checkpoint):
     """fp32 masters + fp32 AdamW; bf16 weights, gradients, moments + compensation; bf16 without it. The
-    trainer's measured figures: tests/training/test_master_weights.py."""
+    trainer's measured figures: tests/training/test_master_weights.py. The whole state is there at the
+    optimizer step; in the forward the gradients (4 or 2 bytes) are not yet."""
     cfg = _cfg(SFT_8B, f"master_weights={mode}")
     assert (state_bytes_per_param(cfg), checkpoint_bytes_per_param(cfg)) == (state, checkpoint)
-    assert estimate_memory(model, cfg, WORLD).sharded_state == state * sum(p.numel() for p in model.parameters()) // WORLD
+    n_params = sum(p.numel() for p in model.parameters())
+    terms = step_terms(model, cfg, WORLD)
+    assert terms["optimizer step"].sharded_state == state * n_params // WORLD
+    assert terms["loss in the forward"].sharded_state == (state - (4 if mode == "fp32" else 2)) * n_params // WORLD
+
+
+def test_the_compensated_adamw_step_counts_its_largest_flat_chunk(model):
+    """master_weights: bf16 updates the embedding's and the LM head's shards alone in fp32 buffers
+    (mirotrain/optim/bf16_adamw.py); fused torch AdamW allocates nothing beyond its state."""
+    local_head = 151936 * 4096 // WORLD
+    assert step_terms(model, _cfg(SFT_8B, "master_weights=bf16"), WORLD)["optimizer step"].buffers == 16 * local_head
+    assert step_terms(model, _cfg(SFT_8B), WORLD)["optimizer step"].buffers == 0
 
 
 def test_validate_prints_the_breakdown(capsys):
@@ -82,9 +106,8 @@ def test_validate_prints_the_breakdown(capsys):
     out = {line[:12]: line for line in capsys.readouterr().out.splitlines()}
     assert out["tokens/GPU: "] == "tokens/GPU:  16,384 per micro-batch (DPO row of 32,768 tokens: pairs, chosen and " \
                                   "rejected, / SP 2)"
-    assert out["memory/GPU: "].startswith("memory/GPU:  ~")
-    assert "(sharded state 0.0, gathered params 0.7, activations 8.2, loss " in out["memory/GPU: "]
-    assert "live reference" not in out["memory/GPU: "] and ", SP all-to-all 0." in out["memory/GPU: "]
+    assert out["memory/GPU: "] == ("memory/GPU:  ~13.6 GiB at the start of the backward (sharded state 0.0, gathered "
+                                   "params 3.0, activations 7.7, loss 0.0, SP all-to-all 0.6, grad/reduce buffers 2.2)")
     assert out["state:      "].startswith("state:       16 bytes/param, master_weights: fp32 (fp32 master weights, "
                                           "gradients, AdamW moments), sharded over 8 ranks, on the host "
                                           "(fsdp_cpu_offload): ~")

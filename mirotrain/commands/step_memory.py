@@ -1,0 +1,230 @@
+"""What is live on one GPU at each moment of a training step that can be its peak (``estimate.py`` takes the
+largest). Every term is counted from the model's shapes and the config; none is fitted per case.
+
+Notation (bytes unless said): N parameters, N_root those outside the decoder layers (embedding, final norm and
+LM head: FSDP2's root unit), N_layer one decoder layer's (its experts divided by expert parallelism), W ranks
+(FSDP2 shards over all of them), T tokens a GPU computes per micro-batch, L layers, D model width,
+V vocabulary, c the compute dtype's bytes (2 for bf16), g a gradient's bytes (4 with fp32 masters, 2 in the
+bf16 modes; FSDP2 reduce-scatters in that dtype), S the state's bytes per parameter (weight, gradient and
+optimizer state, by ``master_weights``).
+
+Why these moments (GA 1; gradients are set to None after every optimizer step, mirotrain/training/trainer.py):
+
+* the loss in the forward: the end of the policy's forward, inside the loss. The weights and moments are there,
+  no gradient yet (with gradient accumulation > 1 the earlier micro-batches' gradients are); the root stays
+  gathered (mirotrain/parallel/fsdp.py), two decoder layers are gathered (the one running and the prefetched
+  one), every layer's kept activations are live, and the LM-head loss allocates its transients
+  (``loss_transient``).
+* the start / the end of the backward: recomputing and differentiating the last / the first decoder layer. In
+  between, each layer adds its sharded gradient (g·N_layer/W) and frees its kept input (T·D·c), so the larger of
+  the two ends bounds the backward. Live besides the state: the root gathered, the LM head's unsharded gradient
+  (the root is reduce-scattered only after the embedding's backward), the layer's own recomputed activations
+  and their gradients (``layer_activation_bytes``), its gathered parameters and unsharded gradient, the
+  prefetched layer, and the previous layer's reduce-scatter input (FSDP2 keeps it until the next reduce).
+* the root's reduce-scatter: every decoder layer's sharded gradient is there; the root's unsharded gradients are
+  copied into a reduce-dtype buffer (g·N_root) and reduced into a sharded one.
+* the optimizer step: the whole state, plus what the optimizer allocates (``optimizer_transient``).
+
+With ``fsdp_cpu_offload`` the sharded state and the optimizer live on the host: the GPU keeps the gathered
+root and layers, the unsharded gradients and reduce buffers (the reduce-scatter output is copied to the host
+after it lands) and all activations: its peak is the loss in the forward or the backward.
+
+Calibrated on 2× H200 against allocator peaks (docs/benchmarks.md, "`mirotrain validate`'s memory estimate
+against measured peaks"; tests/commands/test_estimate_calibration.py keeps the six rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from mirotrain.optim.bf16_adamw import CHUNK_ELEMENTS
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The model's sizes the estimate needs (see the module docstring's notation)."""
+
+    params: int
+    root_params: int
+    layer_params: int          # one decoder layer as gathered: its experts divided by expert parallelism
+    largest_local: int         # the largest parameter's elements on one rank (FSDP2 shards dim 0 over W)
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn: int                   # the MLP width a token runs through (top-k experts' for MoE)
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, world_size: int, ep: int) -> "Shapes":
+        args = model.args
+        layer = model.layers[0]
+        experts = getattr(getattr(layer, "feed_forward", None), "experts", None)
+        expert_params = sum(p.numel() for p in experts.parameters()) if experts is not None else 0
+        layer_params = sum(p.numel() for p in layer.parameters()) - expert_params + expert_params // ep
+        params = sum(p.numel() for p in model.parameters())
+        all_layers = sum(p.numel() for p in model.layers.parameters())
+        largest = max(-(-p.shape[0] // world_size) * (p.numel() // max(p.shape[0], 1)) if p.dim() else 1
+                      for p in model.parameters())
+        ffn = args.moe_hidden_dim * args.num_experts_per_tok if args.is_moe else args.hidden_dim
+        return cls(params=params, root_params=params - all_layers, layer_params=layer_params,
+                   largest_local=largest, n_layers=args.n_layers, dim=args.dim, n_heads=args.n_heads,
+                   n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, ffn=ffn, vocab=args.vocab_size,
+                   tied=bool(args.tie_word_embeddings))
+
+    @property
+    def lm_head_params(self) -> int:
+        return self.vocab * self.dim
+
+
+@dataclass(frozen=True)
+class Terms:
+    """The bytes live at one moment, by kind (what validate's ``memory/GPU:`` line prints)."""
+
+    sharded_state: int = 0     # sharded weights, optimizer state and the gradients produced so far
+    reference: int = 0         # DPO ``reference: live``: the frozen bf16 copy, sharded like the policy
+    gathered_params: int = 0   # the root and the decoder layers gathered for compute
+    activations: int = 0       # kept activations, and the running layer's recomputed ones with their gradients
+    all_to_all: int = 0        # Ulysses' send and receive buffers (SP > 1)
+    loss: int = 0              # the LM-head loss's transients
+    buffers: int = 0           # unsharded gradients, reduce-scatter buffers, the optimizer's temporaries
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+
+# ------------------------------------------------------------------------------------------- activations
+def layer_activation_bytes(s: Shapes, c: int) -> tuple[int, int]:
+    """(saved, backward transient) bytes per token of one decoder layer run with autograd.
+
+    Saved for backward: the two RMSNorm outputs and the attention residual (3·D); q and k after their norm and
+    RoPE, v, and the attention output, which flash attention keeps ((2·H + 2·KV)·hd); the MLP's gate, up and
+    their SiLU product (3·F). Transient in its backward: the gradient of the layer's output and of the residual
+    (2·D), and the gradients of gate, up and the product (3·F). Norm statistics and the attention's log-sum-exp
+    are per token and head, negligible.
+    """
+    saved = 3 * s.dim + (2 * s.n_heads + 2 * s.n_kv_heads) * s.head_dim + 3 * s.ffn
+    return saved * c, (2 * s.dim + 3 * s.ffn) * c
+
+
+def kept_per_layer(s: Shapes, c: int, ac_mode: str, ac_option: int | str | None) -> list[int]:
+    """Bytes per token each layer keeps from its forward to its backward (mirotrain/parallel/
+    activation_checkpoint.py): full AC its input only; none its input and everything it saves; selective
+    ``op`` also the matmul and attention outputs (q, k, v, the attention output, wo's, gate, up and w2's);
+    selective ``attention`` the attention's inputs and output; selective every k-th layer: those in full,
+    the others not at all."""
+    saved, _ = layer_activation_bytes(s, c)
+    inp = s.dim * c
+    qkvo = (2 * s.n_heads + 2 * s.n_kv_heads) * s.head_dim * c
+    if ac_mode == "none":
+        return [inp + saved] * s.n_layers
+    if ac_mode == "full":
+        return [inp] * s.n_layers
+    if ac_option == "op":
+        return [inp + qkvo + (2 * s.dim + 2 * s.ffn) * c] * s.n_layers
+    if ac_option == "attention":
+        return [inp + qkvo] * s.n_layers
+    return [inp if i % int(ac_option) == 0 else inp + saved for i in range(s.n_layers)]
+
+
+# ------------------------------------------------------------------------------------------- the loss head
+def loss_transient(s: Shapes, c: int, tokens: int, kind: str, chunk: int) -> int:
+    """The most the LM-head loss allocates at once (its forward or backward; all kept activations are live and
+    no layer gradient exists yet), for ``kind``:
+
+    * ``linear_ce`` (mirotrain/modules/loss/linear_ce.py, ``chunk`` tokens per chunk): it computes the gradients
+      in its forward: the fp32 running LM-head gradient (V·D·4); for one chunk the fp32 logits, their gradient in
+      the compute dtype, the chunk's LM-head gradient and its fp32 copy; the hidden states' gradient (T·D·c).
+    * ``liger`` (Liger's fused kernel, chunks of ~T·D/V tokens): the LM-head and hidden gradients in the compute
+      dtype and one chunk of logits.
+    * ``logprobs`` (DPO, mirotrain/modules/loss/logprobs.py): forward, one chunk's fp32 logits and logsumexp's
+      fp32 temporary; backward, the chunk's fp32 logit gradient with its compute-dtype copy and the LM-head and
+      hidden gradients; plus the hidden states kept for backward with their fp32 log-sum-exp and log-prob.
+    """
+    up = FP32 if c < FP32 else 0  # a cast to fp32 copies only from a narrower dtype
+    head = s.lm_head_params
+    if kind == "linear_ce":
+        n = min(chunk, tokens)
+        return head * (FP32 + c + up) + n * s.vocab * (FP32 + (c if c < FP32 else 0)) + tokens * s.dim * c
+    if kind == "liger":
+        n = min(tokens, _next_power_of_2(-(-tokens // -(-s.vocab // s.dim))))  # Liger's own chunk rule
+        return head * c + tokens * s.dim * c + n * s.vocab * c
+    n = min(chunk, tokens)
+    forward = 2 * n * s.vocab * FP32
+    backward = n * s.vocab * (FP32 + c) + head * c + tokens * s.dim * c
+    return max(forward, backward) + tokens * (s.dim * c + 2 * FP32)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def optimizer_transient(s: Shapes, optimizer: dict, master_weights: str, world_size: int) -> int:
+    """What the optimizer step allocates beyond the state: fused torch AdamW nothing; foreach (torch's default
+    on CUDA) one copy of the second moments (its sqrt); the compensated AdamW of ``master_weights: bf16``
+    (mirotrain/optim/bf16_adamw.py) 16 bytes per element of its largest flat chunk (fp32 first and second
+    moments plus the stochastic rounding's random bits and sum), a chunk being at most CHUNK_ELEMENTS or the
+    largest parameter's local shard (the embedding and LM head are updated alone)."""
+    if master_weights == "bf16":
+        return 16 * max(min(CHUNK_ELEMENTS, s.params // world_size), s.largest_local)
+    if optimizer.get("fused"):
+        return 0
+    moment = FP32 if master_weights == "fp32" else 2
+    return moment * s.params // world_size
+
+
+# ------------------------------------------------------------------------------------------- the moments
+@dataclass(frozen=True)
+class Step:
+    """What the moments of a step depend on besides the shapes (all in bytes or tokens)."""
+
+    tokens: int
+    compute_bytes: int
+    grad_bytes: int
+    state_bytes: int
+    world_size: int
+    offload: bool
+    grad_accum: int
+    reference: int
+    all_to_all: int
+    kept: list[int]
+    loss: int
+    optimizer: int
+
+
+def step_moments(s: Shapes, st: Step) -> dict[str, Terms]:
+    """The terms live at each moment of the module docstring, by its name."""
+    c, g, w, T = st.compute_bytes, st.grad_bytes, st.world_size, st.tokens
+    on_gpu = 0 if st.offload else 1
+    weights_and_moments = on_gpu * (st.state_bytes - g) * s.params // w
+    all_grads = on_gpu * g * s.params // w
+    layer_grads = on_gpu * g * (s.params - s.root_params) // w
+    earlier_grads = all_grads if st.grad_accum > 1 else 0
+    root = s.root_params * c
+    two_layers = 2 * s.layer_params * c
+    saved, transient = layer_activation_bytes(s, c)
+    running_layer = T * (s.dim * c + saved + transient)
+    head_grad = s.lm_head_params * c
+    layer_reduce = s.layer_params * (c + g)  # the layer's unsharded gradient, the previous one's reduce input
+    common = dict(reference=on_gpu * st.reference, all_to_all=st.all_to_all)
+    before_grads = dict(sharded_state=weights_and_moments + earlier_grads, gathered_params=root + two_layers, **common)
+    return {
+        "loss in the forward": Terms(activations=T * (sum(st.kept) + 2 * s.dim * c), loss=st.loss, **before_grads),
+        "start of the backward": Terms(activations=T * sum(st.kept[:-1]) + running_layer,
+                                       buffers=head_grad + layer_reduce, **before_grads),
+        "end of the backward": Terms(sharded_state=weights_and_moments + max(layer_grads, earlier_grads),
+                                     gathered_params=root + two_layers, activations=running_layer,
+                                     buffers=head_grad + layer_reduce, **common),
+        "root's reduce-scatter": Terms(sharded_state=weights_and_moments + max(layer_grads, earlier_grads),
+                                       buffers=s.root_params * g + max(s.root_params * c, s.root_params * g // w),
+                                       **common),
+        "optimizer step": Terms(sharded_state=weights_and_moments + all_grads, buffers=on_gpu * st.optimizer,
+                                **common),
+    }

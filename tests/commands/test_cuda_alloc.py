@@ -1,0 +1,36 @@
+"""`mirotrain sft` / `dpo` give the CUDA allocator expandable segments unless the environment configures it
+(mirotrain/commands/cuda_alloc.py): what keeps the reserved peak near validate's estimate."""
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+
+from mirotrain.commands.cuda_alloc import ALLOC_CONF, alloc_conf_default
+from mirotrain.commands.recipe import run_recipe
+
+CONFIG_ROOT = Path(__file__).resolve().parents[2] / "mirotrain" / "configs"
+
+
+def test_an_unset_allocator_conf_gets_expandable_segments():
+    env: dict[str, str] = {"PATH": "/usr/bin"}
+    assert alloc_conf_default(env) == "expandable_segments:True"
+    assert env == {"PATH": "/usr/bin", ALLOC_CONF: "expandable_segments:True"}
+
+
+@pytest.mark.parametrize("user_value", ["expandable_segments:False", "max_split_size_mb:512", ""])
+def test_the_users_allocator_conf_is_kept(user_value):
+    env = {ALLOC_CONF: user_value}
+    assert alloc_conf_default(env) is None
+    assert env == {ALLOC_CONF: user_value}
+
+
+def test_the_recipe_sets_it_before_the_run_starts(monkeypatch, tmp_path):
+    """run_recipe (behind `mirotrain sft` and `dpo`) sets it before the config is read and the run builds
+    anything on a device."""
+    monkeypatch.delenv(ALLOC_CONF, raising=False)
+    seen = []
+    args = argparse.Namespace(config=str(CONFIG_ROOT / "tiny" / "sft.yaml"), overrides=[f"output_dir={tmp_path}"])
+    assert run_recipe(args, lambda cfg: seen.append(os.environ.get(ALLOC_CONF))) == 0
+    assert seen == ["expandable_segments:True"]
