@@ -20,6 +20,9 @@ from mirotrain.config import ConfigError, instantiate, load_config
 from mirotrain.config.compat import master_weights_notice
 from mirotrain.config.tree import TrainConfig
 from mirotrain.config.validation import InvalidConfig, validate_config
+from mirotrain.data.pack_shards import existing_shards
+from mirotrain.data.preference import PairsPerRow
+from mirotrain.data.shards import read_manifest
 from mirotrain.optim.precision import MODES
 
 # The estimate is of the allocator's peak allocated bytes (within 7% of six measured peaks, docs/benchmarks.md);
@@ -58,6 +61,8 @@ def _print_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace
           f"{f', {args.num_experts} experts top-{args.num_experts_per_tok}' if args.is_moe else ''})")
     print(f"layout:      world {ns.world_size} = data-parallel {dp} × sequence-parallel {sp}; "
           f"expert-parallel {ep}; FSDP2 full shard over {ns.world_size} ranks")
+    if estimate.objective == "dpo":
+        _print_pairs_per_step(cfg, ns, dp)
     _print_memory(estimate, cfg, ns)
     if cfg.checkpoint.auto_resume:
         ckpt = checkpoint_footprint(model, cfg, ns.world_size, ns.gpus_per_node)
@@ -67,6 +72,52 @@ def _print_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace
         print(f"checkpoints: ~{ckpt['size']:.0f} GiB each on disk (keep {keep}: up to "
               f"~{(keep + 1) * ckpt['size']:.0f} GiB while the next one is written){host}")
         _print_checkpoint_host_memory(cfg, ckpt["host_per_node"])
+
+
+def _print_pairs_per_step(cfg: TrainConfig, ns: argparse.Namespace, dp: int) -> None:
+    """DPO: the pairs an optimizer step trains, and why. A step trains batch_size × GA × data-parallel rows;
+    packed rows hold as many pairs as fit, counted by `mirotrain pack` in the shards' manifest, and
+    one_pair_per_row holds one, as MiroTrain's batch_size counted pairs."""
+    ga, shard_dir = cfg.optim.gradient_accumulation_steps, cfg.data.dataset.shard_dir
+    rows = cfg.data.batch_size * ga * dp
+    why = f"batch_size {cfg.data.batch_size} × gradient_accumulation_steps {ga} × data-parallel {dp}"
+    if cfg.dpo.one_pair_per_row and not shard_dir:
+        print(f"pairs/step:  {rows} = {why}: one pair per row (one_pair_per_row), as MiroTrain counted them")
+        return
+    found = _measured_pairs(cfg)
+    if isinstance(found, str):
+        pack = " ".join(["mirotrain pack --config", str(ns.config), *ns.overrides])
+        length = cfg.data.dataset.packed_seq_len
+        print(f"pairs/step:  not yet known: {rows} rows ({why}), each holding as many pairs as fit in "
+              f"{f'{length:,} tokens' if length else 'a row'}; {found}: `{pack}` packs them, then validate prints "
+              "the measured pairs per row")
+    else:
+        where, stats = found
+        spread = "" if stats.fewest is None else (f", {stats.fewest} per row" if stats.fewest == stats.most
+                                                  else f", {stats.fewest} to {stats.most} per row")
+        print(f"pairs/step:  ~{rows * stats.mean:,.0f} = {rows} rows ({why}) × {stats.mean:.2f} pairs per row "
+              f"(measured in {where}: {stats.pairs:,} pairs in {stats.rows:,} rows{spread})")
+        if cfg.dpo.one_pair_per_row and stats.pairs != stats.rows:
+            print(f"warning:     one_pair_per_row applies when pairs are packed, but shard_dir {where} was packed "
+                  "with several pairs per row: pack without shard_dir to get one pair per row")
+            return
+    if not cfg.dpo.one_pair_per_row:
+        print(f"notice:      batch_size counts packed rows, not pairs; one_pair_per_row: true packs one pair per "
+              f"row, so a step trains exactly {rows} pairs, as MiroTrain's batch_size did (rows padded: slower)")
+
+
+def _measured_pairs(cfg: TrainConfig) -> tuple[str, PairsPerRow] | str:
+    """The training section's shard directory and its pairs per row, or why they are not known."""
+    ds_cfg, tokenizer_path = cfg.data.dataset, cfg.tokenizer.path
+    if not ds_cfg.shard_dir and tokenizer_path is not None and not Path(tokenizer_path).is_dir():
+        return f"the packed shards cannot be looked up (tokenizer.path {tokenizer_path} is not a local directory)"
+    try:
+        shard_dir = existing_shards(cfg)
+        if shard_dir is not None:
+            return shard_dir, PairsPerRow.of(read_manifest(shard_dir))
+    except (OSError, ValueError, TypeError) as exc:
+        return f"the packed shards cannot be looked up ({exc})"
+    return "the pairs are not packed yet"
 
 
 def _print_memory(estimate: MemoryEstimate, cfg: TrainConfig, ns: argparse.Namespace) -> None:

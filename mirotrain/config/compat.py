@@ -40,9 +40,14 @@ def _preference_row_length(cfg: dict) -> list[str]:
     if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or not _makes_pairs(node):
         return []
     cfg["dataset"] = {**node, "packed_seq_len": 2 * max_seq_len}
+    if cfg.get("one_pair_per_row") is True:
+        return [f"config key 'dataset.packed_seq_len': not set, so {2 * max_seq_len} (2 × tokenizer.max_seq_len): "
+                "each preference pair (chosen and rejected) is one row of up to that many tokens "
+                "(one_pair_per_row), so batch_size counts pairs as in MiroTrain"]
     return [f"config key 'dataset.packed_seq_len': not set, so {2 * max_seq_len} (2 × tokenizer.max_seq_len): "
             "preference pairs are packed into rows of that many tokens, a pair's chosen and rejected in one row "
-            "and several short pairs per row, so batch_size counts rows, not pairs"]
+            "and several short pairs per row, so batch_size counts rows, not pairs (`mirotrain validate` prints "
+            "the pairs per optimizer step); one_pair_per_row: true puts one pair in each row, as MiroTrain did"]
 
 
 def _makes_pairs(node: dict) -> bool:

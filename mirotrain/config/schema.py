@@ -416,12 +416,16 @@ class CheckpointConfig:
 
 @section
 class DPOConfig:
-    """DPO only: the reference model and how its log-probs are obtained."""
+    """DPO only: the reference model, how its log-probs are obtained, and how pairs fill the packed rows."""
 
     ref_checkpointer: dict | None = key(SECTION + (type(None),), None, "DPO: reference model weights (default: "
                                         "checkpointer).")
     reference: str = key((str,), "precompute", "DPO: precompute (cached ref log-probs) | live (frozen sharded copy).",
                          only=("precompute", "live"))
+    one_pair_per_row: bool = key((bool,), False, "DPO: pack exactly one pair (its chosen and rejected) per row, so "
+                                 "an optimizer step trains batch_size × gradient_accumulation_steps × data-parallel "
+                                 "ranks pairs, as MiroTrain's batch_size meant (each row padded to packed_seq_len: "
+                                 "slower); false: short pairs share a row (`mirotrain validate` prints how many).")
 
 
 @section

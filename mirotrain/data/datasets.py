@@ -78,6 +78,9 @@ class Filtered(Exception):
 
 class _BaseDataset:
     kind = "base"
+    # Preference pairs only: one pair per packed row instead of several (the config's one_pair_per_row, set by
+    # mirotrain.data.pack_shards.build_dataset). It changes the rows, so the fingerprint covers it when set.
+    one_pair_per_row = False
 
     def __init__(self, tokenizer: Any, source: SourceSpec, options: DatasetConfig, hash_fields: dict):
         self.tokenizer = tokenizer
@@ -99,10 +102,15 @@ class _BaseDataset:
         h = hashlib.sha256()
         h.update(json.dumps({"kind": self.kind, "fields": self._hash_fields, "pack_seed": self.options.pack_seed,
                              "packed_seq_len": self.options.packed_seq_len, "packed": self.options.packed,
-                             "on_bad_sample": self.options.on_bad_sample}, sort_keys=True, default=str).encode())
+                             "on_bad_sample": self.options.on_bad_sample, **self._layout()}, sort_keys=True,
+                            default=str).encode())
         h.update(self.source.fingerprint().encode())
         h.update(self.tokenizer.fingerprint().encode())
         return h.hexdigest()
+
+    def _layout(self) -> dict:
+        """The row layout options beyond the section's keys, hashed only when set (older caches stay valid)."""
+        return {"one_pair_per_row": True} if self.one_pair_per_row else {}
 
     def iter_records(self):
         return iter_records(self.source)
@@ -211,7 +219,9 @@ class ConcatDataset(_BaseDataset):
         self.parts = parts
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps([self.kind] + [p.fingerprint() for p in self.parts]).encode()).hexdigest()
+        layout = [self._layout()] if self.one_pair_per_row else []
+        parts = [self.kind] + [p.fingerprint() for p in self.parts] + layout
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def iter_records(self):
         for i, part in enumerate(self.parts):

@@ -25,7 +25,7 @@ from mirotrain.config.registry import instantiate
 from mirotrain.data.datasets import IGNORE_INDEX, ConcatDataset, PreferenceDataset, _BaseDataset
 from mirotrain.data.errors import DataError, SkipLog
 from mirotrain.data.packing import SFT_COLUMNS, plan_packs, sft_row
-from mirotrain.data.preference import DPO_COLUMNS, build_dpo_row
+from mirotrain.data.preference import DPO_COLUMNS, build_dpo_row, pair_row_stats
 from mirotrain.data.shards import SCHEMA_VERSION, join, local_cpu_count, manifest_exists, read_manifest, write_rows
 
 if TYPE_CHECKING:
@@ -148,7 +148,10 @@ def pack(ds: _BaseDataset, output_root: str, *, num_workers: int | None = None, 
     pairs = ds.kind == PreferenceDataset.kind
     if pairs:
         columns = dict(DPO_COLUMNS)
-        plan = plan_packs(lengths, int(L), seed=ds.options.pack_seed)
+        if ds.one_pair_per_row:  # MiroTrain's one pair per micro-batch, in source order (the sampler shuffles rows)
+            plan = [[k] for k in range(len(encoded))]
+        else:
+            plan = plan_packs(lengths, int(L), seed=ds.options.pack_seed)
         rows = (build_dpo_row([(indices[k], encoded[k]) for k in p]) for p in plan)
         trained = sum(int((e.chosen.labels != IGNORE_INDEX).sum() + (e.rejected.labels != IGNORE_INDEX).sum()) for e in encoded)
     else:
@@ -185,6 +188,8 @@ def pack(ds: _BaseDataset, output_root: str, *, num_workers: int | None = None, 
     }
     if manifest["layout"] == "packed":
         manifest["pad_fraction"] = 1.0 - tokens / (len(plan) * int(L))
+    if pairs:
+        manifest.update(pair_row_stats(plan), one_pair_per_row=ds.one_pair_per_row)
     written = write_rows(out_dir, rows, columns, manifest, rows_per_shard)
     written["seconds"] = round(time.time() - t0, 3)
     written["tokenize_seconds"] = round(t_tok, 3)
@@ -217,12 +222,13 @@ def build_dataset(cfg: TrainConfig, section: str = "dataset", tokenizer: Any = N
     options = ds_cfg.engine_options()
     names = [f"{section}.{i}" for i in range(len(ds_cfg.parts))] if ds_cfg.parts else [section]
     parts = [_build_one(where, {**builder, **options}, tokenizer) for where, builder in zip(names, ds_cfg.builders)]
-    if not ds_cfg.parts:
-        return parts[0]
     try:
-        return ConcatDataset(parts)
+        ds = ConcatDataset(parts) if ds_cfg.parts else parts[0]
     except ValueError as exc:
         raise ConfigError(section, str(exc)) from None
+    if ds.kind == PreferenceDataset.kind:
+        ds.one_pair_per_row = cfg.dpo.one_pair_per_row  # DPO section key, read by pack() and the fingerprint
+    return ds
 
 
 def _build_one(where: str, node: dict, tokenizer: Any) -> _BaseDataset:
@@ -249,6 +255,17 @@ def pack_dataset(cfg: TrainConfig, section: str = "dataset", *, tokenizer: Any =
     return out_dir
 
 
+def existing_shards(cfg: TrainConfig, section: str = "dataset", tokenizer: Any = None) -> str | None:
+    """The shard directory ``section`` trains on if it is already packed (its ``shard_dir``, else the directory
+    `mirotrain pack` fills), None if not packed yet. Builds the tokenizer and stats the data files; reads no
+    sample."""
+    ds_cfg = cfg.data.section(section)
+    if ds_cfg is not None and ds_cfg.shard_dir:
+        return str(ds_cfg.shard_dir)
+    out_dir = shard_dir_for(build_dataset(cfg, section, tokenizer), output_root(cfg, section))
+    return out_dir if manifest_exists(out_dir) else None
+
+
 def summary_line(manifest: dict) -> str:
     keys = ["samples", "docs", "dropped", "skipped", "filtered", "truncated", "tokens", "trained_tokens", "rows"]
     parts = [f"{k}={manifest.get(k)}" for k in keys if k in manifest]
@@ -257,4 +274,5 @@ def summary_line(manifest: dict) -> str:
     return " ".join(parts)
 
 
-__all__ = ["encode_all", "output_root", "pack", "pack_dataset", "read_manifest", "shard_dir_for", "summary_line"]
+__all__ = ["encode_all", "existing_shards", "output_root", "pack", "pack_dataset", "read_manifest", "shard_dir_for",
+           "summary_line"]

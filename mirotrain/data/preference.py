@@ -4,6 +4,11 @@ Why in one row: the DPO loss compares a pair's chosen and rejected log-probabili
 same row means one forward pass yields both sums, no pair straddles ranks or micro-batches, and the
 reference log-probs written later join on the same row.
 
+How many per row: as many as fit in ``packed_seq_len`` (the fast path; an optimizer step then trains
+rows × pairs per row, which `mirotrain validate` prints from the manifest, :class:`PairsPerRow`), or exactly
+one with the config's ``one_pair_per_row`` (MiroTrain's meaning of ``batch_size``; the plan is made in
+:func:`mirotrain.data.pack_shards.pack`).
+
 Row layout (one Arrow row per pack, all lists)::
 
     input_ids      int32 [T]   segments back to back: c_0, r_0, c_1, r_1, ... (T <= packed_seq_len)
@@ -24,7 +29,8 @@ rows: a separate padding segment with labels -100 that no pair points to.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +60,36 @@ def build_dpo_row(pairs: list[tuple[int, Any]]) -> dict[str, np.ndarray]:
     row["chosen_index"] = np.arange(0, 2 * len(pairs), 2, dtype=np.int32)
     row["rejected_index"] = np.arange(1, 2 * len(pairs), 2, dtype=np.int32)
     return row
+
+
+def pair_row_stats(plan: Sequence[Sequence[int]]) -> dict[str, int]:
+    """What `mirotrain pack` records in a DPO manifest about its rows' pairs (``plan``: the pairs of each row):
+    the pair count and the fewest and most pairs in a row (the mean is ``pairs / rows``)."""
+    per_row = [len(row) for row in plan]
+    return {"pairs": sum(per_row), "pairs_per_row_min": min(per_row), "pairs_per_row_max": max(per_row)}
+
+
+@dataclass(frozen=True)
+class PairsPerRow:
+    """How many pairs the rows of a DPO shard directory hold: an optimizer step trains rows, so its pair count
+    is rows per step × pairs per row (`mirotrain validate` prints it)."""
+
+    pairs: int
+    rows: int
+    fewest: int | None  # None: shards packed before the manifest recorded it
+    most: int | None
+
+    @property
+    def mean(self) -> float:
+        return self.pairs / self.rows
+
+    @classmethod
+    def of(cls, manifest: Mapping) -> "PairsPerRow":
+        """From a DPO manifest; one written before ``pairs`` was recorded counts its pairs as ``docs``."""
+        if manifest.get("kind") != "dpo":
+            raise ValueError(f"a {manifest.get('kind')!r} shard directory holds no preference pairs")
+        return cls(int(manifest.get("pairs", manifest["docs"])), int(manifest["rows"]),
+                   manifest.get("pairs_per_row_min"), manifest.get("pairs_per_row_max"))
 
 
 def extra_pair_columns(manifest: Mapping) -> list[str]:
@@ -129,5 +165,5 @@ def segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
     return out.index_add_(0, seg, values[: int(cu_seqlens[-1])])
 
 
-__all__ = ["DPO_COLUMNS", "DPOShardReader", "add_pair_columns", "build_dpo_row", "extra_pair_columns", "read_dpo_row",
-           "read_manifest", "segment_sums"]
+__all__ = ["DPO_COLUMNS", "DPOShardReader", "PairsPerRow", "add_pair_columns", "build_dpo_row", "extra_pair_columns",
+           "pair_row_stats", "read_dpo_row", "read_manifest", "segment_sums"]
