@@ -86,6 +86,9 @@ def calibration_cases(bf16_override: str) -> dict[str, Case]:
              note=f"bf16 memory mode: {bf16_override}"),
         Case("sft_8b_16k_offload", f"{QWEN3}/8B_full_sft.yaml", (*ROW_16K, "fsdp_cpu_offload=True"), 16384, 2,
              timeout_s=240, note="state on the host: see host_rss_gib per rank in the JSON"),
+        Case("sft_8b_40k_bf16_act_offload", f"{QWEN3}/8B_full_sft.yaml",
+             (*ROW_40K, *shlex.split(bf16_override), "enable_activation_offloading=True"), 40960, 3,
+             note="bf16 mode, checkpointed activations in pinned host memory"),
         # its own settings (Liger loss, no compile, batch 1, GA 1, 40K rows); paths, world size and data aside:
         # 20 optimizer steps = 20 micro-batches on each GPU
         Case("mirothinker_8b_sft_40k", f"{MIROTHINKER}/MiroThinker-v0.1-8B-SFT-40k-bs128-packed.yaml", (), 40960, 20,

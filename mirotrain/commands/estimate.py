@@ -98,6 +98,7 @@ class MemoryEstimate:
     loss: int
     buffers: int
     host_state_per_rank: int  # with offload: state (+ reference) each rank keeps in host memory
+    host_activations_per_rank: int  # with enable_activation_offloading: the kept activations, pinned
 
     @property
     def total(self) -> int:
@@ -149,6 +150,7 @@ def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> tuple[Sh
     step = Step(
         tokens=tokens, compute_bytes=compute, grad_bytes=torch.empty((), dtype=mode.reduce_dtype).element_size(),
         state_bytes=mode.state_bytes, world_size=world_size, offload=cfg.parallel.fsdp_cpu_offload,
+        activations_on_host=cfg.model.enable_activation_offloading,
         grad_accum=cfg.optim.gradient_accumulation_steps, reference=reference,
         all_to_all=_all_to_all(args, tokens, sp, compute),
         kept=kept_per_layer(shapes, compute, ac_mode, ac_option),
@@ -173,6 +175,7 @@ def estimate_memory(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -
         objective="dpo" if is_preference(cfg) else "sft", params=shapes.params, row_tokens=row,
         tokens_per_gpu=step.tokens, state_bytes_per_param=step.state_bytes, offload=step.offload, phase=phase,
         **asdict(peak), host_state_per_rank=state + step.reference if step.offload else 0,
+        host_activations_per_rank=step.tokens * sum(step.kept) if step.activations_on_host else 0,
     )
 
 

@@ -29,6 +29,10 @@ With ``fsdp_cpu_offload`` the sharded state and the optimizer live on the host: 
 root and layers, the unsharded gradients and reduce buffers (the reduce-scatter output is copied to the host
 after it lands) and all activations: its peak is the loss in the forward or the backward.
 
+With ``enable_activation_offloading`` the tensors each layer keeps from its forward to its backward go to pinned
+host memory (mirotrain/training/objectives.py: ``offloading``) and come back one layer at a time, when its
+backward needs them; what the backward recomputes stays on the GPU (the running layer's terms are unchanged).
+
 Calibrated on 2× H200 against allocator peaks (docs/benchmarks.md, "`mirotrain validate`'s memory estimate
 against measured peaks"; tests/commands/test_estimate_calibration.py keeps the six rows).
 """
@@ -191,6 +195,7 @@ class Step:
     state_bytes: int
     world_size: int
     offload: bool
+    activations_on_host: bool  # enable_activation_offloading: the kept activations live in host memory
     grad_accum: int
     reference: int
     all_to_all: int
@@ -203,6 +208,7 @@ def step_moments(s: Shapes, st: Step) -> dict[str, Terms]:
     """The terms live at each moment of the module docstring, by its name."""
     c, g, w, T = st.compute_bytes, st.grad_bytes, st.world_size, st.tokens
     on_gpu = 0 if st.offload else 1
+    kept = [0] * len(st.kept) if st.activations_on_host else st.kept
     weights_and_moments = on_gpu * (st.state_bytes - g) * s.params // w
     all_grads = on_gpu * g * s.params // w
     layer_grads = on_gpu * g * (s.params - s.root_params) // w
@@ -216,8 +222,8 @@ def step_moments(s: Shapes, st: Step) -> dict[str, Terms]:
     common = dict(reference=on_gpu * st.reference, all_to_all=st.all_to_all)
     before_grads = dict(sharded_state=weights_and_moments + earlier_grads, gathered_params=root + two_layers, **common)
     return {
-        "loss in the forward": Terms(activations=T * (sum(st.kept) + 2 * s.dim * c), loss=st.loss, **before_grads),
-        "start of the backward": Terms(activations=T * sum(st.kept[:-1]) + running_layer,
+        "loss in the forward": Terms(activations=T * (sum(kept) + 2 * s.dim * c), loss=st.loss, **before_grads),
+        "start of the backward": Terms(activations=T * sum(kept[:-1]) + running_layer,
                                        buffers=head_grad + layer_reduce, **before_grads),
         "end of the backward": Terms(sharded_state=weights_and_moments + max(layer_grads, earlier_grads),
                                      gathered_params=root + two_layers, activations=running_layer,

@@ -137,6 +137,10 @@ def _print_memory(estimate: MemoryEstimate, cfg: TrainConfig, ns: argparse.Names
         ranks = min(ns.gpus_per_node, ns.world_size)
         where = (f"host (fsdp_cpu_offload): ~{mem['host_state_per_rank'] * ranks:.1f} GiB of host memory per node of "
                  f"{ranks} GPUs")
+    if estimate.host_activations_per_rank:
+        ranks = min(ns.gpus_per_node, ns.world_size)
+        print(f"activations: offloaded (enable_activation_offloading): ~{mem['host_activations_per_rank'] * ranks:.1f} "
+              f"GiB of pinned host memory per node of {ranks} GPUs")
     mode = MODES[cfg.run.master_weights]
     print(f"state:       {estimate.state_bytes_per_param} bytes/param, master_weights: {mode.name} ({mode.holds}), "
           f"sharded over {ns.world_size} ranks, on the {where}")

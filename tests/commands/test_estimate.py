@@ -139,3 +139,19 @@ def test_bf16_modes_need_bf16_compute_and_the_bf16_mode_needs_adamw(capsys):
                      "optimizer.amsgrad=True"]) == 2
     assert "config key 'optimizer.amsgrad': not supported with master_weights: bf16 (its AdamW takes lr, betas, " \
         "eps, weight_decay)" in capsys.readouterr().err
+
+
+def test_activation_offloading_moves_the_kept_activations_to_the_host(model):
+    """enable_activation_offloading: every layer's kept input (full AC: T·D·c) leaves the GPU for pinned host
+    memory; the layer the backward recomputes stays, so the end of the backward does not change."""
+    on_gpu = _cfg(SFT_8B, "tokenizer.max_seq_len=40960", "dataset.packed_seq_len=40960")
+    offloaded = _cfg(SFT_8B, "tokenizer.max_seq_len=40960", "dataset.packed_seq_len=40960",
+                     "enable_activation_offloading=True")
+    kept = 40960 * model.args.dim * 2 * model.args.n_layers
+    a, b = step_terms(model, on_gpu, WORLD), step_terms(model, offloaded, WORLD)
+    assert a["loss in the forward"].activations - b["loss in the forward"].activations == kept
+    assert a["start of the backward"].activations - b["start of the backward"].activations == kept * (
+        model.args.n_layers - 1) // model.args.n_layers
+    assert a["end of the backward"] == b["end of the backward"]
+    assert estimate_memory(model, offloaded, WORLD).host_activations_per_rank == kept
+    assert estimate_memory(model, on_gpu, WORLD).host_activations_per_rank == 0
