@@ -177,7 +177,7 @@ def mirotrain_refusal(found: MiroTrainStepDir) -> str:
     head = (f"{found.path} is a MiroTrain step checkpoint (epoch_E/step_S, DCP), which this trainer cannot resume "
             f"or convert: its model and optimizer state use MiroTrain's parameter names and its data-loader "
             f"position does not carry over. ")
-    tail = f"To train from the start instead, move {output_dir}/epoch_*/step_* away."
+    tail = "To train from the start instead, use a new output_dir."
     export = newest_epoch_export(output_dir)
     if export is None:
         return (head + "MiroTrain saved no epoch-end HF weights there (epoch_E/config.json + *.safetensors) to "

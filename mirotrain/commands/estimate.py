@@ -129,9 +129,11 @@ def loss_kind(cfg: TrainConfig, preference: bool) -> str:
 
 def loss_chunk(cfg: TrainConfig, tokens: int, preference: bool) -> int:
     """Tokens per LM-head chunk as the trainer sets it (mirotrain/training/forward.py): the model section's
-    ``loss_chunk_tokens`` / ``unembed_chunk_size``, else the loss node's ``chunk_tokens``, else its default."""
-    default = DEFAULT_CHUNK_SIZE if preference else DEFAULT_CHUNK_TOKENS
-    return cfg.model.chunk_tokens(tokens) or int((cfg.model.loss or {}).get("chunk_tokens") or default)
+    ``loss_chunk_tokens`` / ``unembed_chunk_size``, else (SFT) the loss node's ``chunk_tokens``, else the default
+    (DPO's log-prob head takes no loss node: mirotrain/training/dpo.py)."""
+    if preference:
+        return cfg.model.chunk_tokens(tokens) or DEFAULT_CHUNK_SIZE
+    return cfg.model.chunk_tokens(tokens) or int((cfg.model.loss or {}).get("chunk_tokens") or DEFAULT_CHUNK_TOKENS)
 
 
 def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> tuple[Shapes, Step, int]:
@@ -151,6 +153,7 @@ def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> tuple[Sh
         tokens=tokens, compute_bytes=compute, grad_bytes=torch.empty((), dtype=mode.reduce_dtype).element_size(),
         state_bytes=mode.state_bytes, world_size=world_size, offload=cfg.parallel.fsdp_cpu_offload,
         activations_on_host=cfg.model.enable_activation_offloading,
+        gathered_layers=2 if cfg.parallel.fsdp_reshard_after_forward else args.n_layers,
         grad_accum=cfg.optim.gradient_accumulation_steps, reference=reference,
         all_to_all=_all_to_all(args, tokens, sp, compute),
         kept=kept_per_layer(shapes, compute, ac_mode, ac_option),

@@ -13,7 +13,7 @@ Why these moments (GA 1; gradients are set to None after every optimizer step, m
 * the loss in the forward: the end of the policy's forward, inside the loss. The weights and moments are there,
   no gradient yet (with gradient accumulation > 1 the earlier micro-batches' gradients are); the root stays
   gathered (mirotrain/parallel/fsdp.py), two decoder layers are gathered (the one running and the prefetched
-  one), every layer's kept activations are live, and the LM-head loss allocates its transients
+  one; every layer with ``fsdp_reshard_after_forward: False``, which keeps them gathered until their backward), every layer's kept activations are live, and the LM-head loss allocates its transients
   (``loss_transient``).
 * the start / the end of the backward: recomputing and differentiating the last / the first decoder layer. In
   between, each layer adds its sharded gradient (g·N_layer/W) and frees its kept input (T·D·c), so the larger of
@@ -44,6 +44,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from mirotrain.optim.bf16_adamw import CHUNK_ELEMENTS
+from mirotrain.optim.precision import runs_fused
 
 FP32 = 4
 
@@ -171,14 +172,14 @@ def _next_power_of_2(n: int) -> int:
 
 
 def optimizer_transient(s: Shapes, optimizer: dict, master_weights: str, world_size: int) -> int:
-    """What the optimizer step allocates beyond the state: fused torch AdamW nothing; foreach (torch's default
-    on CUDA) one copy of the second moments (its sqrt); the compensated AdamW of ``master_weights: bf16``
+    """What the optimizer step allocates beyond the state: fused torch Adam(W) (the engine's default for them:
+    ``runs_fused``) nothing; foreach one copy of the second moments (its sqrt); the compensated AdamW of ``master_weights: bf16``
     (mirotrain/optim/bf16_adamw.py) 16 bytes per element of its largest flat chunk (fp32 first and second
     moments plus the stochastic rounding's random bits and sum), a chunk being at most CHUNK_ELEMENTS or the
     largest parameter's local shard (the embedding and LM head are updated alone)."""
     if master_weights == "bf16":
         return 16 * max(min(CHUNK_ELEMENTS, s.params // world_size), s.largest_local)
-    if optimizer.get("fused"):
+    if runs_fused(optimizer):
         return 0
     moment = FP32 if master_weights == "fp32" else 2
     return moment * s.params // world_size
@@ -196,6 +197,7 @@ class Step:
     world_size: int
     offload: bool
     activations_on_host: bool  # enable_activation_offloading: the kept activations live in host memory
+    gathered_layers: int       # decoder layers gathered at once: 2, or all with fsdp_reshard_after_forward False
     grad_accum: int
     reference: int
     all_to_all: int
@@ -214,19 +216,19 @@ def step_moments(s: Shapes, st: Step) -> dict[str, Terms]:
     layer_grads = on_gpu * g * (s.params - s.root_params) // w
     earlier_grads = all_grads if st.grad_accum > 1 else 0
     root = s.root_params * c
-    two_layers = 2 * s.layer_params * c
+    layers_gathered = st.gathered_layers * s.layer_params * c
     saved, transient = layer_activation_bytes(s, c)
     running_layer = T * (s.dim * c + saved + transient)
     head_grad = s.lm_head_params * c
     layer_reduce = s.layer_params * (c + g)  # the layer's unsharded gradient, the previous one's reduce input
     common = dict(reference=on_gpu * st.reference, all_to_all=st.all_to_all)
-    before_grads = dict(sharded_state=weights_and_moments + earlier_grads, gathered_params=root + two_layers, **common)
+    before_grads = dict(sharded_state=weights_and_moments + earlier_grads, gathered_params=root + layers_gathered, **common)
     return {
         "loss in the forward": Terms(activations=T * (sum(kept) + 2 * s.dim * c), loss=st.loss, **before_grads),
         "start of the backward": Terms(activations=T * sum(kept[:-1]) + running_layer,
                                        buffers=head_grad + layer_reduce, **before_grads),
         "end of the backward": Terms(sharded_state=weights_and_moments + max(layer_grads, earlier_grads),
-                                     gathered_params=root + two_layers, activations=running_layer,
+                                     gathered_params=root + layers_gathered, activations=running_layer,
                                      buffers=head_grad + layer_reduce, **common),
         "root's reduce-scatter": Terms(sharded_state=weights_and_moments + max(layer_grads, earlier_grads),
                                        buffers=s.root_params * g + max(s.root_params * c, s.root_params * g // w),

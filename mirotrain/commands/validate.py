@@ -8,6 +8,7 @@ a per-GPU memory estimate; otherwise it prints one line per error, naming the fi
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def _print_pairs_per_step(cfg: TrainConfig, ns: argparse.Namespace, dp: int) -> 
         return
     found = _measured_pairs(cfg)
     if isinstance(found, str):
-        pack = " ".join(["mirotrain pack --config", str(ns.config), *ns.overrides])
+        pack = "mirotrain pack " + shlex.join(["--config", str(ns.config), *ns.overrides])
         length = cfg.data.dataset.packed_seq_len
         print(f"pairs/step:  not yet known: {rows} rows ({why}), each holding as many pairs as fit in "
               f"{f'{length:,} tokens' if length else 'a row'}; {found}: `{pack}` packs them, then validate prints "

@@ -43,7 +43,8 @@ def _preference_row_length(cfg: dict) -> list[str]:
     if cfg.get("one_pair_per_row") is True:
         return [f"config key 'dataset.packed_seq_len': not set, so {2 * max_seq_len} (2 × tokenizer.max_seq_len): "
                 "each preference pair (chosen and rejected) is one row of up to that many tokens "
-                "(one_pair_per_row), so batch_size counts pairs as in MiroTrain"]
+                "(one_pair_per_row), so a step trains batch_size × gradient_accumulation_steps × data-parallel "
+                "pairs, as in MiroTrain"]
     return [f"config key 'dataset.packed_seq_len': not set, so {2 * max_seq_len} (2 × tokenizer.max_seq_len): "
             "preference pairs are packed into rows of that many tokens, a pair's chosen and rejected in one row "
             "and several short pairs per row, so batch_size counts rows, not pairs (`mirotrain validate` prints "

@@ -46,6 +46,15 @@ MODES: dict[str, PrecisionMode] = {
 }
 
 
+def runs_fused(node: dict) -> bool:
+    """Whether the optimizer ``node`` runs fused: as it says, else Adam(W) unless it asks for ``foreach``
+    (torch has fused CPU and CUDA Adam(W) kernels; ``build_optimizer`` and validate's estimate share this)."""
+    if node.get("fused") is not None:
+        return bool(node["fused"])
+    name = str(node.get("_component_", ""))
+    return (name.endswith("AdamW") or name.endswith("Adam")) and not node.get("foreach")
+
+
 def build_compensated_adamw(node: dict, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """The ``bf16`` mode's optimizer with the section's hyper-parameters (torch AdamW's defaults otherwise; the
     section's other keys are refused by the config check, ``OptimConfig.check``)."""

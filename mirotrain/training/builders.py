@@ -13,7 +13,7 @@ from torch import nn
 
 from mirotrain.config import instantiate
 from mirotrain.config.tree import TrainConfig, replace_section
-from mirotrain.optim.precision import MODES, PrecisionMode, build_compensated_adamw
+from mirotrain.optim.precision import MODES, PrecisionMode, build_compensated_adamw, runs_fused
 from mirotrain.training.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,7 @@ def build_optimizer(node: dict, model: nn.Module, master_weights: str) -> torch.
     node.pop("params", None)
     if master_weights == "bf16":
         return build_compensated_adamw(node, [p for p in model.parameters() if p.requires_grad])
-    name = node.get("_component_", "")
-    if (name.endswith("AdamW") or name.endswith("Adam")) and node.get("fused") is None and not node.get("foreach"):
+    if node.get("fused") is None and runs_fused(node):
         node["fused"] = True
     return instantiate(node, params=[p for p in model.parameters() if p.requires_grad])
 

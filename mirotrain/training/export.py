@@ -8,6 +8,10 @@ see a normal model directory; it takes no extra disk; it stays valid when the ru
 copied (a copy that does not keep hard links, such as ``cp -r``, duplicates the bytes); and it is a
 snapshot: rewriting ``hf/final`` (a re-run of a finished run exports it again) replaces files by new ones
 and re-links ``epoch_{N}``, so it never shows a half-written export.
+
+An ``epoch_{N}/`` this trainer made holds a marker file (``EXPORT_MARK``); one without it (MiroTrain wrote its
+epoch weights, and its step checkpoints, into the same directories of the same ``output_dir``) is never
+touched: the export stays in ``hf/`` and a warning says so.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from mirotrain.models.hf_writer import make_public_dirs
 log = logging.getLogger("mirotrain.train")
 
 _EPOCH_NAME = re.compile(r"^epoch_(\d+)$")
+# in every output_dir/epoch_{N}/ this trainer links: only those are ever replaced
+EXPORT_MARK = ".mirotrain-export"
 
 
 @dataclass(frozen=True)
@@ -73,18 +79,24 @@ class HFExport:
             log.info("Saved HF weights to %s", out)
             if name == "final" and self.every_epoch:
                 link_tree(out, self.root / f"epoch_{epoch}")
-            link_tree(out, self.output_dir / f"epoch_{epoch}")
+            link_epoch_dir(out, self.output_dir / f"epoch_{epoch}")
         dist.barrier()
         return out
 
 
-def link_tree(src: Path, dst: Path) -> None:
-    """Make ``dst`` hold the files of ``src`` as hard links (copies where hard links fail).
+def link_epoch_dir(src: Path, dst: Path) -> None:
+    """Link ``src`` as ``dst`` (``output_dir/epoch_{N}``) unless ``dst`` exists and is not this trainer's."""
+    if dst.exists() and not (dst / EXPORT_MARK).is_file():
+        log.warning("%s was not written by this trainer (MiroTrain's epoch weights or step checkpoints?): left as "
+                    "it is; this epoch's HF export is %s", dst, src)
+        return
+    link_tree(src, dst, mark=True)
 
-    Built as ``dst.tmp`` and renamed into place (the previous ``dst`` is renamed aside first, then deleted).
-    A ``dst`` with subdirectories (MiroTrain kept its ``epoch_E/step_S`` step checkpoints inside the epoch
-    directory) is never deleted: only its files are replaced, and its subdirectories stay as they are.
-    """
+
+def link_tree(src: Path, dst: Path, mark: bool = False) -> None:
+    """Make ``dst`` hold the files of ``src`` as hard links (copies where hard links fail), plus ``EXPORT_MARK``
+    with ``mark``. Built as ``dst.tmp`` and renamed into place (the previous ``dst`` is renamed aside first,
+    then deleted), so ``dst`` is absent only between the two renames."""
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     make_public_dirs(tmp)
@@ -93,21 +105,13 @@ def link_tree(src: Path, dst: Path) -> None:
             os.link(f, tmp / f.name)
         except OSError:
             shutil.copy2(f, tmp / f.name)
+    if mark:
+        (tmp / EXPORT_MARK).write_text(f"hard links to {src}\n")
     if dst.is_symlink() or dst.is_file():
         dst.unlink()
-    subdirs = sorted(p.name for p in dst.iterdir() if p.is_dir()) if dst.is_dir() else []
-    if not subdirs:  # swapped in whole: dst is absent only between the two renames
-        old = dst.with_name(dst.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if dst.exists():
-            dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    log.info("%s keeps its subdirectories %s; only its files are replaced by the export's.", dst, ", ".join(subdirs))
-    for f in dst.iterdir():
-        if not f.is_dir():
-            f.unlink()
-    for f in tmp.iterdir():
-        f.rename(dst / f.name)
-    tmp.rmdir()
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        dst.rename(old)
+    tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)

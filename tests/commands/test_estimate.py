@@ -155,3 +155,17 @@ def test_activation_offloading_moves_the_kept_activations_to_the_host(model):
     assert a["end of the backward"] == b["end of the backward"]
     assert estimate_memory(model, offloaded, WORLD).host_activations_per_rank == kept
     assert estimate_memory(model, on_gpu, WORLD).host_activations_per_rank == 0
+
+
+def test_unresharded_layers_stay_gathered_and_adam_is_fused_unless_told_otherwise(model):
+    """fsdp_reshard_after_forward False keeps every decoder layer gathered from its forward to its backward;
+    an Adam(W) node that says neither fused nor foreach runs fused (training/builders.py), so the estimate
+    charges no foreach copy of the moments for it."""
+    default, kept = _cfg(SFT_8B), _cfg(SFT_8B, "fsdp_reshard_after_forward=False")
+    layer = sum(p.numel() for p in model.layers[0].parameters()) * 2
+    extra = (model.args.n_layers - 2) * layer
+    a, b = step_terms(model, default, WORLD), step_terms(model, kept, WORLD)
+    assert b["loss in the forward"].gathered_params - a["loss in the forward"].gathered_params == extra
+    unset = step_terms(model, _cfg(SFT_8B, "~optimizer.fused"), WORLD)["optimizer step"]
+    foreach = step_terms(model, _cfg(SFT_8B, "~optimizer.fused", "optimizer.foreach=True"), WORLD)["optimizer step"]
+    assert unset.buffers == 0 < foreach.buffers

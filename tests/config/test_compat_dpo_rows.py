@@ -16,8 +16,9 @@ def test_packed_rows_notice_points_at_one_pair_per_row():
            "pairs per optimizer step); one_pair_per_row: true puts one pair in each row, as MiroTrain did" in notice
 
 
-def test_with_one_pair_per_row_the_notice_says_batch_size_counts_pairs():
+def test_with_one_pair_per_row_the_notice_counts_pairs_per_step():
     cfg, [notice] = translate_mirotrain({**MIROTRAIN_DPO, "one_pair_per_row": True})
     assert cfg["dataset"]["packed_seq_len"] == 2000
     assert notice.endswith("each preference pair (chosen and rejected) is one row of up to that many tokens "
-                           "(one_pair_per_row), so batch_size counts pairs as in MiroTrain")
+                           "(one_pair_per_row), so a step trains batch_size × gradient_accumulation_steps × "
+                           "data-parallel pairs, as in MiroTrain")

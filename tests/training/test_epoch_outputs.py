@@ -25,7 +25,7 @@ from sft_helpers import assert_ok, run_sft, tiny_config, write_config, write_sha
 from mirotrain.checkpoint.layout import CheckpointInputError, mirotrain_step_dirs, resolve_checkpoint  # noqa: E402
 from mirotrain.cli import main  # noqa: E402
 from mirotrain.models.qwen3.tiny import TINY_ARGS, write_tiny_checkpoint  # noqa: E402
-from mirotrain.training.export import link_tree  # noqa: E402
+from mirotrain.training.export import EXPORT_MARK, link_epoch_dir  # noqa: E402
 
 BASE_IDS = {"bos_token_id": 151643, "eos_token_id": 151643, "pad_token_id": 151643}  # a Qwen3-*-Base's
 GENERATION = {"bos_token_id": 151643, "eos_token_id": 151643, "max_new_tokens": 2048, "do_sample": False}
@@ -72,7 +72,8 @@ def test_each_epoch_end_export_is_hard_linked_as_output_dir_epoch_n(run):
     for epoch_dir, export in ((run / "epoch_0", run / "hf" / "epoch_0"), (run / "epoch_1", run / "hf" / "final")):
         assert epoch_dir.is_dir() and not epoch_dir.is_symlink()
         names = sorted(p.name for p in export.iterdir())
-        assert sorted(p.name for p in epoch_dir.iterdir()) == names and "model.safetensors" in names
+        assert sorted(p.name for p in epoch_dir.iterdir()) == sorted([*names, EXPORT_MARK])
+        assert "model.safetensors" in names
         for name in names:
             assert os.path.samefile(epoch_dir / name, export / name), name  # no extra disk
     assert not list(run.glob("epoch_*/step_*")) and not list(run.glob("epoch_*.tmp"))
@@ -98,23 +99,30 @@ def test_the_trainers_export_keeps_the_base_models_token_ids_and_generation_conf
     assert GenerationConfig.from_pretrained(run / "epoch_1").eos_token_id == 151643
 
 
-def test_link_tree_keeps_the_subdirectories_of_an_epoch_dir(tmp_path):
-    """A MiroTrain epoch_E/ also holds its step checkpoints: the export replaces its files, never them."""
+def test_an_epoch_dir_the_trainer_did_not_write_is_left_alone(tmp_path):
+    """MiroTrain wrote its epoch weights (and step checkpoints) to output_dir/epoch_E/: an export never touches
+    them; its own earlier epoch_E/ (marked) is replaced whole."""
     src = tmp_path / "hf" / "final"
     src.mkdir(parents=True)
     (src / "model.safetensors").write_bytes(b"new")
     (src / "config.json").write_text("{}")
-    dst = tmp_path / "epoch_0"
-    (dst / "step_5").mkdir(parents=True)
-    (dst / "step_5" / ".metadata").write_bytes(b"m")
-    (dst / "model-00001-of-00002.safetensors").write_bytes(b"old")
-    link_tree(src, dst)
-    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "step_5"]
-    assert (dst / "step_5" / ".metadata").read_bytes() == b"m"
-    assert os.path.samefile(dst / "model.safetensors", src / "model.safetensors")
-    link_tree(src, tmp_path / "epoch_1")  # a fresh one is renamed into place whole
-    assert sorted(p.name for p in (tmp_path / "epoch_1").iterdir()) == ["config.json", "model.safetensors"]
-    assert not (tmp_path / "epoch_1.tmp").exists()
+    theirs = tmp_path / "epoch_0"
+    (theirs / "step_5").mkdir(parents=True)
+    (theirs / "step_5" / ".metadata").write_bytes(b"m")
+    (theirs / "model-00001-of-00002.safetensors").write_bytes(b"old")
+    (theirs / "config.json").write_text('{"theirs": 1}')
+    link_epoch_dir(src, theirs)
+    assert sorted(p.name for p in theirs.iterdir()) == ["config.json", "model-00001-of-00002.safetensors", "step_5"]
+    assert (theirs / "config.json").read_text() == '{"theirs": 1}'
+    ours = tmp_path / "epoch_1"
+    link_epoch_dir(src, ours)
+    assert sorted(p.name for p in ours.iterdir()) == [EXPORT_MARK, "config.json", "model.safetensors"]
+    assert os.path.samefile(ours / "model.safetensors", src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    (src / "model.safetensors").write_bytes(b"newer")  # a re-export writes new files
+    link_epoch_dir(src, ours)
+    assert (ours / "model.safetensors").read_bytes() == b"newer"
+    assert not (tmp_path / "epoch_1.tmp").exists() and not (tmp_path / "epoch_1.old").exists()
 
 
 def _mirotrain_step_checkpoint(path: Path) -> None:
@@ -161,7 +169,7 @@ def test_auto_resume_refuses_mirotrain_step_checkpoints_in_one_line(tmp_path, mi
         f"trainer cannot resume or convert: its model and optimizer state use MiroTrain's parameter names and its "
         f"data-loader position does not carry over. Start a new run from the HF weights MiroTrain saved at the end "
         f"of epoch_0: checkpointer.checkpoint_dir={out}/epoch_0 output_dir=<a new directory> (epochs count from "
-        f"there). To train from the start instead, move {out}/epoch_*/step_* away."]
+        f"there). To train from the start instead, use a new output_dir."]
     assert not (out / "checkpoints").exists() and not (out / "hf").exists()  # nothing trained
 
 
