@@ -5,7 +5,9 @@ starts each worker in its own session, so torchrun then sees all workers die and
 named by ``MIROTRAIN_FAULT_MARKER`` existed when the run started. The marker is created before dying, so the
 restarted run does not fault again. Whether a run is armed is decided once at start-up (rank 0 looks, all
 ranks agree), so every rank of the faulting run dies at the same step. Resume tests use this to kill a run at
-a chosen point, including while an asynchronous checkpoint is still being written.
+a chosen point, including while an asynchronous checkpoint is still being written: a save launched at step k is
+in flight when the run dies, while one launched at an earlier step has landed first (the hook waits for it), so
+the kill point is the same on a loaded machine as on an idle one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import os
 import signal
 from pathlib import Path
 
+import torch.distributed as dist
+
+from mirotrain.checkpoint.step_checkpointer import StepCheckpointer
 from mirotrain.training.distributed import broadcast_object
 
 log = logging.getLogger("mirotrain.train")
@@ -49,7 +54,13 @@ class FaultHook:
     def __init__(self, rank: int):
         self.step = fault_step() if broadcast_object(fault_armed() if rank == 0 else None) else None
 
-    def after_step(self, step: int) -> None:
-        if step == self.step:
-            log.warning("MIROTRAIN_FAULT_AFTER_STEP=%d: killing this process group (test fault injection)", step)
-            inject_fault()
+    def after_step(self, step: int, earlier_saves: StepCheckpointer | None) -> None:
+        """``earlier_saves``: the checkpointer when no save was launched at ``step`` (None otherwise); its pending
+        save, from an earlier step, lands on every rank before any rank dies."""
+        if step != self.step:
+            return
+        if earlier_saves is not None:
+            earlier_saves.wait()
+            dist.barrier()
+        log.warning("MIROTRAIN_FAULT_AFTER_STEP=%d: killing this process group (test fault injection)", step)
+        inject_fault()

@@ -142,12 +142,13 @@ class Trainer:
             self._log_val(step)  # host sync
         # the last step too: a re-run of a finished run resumes there and trains nothing, and a conversion of
         # the run directory (its newest complete step) exports the final weights
-        if self.checkpointer is not None and (step % self.loop.checkpoint_every == 0 or last):
+        saved_now = self.checkpointer is not None and (step % self.loop.checkpoint_every == 0 or last)
+        if saved_now:
             self.save_checkpoint()  # host sync (staging)
         elif self.checkpointer is not None and self.checkpointer.async_save and not self.checkpointer.prepared:
             # the optimizer state exists now: the async-save host buffers are allocated meanwhile, in the background
             self.checkpointer.prepare(self.checkpoint_state_dict())
-        self.fault.after_step(step)
+        self.fault.after_step(step, None if saved_now else self.checkpointer)
 
     def _end_epoch(self) -> None:
         epoch = self.state.epoch

@@ -87,7 +87,7 @@ def test_dpo_killed_three_times_resumes_bit_identically(tmp_path):
 
     cfg = _config(tmp_path, shards, "faulted")
     out = tmp_path / "faulted"
-    # 1) killed after step 4 (the async save of step 3 may or may not have finished by then)
+    # 1) killed after step 4 (the fault hook lets the async save of step 3 land first)
     p = run_dpo(cfg, env=_fault(tmp_path, 4, 1))
     assert p.returncode != 0 and (tmp_path / "fault1.marker").exists()
     # 2) restarted, then killed right after launching the async save of step 9: step_9 stays incomplete
