@@ -13,8 +13,11 @@ F at a time and frees them before the next slice, summing the slices' down proje
 accumulator of ``x.shape[:-1] + (D,)`` in fp32 (for half-precision inputs; fp32/fp64 inputs accumulate in
 their own dtype). Backward recomputes each slice's ``g``, ``u``, ``silu(g)``, ``h`` and writes that
 slice's rows of ``dw1``/``dw3`` and columns of ``dw2`` exactly (each weight gradient entry depends on one
-slice only), summing ``dx`` over slices in fp32. Peak: about ``6·F/tiles·c`` bytes per token for one
-slice plus ``4·D`` for the fp32 accumulator, whatever F is.
+slice only), summing ``dx`` over slices in fp32. Peak: at most 5 slice-sized tensors in backward, about
+``5·F/tiles·c`` bytes per token, plus ``4·D`` for the fp32 accumulator. Measured on one H200 (D 5120,
+F 25600, 40K tokens, bf16, forward + backward): 12.0 GiB above the inputs for the plain MLP, 3.5 GiB at
+8 tiles (both counting the output and the four gradients, 1.5 GiB; measured before backward's in-place
+``dh * u``, which frees two more slices), 146 vs 203 ms.
 
 Cost: each slice's gate/up/product is recomputed in backward, one extra MLP forward per step on top of
 activation checkpointing's recompute (which re-runs this forward, itself not saving anything), and the
@@ -74,8 +77,10 @@ class _TiledSwiGLU(torch.autograd.Function):
                 continue
             dh = dy2 @ w2[:, a:b]
             du = dh * sg
-            dg = torch.ops.aten.silu_backward(dh * u, g)
-            del g, u, sg, dh
+            u.mul_(dh)  # u's storage now holds dh * u, the gradient of silu(g); at most 5 slices live at once
+            del sg, dh
+            dg = torch.ops.aten.silu_backward(u, g)
+            del g, u
             if need_w1:
                 dw1[a:b] = dg.t() @ x2
             if need_w3:
