@@ -5,7 +5,12 @@ step.
 Each mode runs the real ``SFTTrainer`` under torchrun (FSDP2, bf16 compute, torch.compile'd layers, chunked
 CE) on Qwen3-0.6B shapes from the same random init, over the demo agent traces (mirotrain/data/demo.py) packed
 once into rows of ``--seq`` tokens, with MiroThinker's SFT settings (lr 4e-5, weight decay 0.1, 10% warm-up,
-cosine, clip 1.0). Printed per mode: the loss at steps 50/100/200/300 and at the end, the largest relative
+cosine, clip 1.0). Every mode starts from the same bf16 weights (``--init bf16``, the default): a random init
+written once as an HF checkpoint in bf16 and loaded as a fine-tuning run loads its base model, so no mode
+holds more of the initial weights than another. ``--init fp32`` draws the random init in each run instead: the
+fp32-master run then keeps 16 more bits of every initial weight than the bf16 modes can hold, and its weights
+start moving in compute with the first updates, while the bf16 modes' stay put until an update reaches half a
+bf16 ulp. ``--init-control`` adds that run (``fp32_from_fp32_init``) beside the others. Printed per mode: the loss at steps 50/100/200/300 and at the end, the largest relative
 deviation from the fp32-master loss from step 50 on (per step, and of 10-step means), bytes per parameter
 counted from the parameters and optimizer state after training, median tokens/s/GPU and peak memory.
 
@@ -73,6 +78,9 @@ def prepare(ns: argparse.Namespace, work: Path) -> dict:
     traces = max(8, math.ceil(ns.steps * ns.nproc * ns.seq / MEAN_TOKENS_PER_TRACE))
     write_demo(str(work / "data"), num_samples=traces, seed=0, num_pairs=1)
     cfg = base_config(ns, work)
+    if ns.init == "bf16":
+        cfg["checkpointer"] = {"_component_": "torchtune.training.FullModelHFCheckpointer", "model_type": "QWEN3",
+                               "checkpoint_dir": write_base_checkpoint(cfg, work / "base")}
     shard_dir = pack_dataset(parse_config(cfg, world_size=ns.nproc, scope=("tokenizer", "dataset")))
     rows = int(read_manifest(shard_dir)["rows"])
     steps_per_epoch = rows // ns.nproc
@@ -82,6 +90,26 @@ def prepare(ns: argparse.Namespace, work: Path) -> dict:
     print(f"data: {traces} demo traces -> {rows} rows of {ns.seq} tokens; {epochs} epoch(s) of "
           f"{cfg['max_steps_per_epoch']} steps on {ns.nproc} ranks", flush=True)
     return cfg
+
+
+def write_base_checkpoint(cfg: dict, out: Path) -> str:
+    """The engine's random init of the run's model (seed ``cfg['seed']``, drawn on the run's device) written as
+    a bf16 HF checkpoint in ``out``, with the bundled tokenizer (the export copies it from the base checkpoint):
+    every mode then starts from the same bf16 weights."""
+    import torch
+
+    from mirotrain.models.hf_weights import save_pretrained
+    from mirotrain.models.qwen3.tokenizer import bundled_tokenizer_dir
+    from mirotrain.training.builders import build_meta_model
+
+    model = build_meta_model(cfg["model"], "sdpa")
+    device = torch.device(cfg["device"])
+    model.to_empty(device=device)
+    model.rope.reset_parameters()
+    model.init_weights(seed=cfg["seed"], device=device)
+    save_pretrained(model, out, tokenizer_dir=bundled_tokenizer_dir(), dtype=torch.bfloat16, is_writer=True)
+    del model
+    return str(out)
 
 
 def run_worker(ns: argparse.Namespace) -> None:
@@ -140,12 +168,13 @@ def report(results: dict[str, dict]) -> None:
     reference = results["fp32"]["losses"]
     last = max(reference)
     shown = [s for s in REPORT_STEPS if s < last] + [last]
-    print("\n" + f"{'mode':<11}" + "".join(f"{f'loss@{s}':>12}" for s in shown)
+    width = max(len(mode) for mode in results) + 2
+    print("\n" + f"{'mode':<{width}}" + "".join(f"{f'loss@{s}':>12}" for s in shown)
           + f"{'max dev':>10}{'dev 10-mean':>13}{'bytes/param':>13}{'tok/s/GPU':>11}{'peak GiB':>10}")
     for mode, r in results.items():
         dev = deviations(r["losses"], reference) if mode != "fp32" else {}
         r.update(dev)
-        print(f"{mode:<11}" + "".join(f"{r['losses'][s]:>12.4f}" for s in shown)
+        print(f"{mode:<{width}}" + "".join(f"{r['losses'][s]:>12.4f}" for s in shown)
               + f"{dev.get('max_rel_dev', 0):>10.2%}{dev.get('max_rel_dev_10_step_mean', 0):>13.2%}"
               + f"{r['bytes_per_param']:>13.2f}{r['tokens_per_sec_per_gpu']:>11.0f}"
               + f"{r.get('peak_mem_gib', float('nan')):>10.1f}")
@@ -162,6 +191,11 @@ def main() -> None:
     p.add_argument("--control", action="store_true",
                    help="run fp32 a second time (fp32_rerun): GPU runs are not bitwise reproducible, so the two fp32 "
                         "runs' deviation is the floor every mode's deviation is read against")
+    p.add_argument("--init", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16: every mode loads one bf16 checkpoint of the random init (as fine-tuning does); fp32: "
+                        "each run draws the random init itself (the fp32-master run keeps it in fp32)")
+    p.add_argument("--init-control", action="store_true",
+                   help="with --init bf16, also run fp32 masters from the fp32 random init (fp32_from_fp32_init)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--work", help="working directory (default: a new temporary one)")
     p.add_argument("--json", help="also write the results here")
@@ -180,6 +214,9 @@ def main() -> None:
     cfg = prepare(ns, work)
     runs = [(mode, mode) for mode in ns.modes] + ([("fp32_rerun", "fp32")] if ns.control else [])
     results = {label: run_mode(ns, work, cfg, label, mode) for label, mode in runs}
+    if ns.init_control and ns.init == "bf16":
+        fp32_init = {k: v for k, v in cfg.items() if k != "checkpointer"}
+        results["fp32_from_fp32_init"] = run_mode(ns, work, fp32_init, "fp32_from_fp32_init", "fp32")
     report(results)
     if ns.json:
         Path(ns.json).write_text(json.dumps({"config": {k: v for k, v in vars(ns).items() if k != "worker_config"},

@@ -8,7 +8,9 @@
 #   bash benchmarks/gpu_session.sh tests p2            # 1 GPU: tests/gpu, P2
 #   bash benchmarks/gpu_session.sh calib               # 2 GPUs: validate's estimate vs measured peaks (issue 18)
 #   CALIB_CASES=mirothinker_8b_sft_40k bash benchmarks/gpu_session.sh calib   # 2 GPUs: MiroThinker 8B SFT 40K
+#   bash benchmarks/gpu_session.sh tiled bf16          # 2 GPUs: mlp_tiles on one MLP; bf16 mode from a bf16 init
 # Each stage's limit is overridable: CKPT_S, DPO_S, DPO40K_S, SFT14B_S, MOE_S, PROFILE_S, MIX_S, LONG_S, TESTS_S, P1_S, P2_S,
+# TILED_S, BF16_S,
 # CALIB_S (CALIB_CASES and CALIB_ARGS pass --cases and further flags to benchmarks/memory_calibration.py).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -50,6 +52,10 @@ for s in "$@"; do
     tests) TAIL=40 stage tests "${TESTS_S:-300}" python3 -m pytest -p no:cacheprovider tests/gpu -m gpu -o addopts="" -q -rs ;;
     p2)    stage p2 "${P2_S:-280}" python3 benchmarks/sft.py --size 1.7B --seq 16384 --nproc 1 --ac selective \
              --ac-option attention --chunk 2048 --json "$OUT/p2.json" ;;
+    tiled)  # 1 GPU: one 32B MLP at 40K tokens untiled, HF's, and in 4/8/16 tiles (mlp_tiles, issue 18)
+      stage tiled "${TILED_S:-120}" python3 benchmarks/tiled_mlp.py --size 32B --tokens 40960 --json "$OUT/tiled_mlp.json" ;;
+    bf16)  # 2 GPUs: bf16 memory mode vs fp32 masters from one bf16 init, plus fp32 from the fp32 init (issue 18)
+      stage bf16 "${BF16_S:-560}" python3 benchmarks/bf16_mode.py --init-control --json "$OUT/bf16_mode.json" ;;
     calib)  # one row per case, flushed as each ends; rows in $OUT/calib/calibration.json, logs beside it
       TAIL=20 stage calib "${CALIB_S:-570}" python3 benchmarks/memory_calibration.py --out "$OUT/calib" \
         ${CALIB_CASES:+--cases "$CALIB_CASES"} ${CALIB_ARGS:-} ;;

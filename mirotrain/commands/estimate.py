@@ -48,6 +48,12 @@ from mirotrain.parallel.activation_checkpoint import resolve_ac
 
 GIB = 2**30
 BF16 = 2
+# Above this fraction of a GPU's memory validate warns and ``mlp_tiles: auto`` tiles the MLP. The estimate is
+# of the allocator's peak allocated bytes (docs/benchmarks.md); the 10% margin is for what the allocator reserves
+# beyond them, kept small by expandable_segments (mirotrain/commands/cuda_alloc.py), and for compiled-kernel
+# workspaces the estimate leaves out.
+MEMORY_WARN_FRACTION = 0.9
+MLP_TILE_CHOICES = (1, 2, 4, 8, 16)
 
 
 def state_bytes_per_param(cfg: TrainConfig) -> int:
@@ -84,6 +90,7 @@ class MemoryEstimate:
     computed from; ``phase`` names the moment (``step_memory.py``)."""
 
     objective: str            # "sft" or "dpo"
+    mlp_tiles: int            # the dense MLP's tiles the estimate assumes (``mlp_tiles_for``)
     params: int
     row_tokens: int
     tokens_per_gpu: int
@@ -107,7 +114,7 @@ class MemoryEstimate:
 
     def gib(self) -> dict[str, float]:
         """Every byte term in GiB plus ``total``; counts, flags and names as they are."""
-        counts = {"objective", "params", "row_tokens", "tokens_per_gpu", "state_bytes_per_param", "offload", "phase"}
+        counts = {"objective", "mlp_tiles", "params", "row_tokens", "tokens_per_gpu", "state_bytes_per_param", "offload", "phase"}
         out = {k: (v if k in counts else v / GIB) for k, v in asdict(self).items()}
         out["total"] = self.total / GIB
         return out
@@ -136,7 +143,7 @@ def loss_chunk(cfg: TrainConfig, tokens: int, preference: bool) -> int:
     return cfg.model.chunk_tokens(tokens) or int((cfg.model.loss or {}).get("chunk_tokens") or DEFAULT_CHUNK_TOKENS)
 
 
-def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> tuple[Shapes, Step, int]:
+def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int, mlp_tiles: int) -> tuple[Shapes, Step, int]:
     """The model's shapes, what the step's moments depend on, and the row's tokens."""
     args = model.args
     sp = cfg.parallel.ulysses_sequence_parallel_size
@@ -154,28 +161,52 @@ def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> tuple[Sh
         state_bytes=mode.state_bytes, world_size=world_size, offload=cfg.parallel.fsdp_cpu_offload,
         activations_on_host=cfg.model.enable_activation_offloading,
         gathered_layers=2 if cfg.parallel.fsdp_reshard_after_forward else args.n_layers,
-        grad_accum=cfg.optim.gradient_accumulation_steps, reference=reference,
+        grad_accum=cfg.optim.gradient_accumulation_steps, mlp_tiles=mlp_tiles, reference=reference,
         all_to_all=_all_to_all(args, tokens, sp, compute),
-        kept=kept_per_layer(shapes, compute, ac_mode, ac_option),
+        kept=kept_per_layer(shapes, compute, ac_mode, ac_option, mlp_tiles),
         loss=loss_transient(shapes, compute, tokens, loss_kind(cfg, preference), loss_chunk(cfg, tokens, preference)),
         optimizer=optimizer_transient(shapes, cfg.optim.optimizer, mode.name, world_size))
     return shapes, step, row
 
 
-def step_terms(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> dict[str, Terms]:
+def step_terms(model: torch.nn.Module, cfg: TrainConfig, world_size: int, mlp_tiles: int = 1
+               ) -> dict[str, Terms]:
     """What is live on one GPU at each moment of a step that can hold its peak (``step_memory.py``)."""
-    shapes, step, _ = _step(model, cfg, world_size)
+    shapes, step, _ = _step(model, cfg, world_size, mlp_tiles)
     return step_moments(shapes, step)
 
 
-def estimate_memory(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> MemoryEstimate:
-    """The per-GPU estimate of ``cfg`` with ``model`` (built on the meta device) on ``world_size`` ranks: the
-    moment of the step with the most bytes live."""
-    shapes, step, row = _step(model, cfg, world_size)
+def _peak_bytes(model: torch.nn.Module, cfg: TrainConfig, world_size: int, mlp_tiles: int) -> int:
+    return max(terms.total for terms in step_terms(model, cfg, world_size, mlp_tiles).values())
+
+
+def mlp_tiles_for(model: torch.nn.Module, cfg: TrainConfig, world_size: int, gpu_bytes: int | None) -> int:
+    """The dense MLP's tiles a run uses: ``mlp_tiles`` as set, or for ``auto`` the fewest of
+    ``MLP_TILE_CHOICES`` whose estimate is under ``MEMORY_WARN_FRACTION`` of ``gpu_bytes``; when none is, the
+    fewest with the lowest estimate (the peak may be a moment tiling does not touch, like the loss). Tiling
+    costs an extra MLP forward, so a GPU with room does not tile; without a GPU size (CPU runs), with no dense
+    MLP (MoE) or under per-op selective AC (which keeps the tiles' matmul outputs) auto is 1."""
+    setting = cfg.model.mlp_tiles
+    if setting != "auto":
+        return int(setting)
+    _, ac_option = resolve_ac(cfg.model.enable_activation_checkpointing, cfg.model.ac_mode, cfg.model.ac_option)
+    if gpu_bytes is None or model.args.is_moe or ac_option in ("op", "attention"):
+        return 1
+    peaks = {tiles: _peak_bytes(model, cfg, world_size, tiles) for tiles in MLP_TILE_CHOICES}
+    fitting = [tiles for tiles, peak in peaks.items() if peak <= MEMORY_WARN_FRACTION * gpu_bytes]
+    return fitting[0] if fitting else min(peaks, key=lambda tiles: (peaks[tiles], tiles))
+
+
+def estimate_memory(model: torch.nn.Module, cfg: TrainConfig, world_size: int,
+                    gpu_bytes: int | None = None) -> MemoryEstimate:
+    """The per-GPU estimate of ``cfg`` with ``model`` (built on the meta device) on ``world_size`` ranks of
+    ``gpu_bytes`` each (for ``mlp_tiles: auto``): the moment of the step with the most bytes live."""
+    tiles = mlp_tiles_for(model, cfg, world_size, gpu_bytes)
+    shapes, step, row = _step(model, cfg, world_size, tiles)
     phase, peak = max(step_moments(shapes, step).items(), key=lambda item: item[1].total)
     state = step.state_bytes * shapes.params // world_size
     return MemoryEstimate(
-        objective="dpo" if is_preference(cfg) else "sft", params=shapes.params, row_tokens=row,
+        objective="dpo" if is_preference(cfg) else "sft", mlp_tiles=tiles, params=shapes.params, row_tokens=row,
         tokens_per_gpu=step.tokens, state_bytes_per_param=step.state_bytes, offload=step.offload, phase=phase,
         **asdict(peak), host_state_per_rank=state + step.reference if step.offload else 0,
         host_activations_per_rank=step.tokens * sum(step.kept) if step.activations_on_host else 0,

@@ -106,7 +106,7 @@ class Terms:
 
 
 # ------------------------------------------------------------------------------------------- activations
-def layer_activation_bytes(s: Shapes, c: int) -> tuple[int, int]:
+def layer_activation_bytes(s: Shapes, c: int, mlp_tiles: int = 1) -> tuple[int, int]:
     """(saved, backward transient) bytes per token of one decoder layer run with autograd.
 
     Saved for backward: the two RMSNorm outputs and the attention residual (3·D); q and k after their norm and
@@ -114,18 +114,24 @@ def layer_activation_bytes(s: Shapes, c: int) -> tuple[int, int]:
     their SiLU product (3·F). Transient in its backward: the gradient of the layer's output and of the residual
     (2·D), and the gradients of gate, up and the product (3·F). Norm statistics and the attention's log-sum-exp
     are per token and head, negligible.
+
+    With ``mlp_tiles`` k > 1 (mirotrain/modules/tiled_mlp.py) the MLP saves only its input (one of the norm
+    outputs above) and its backward holds one tile's gate, up, product and their gradients (6·F/k) and the
+    fp32 input gradient it accumulates over the tiles (4·D bytes).
     """
-    saved = 3 * s.dim + (2 * s.n_heads + 2 * s.n_kv_heads) * s.head_dim + 3 * s.ffn
-    return saved * c, (2 * s.dim + 3 * s.ffn) * c
+    attention = 3 * s.dim + (2 * s.n_heads + 2 * s.n_kv_heads) * s.head_dim
+    if mlp_tiles == 1:
+        return (attention + 3 * s.ffn) * c, (2 * s.dim + 3 * s.ffn) * c
+    return attention * c, (2 * s.dim + 6 * -(-s.ffn // mlp_tiles)) * c + FP32 * s.dim
 
 
-def kept_per_layer(s: Shapes, c: int, ac_mode: str, ac_option: int | str | None) -> list[int]:
+def kept_per_layer(s: Shapes, c: int, ac_mode: str, ac_option: int | str | None, mlp_tiles: int = 1) -> list[int]:
     """Bytes per token each layer keeps from its forward to its backward (mirotrain/parallel/
     activation_checkpoint.py): full AC its input only; none its input and everything it saves; selective
     ``op`` also the matmul and attention outputs (q, k, v, the attention output, wo's, gate, up and w2's);
     selective ``attention`` the attention's inputs and output; selective every k-th layer: those in full,
-    the others not at all."""
-    saved, _ = layer_activation_bytes(s, c)
+    the others not at all. Tiled MLPs (``mlp_tiles`` > 1) keep none of their activations."""
+    saved, _ = layer_activation_bytes(s, c, mlp_tiles)
     inp = s.dim * c
     qkvo = (2 * s.n_heads + 2 * s.n_kv_heads) * s.head_dim * c
     if ac_mode == "none":
@@ -199,6 +205,7 @@ class Step:
     activations_on_host: bool  # enable_activation_offloading: the kept activations live in host memory
     gathered_layers: int       # decoder layers gathered at once: 2, or all with fsdp_reshard_after_forward False
     grad_accum: int
+    mlp_tiles: int             # the dense MLP's tiles (1: not tiled)
     reference: int
     all_to_all: int
     kept: list[int]
@@ -217,7 +224,7 @@ def step_moments(s: Shapes, st: Step) -> dict[str, Terms]:
     earlier_grads = all_grads if st.grad_accum > 1 else 0
     root = s.root_params * c
     layers_gathered = st.gathered_layers * s.layer_params * c
-    saved, transient = layer_activation_bytes(s, c)
+    saved, transient = layer_activation_bytes(s, c, st.mlp_tiles)
     running_layer = T * (s.dim * c + saved + transient)
     head_grad = s.lm_head_params * c
     layer_reduce = s.layer_params * (c + g)  # the layer's unsharded gradient, the previous one's reduce input

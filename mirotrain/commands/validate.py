@@ -16,7 +16,8 @@ import torch
 
 from mirotrain.checkpoint.host_memory import available_host_bytes, plan_host_memory
 from mirotrain.commands.errors import add_debug_flag, reports_user_errors
-from mirotrain.commands.estimate import GIB, MemoryEstimate, checkpoint_footprint, estimate_memory
+from mirotrain.commands.estimate import (GIB, MEMORY_WARN_FRACTION, MemoryEstimate, checkpoint_footprint,
+                                         estimate_memory, step_terms)
 from mirotrain.config import ConfigError, instantiate, load_config
 from mirotrain.config.compat import master_weights_notice
 from mirotrain.config.tree import TrainConfig
@@ -25,11 +26,6 @@ from mirotrain.data.pack_shards import existing_shards
 from mirotrain.data.preference import PairsPerRow
 from mirotrain.data.shards import read_manifest
 from mirotrain.optim.precision import MODES
-
-# The estimate is of the allocator's peak allocated bytes (within 7% of six measured peaks, docs/benchmarks.md);
-# the 10% margin is for what the allocator reserves beyond them, kept small by expandable_segments
-# (mirotrain/commands/cuda_alloc.py), and for compiled-kernel workspaces the estimate leaves out.
-MEMORY_WARN_FRACTION = 0.9
 
 
 def _check_against_model(args: Any, cfg: TrainConfig, ns: argparse.Namespace) -> list[ConfigError]:
@@ -53,7 +49,7 @@ def _print_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace
     """Parameters, layout, per-GPU memory and checkpoint sizes of a valid config."""
     args = model.args
     sp, ep = cfg.parallel.ulysses_sequence_parallel_size, cfg.parallel.moe_expert_parallel_size
-    estimate = estimate_memory(model, cfg, ns.world_size)
+    estimate = estimate_memory(model, cfg, ns.world_size, int(ns.gpu_memory_gib * GIB))
     mem = estimate.gib()
     dp = ns.world_size // sp
     print(f"config:      {ns.config}")
@@ -65,6 +61,7 @@ def _print_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace
     if estimate.objective == "dpo":
         _print_pairs_per_step(cfg, ns, dp)
     _print_memory(estimate, cfg, ns)
+    _print_mlp_tiles(model, cfg, ns, estimate)
     if cfg.checkpoint.auto_resume:
         ckpt = checkpoint_footprint(model, cfg, ns.world_size, ns.gpus_per_node)
         keep = cfg.checkpoint.keep_last_n_checkpoints
@@ -152,6 +149,18 @@ def _print_memory(estimate: MemoryEstimate, cfg: TrainConfig, ns: argparse.Names
         print(f"warning:     that is above {MEMORY_WARN_FRACTION:.0%} of a {ns.gpu_memory_gib:g} GiB GPU "
               "(--gpu-memory-gib): expect an out-of-memory error; raise ulysses_sequence_parallel_size (splits "
               "the activations), use more GPUs (splits the state) or shorten dataset.packed_seq_len")
+
+
+def _print_mlp_tiles(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace,
+                     estimate: MemoryEstimate) -> None:
+    """The MLP tiling the run will use (``mlp_tiles``), what it saves and what it costs."""
+    if estimate.mlp_tiles == 1:
+        return
+    untiled = max(t.total for t in step_terms(model, cfg, ns.world_size).values())
+    how = "mlp_tiles: auto" if cfg.model.mlp_tiles == "auto" else "mlp_tiles"
+    print(f"plan:        {how}: each MLP runs in {estimate.mlp_tiles} tiles of its hidden width, recomputed in "
+          f"its backward: ~{(untiled - estimate.total) / GIB:.1f} GiB less per GPU for one more MLP forward per "
+          "step (set mlp_tiles: 1 to turn it off)")
 
 
 def _print_checkpoint_host_memory(cfg: TrainConfig, per_node_gib: float) -> None:

@@ -127,6 +127,10 @@ class ModelConfig:
     ac_option: int | str | None = key((int, str, type(None)), None, "selective: checkpoint every N-th layer (int) or "
                                       "'op' (keep matmul outputs).")
     enable_activation_offloading: bool = key((bool,), False, "Offload checkpointed activations to CPU (CUDA).")
+    mlp_tiles: int | str = key((int, str), "auto", "Run each dense MLP in this many tiles over its hidden width, "
+                               "recomputed in its backward (mirotrain/modules/tiled_mlp.py): the running layer keeps "
+                               "~6/tiles of the MLP's activations for one extra MLP forward per step; 1: off; auto: "
+                               "the fewest of 1, 2, 4, 8, 16 that bring the memory estimate under 90% of the GPU.")
     activation_offloading_use_streams: bool = key((bool,), True, "Overlap activation offloading with compute.")
     attention_backend: str = key((str,), "auto", "auto | flash | varlen | sdpa (see mirotrain.modules.attention).",
                                  choices=("auto", "flash", "varlen", "sdpa"))
@@ -151,6 +155,11 @@ class ModelConfig:
         errors = []
         if self.enable_activation_offloading and not self.enable_activation_checkpointing:
             errors.append(ConfigError("enable_activation_offloading", "requires enable_activation_checkpointing: True"))
+        if self.mlp_tiles != "auto" and not (isinstance(self.mlp_tiles, int) and self.mlp_tiles >= 1):
+            errors.append(ConfigError("mlp_tiles", f"must be a positive int or 'auto', got {self.mlp_tiles!r}"))
+        elif self.mlp_tiles not in ("auto", 1) and self.ac_option in ("op", "attention"):
+            errors.append(ConfigError("mlp_tiles", f"{self.mlp_tiles} needs full or no activation checkpointing: "
+                                      f"ac_option {self.ac_option} keeps matmul outputs, the tiles' among them"))
         if self.unembed_chunk_size and self.loss_chunk_tokens:
             errors.append(ConfigError("loss_chunk_tokens", "set either loss_chunk_tokens (tokens per chunk) or "
                                       "unembed_chunk_size (number of chunks), not both"))

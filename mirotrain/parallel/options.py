@@ -19,6 +19,7 @@ class ParallelizeOptions:
         reduce_dtype: dtype gradients are reduce-scattered in (fp32 for fp32 master weights, bf16 for bf16 ones).
         cpu_offload: keep sharded parameters, gradients and optimizer state in host memory.
         reshard_after_forward: free gathered layer parameters after forward (ZeRO-3) or keep them (ZeRO-2).
+        mlp_tiles: dense MLPs run in this many tiles, recomputed in backward (``parallel/mlp_tiling.py``).
     """
 
     device_type: str
@@ -29,3 +30,4 @@ class ParallelizeOptions:
     reduce_dtype: torch.dtype = torch.float32
     cpu_offload: bool = False
     reshard_after_forward: bool = True
+    mlp_tiles: int = 1

@@ -128,8 +128,8 @@ def start_run(cfg: TrainConfig, *, tokenizer: bool) -> RunEnv:
     tok = build_tokenizer(cfg.tokenizer.component) if tokenizer else None
     hf_checkpointer = instantiate(cfg.checkpoint.checkpointer) if cfg.checkpoint.checkpointer else None
     place = BatchPlacement(info.device, layout.sp_rank, layout.sp_size, pad_id=getattr(tok, "pad_id", 0))
-    return RunEnv(layout, output_dir, run_lock, seed, ModelSpec.from_config(cfg, info.device), checkpointer, resume,
-                  hf_checkpointer, tok, place)
+    spec = ModelSpec.from_config(cfg, info.device, info.world_size)
+    return RunEnv(layout, output_dir, run_lock, seed, spec, checkpointer, resume, hf_checkpointer, tok, place)
 
 
 def _warn_unused_keys(cfg: TrainConfig) -> None:

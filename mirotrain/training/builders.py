@@ -39,9 +39,10 @@ class ModelSpec:
     cpu_offload: bool
     reshard_after_forward: bool
     offload_activations: bool  # saved activations to host memory (CUDA only)
+    mlp_tiles: int             # dense MLPs in this many tiles (mirotrain/parallel/mlp_tiling.py)
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, device: torch.device) -> "ModelSpec":
+    def from_config(cls, cfg: TrainConfig, device: torch.device, world_size: int) -> "ModelSpec":
         from mirotrain.parallel.activation_checkpoint import resolve_ac
 
         m = cfg.model
@@ -52,7 +53,8 @@ class ModelSpec:
                    dtype_name=cfg.run.dtype, master_weights=cfg.run.master_weights,
                    cpu_offload=cfg.parallel.fsdp_cpu_offload,
                    reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
-                   offload_activations=m.enable_activation_offloading and device.type == "cuda")
+                   offload_activations=m.enable_activation_offloading and device.type == "cuda",
+                   mlp_tiles=_mlp_tiles(cfg, device, world_size))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -88,6 +90,25 @@ def build_meta_model(component: dict, attention_backend: str) -> nn.Module:
     return model
 
 
+def _mlp_tiles(cfg: TrainConfig, device: torch.device, world_size: int) -> int:
+    """``mlp_tiles`` as the run uses it; ``auto`` is decided from `mirotrain validate`'s estimate against this
+    GPU's memory (mirotrain/commands/estimate.py: ``mlp_tiles_for``), so validate prints the same plan."""
+    from mirotrain.commands.estimate import mlp_tiles_for
+
+    if cfg.model.mlp_tiles != "auto":
+        return int(cfg.model.mlp_tiles)
+    if device.type != "cuda":
+        return 1
+    gpu_bytes = torch.cuda.get_device_properties(device).total_memory
+    tiles = mlp_tiles_for(build_meta_model(cfg.model.component, cfg.model.attention_backend), cfg, world_size,
+                          gpu_bytes)
+    if tiles > 1:
+        log.info("mlp_tiles: auto: each MLP runs in %d tiles, recomputed in backward: untiled, the memory estimate "
+                 "is above 90%% of this GPU's %.1f GiB (`mirotrain validate --gpu-memory-gib` prints the plan; "
+                 "mlp_tiles: 1 turns it off)", tiles, gpu_bytes / 2**30)
+    return tiles
+
+
 def build_model(spec: ModelSpec, layout: Layout, checkpointer: Any, seed: int) -> nn.Module:
     """A sharded model on ``layout``: weights from ``checkpointer`` (an HF checkpointer), or a random init from
     ``seed`` when there is none."""
@@ -103,7 +124,7 @@ def build_model(spec: ModelSpec, layout: Layout, checkpointer: Any, seed: int) -
     family_of(args).parallelize(model, layout.meshes, ParallelizeOptions(
         device_type=layout.device.type, ac_mode=spec.ac_mode, ac_option=spec.ac_option, compile=spec.compile_model,
         param_dtype=spec.dtype, reduce_dtype=spec.precision.reduce_dtype, cpu_offload=spec.cpu_offload,
-        reshard_after_forward=spec.reshard_after_forward))
+        reshard_after_forward=spec.reshard_after_forward, mlp_tiles=spec.mlp_tiles))
     materialize(model, layout.device, spec.cpu_offload)
     if hf_config is not None:
         checkpointer.load_into(model)
@@ -112,10 +133,10 @@ def build_model(spec: ModelSpec, layout: Layout, checkpointer: Any, seed: int) -
         init_random(model, seed)
         log.info("checkpointer.checkpoint_dir is not set: random initialisation (seed %d)", seed)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("Model: %.3fB parameters, %d layers; AC=%s%s, compile=%s, dtype=%s, master_weights=%s, world=%d "
-             "(dp=%d, sp=%d, ep=%d)", n_params / 1e9, args.n_layers, spec.ac_mode,
-             f"({spec.ac_option})" if spec.ac_option else "", spec.compile_model, spec.dtype_name, spec.master_weights,
-             layout.world_size, layout.dp_size, layout.sp_size, layout.meshes.dims.ep)
+    log.info("Model: %.3fB parameters, %d layers; AC=%s%s, mlp_tiles=%d, compile=%s, dtype=%s, master_weights=%s, "
+             "world=%d (dp=%d, sp=%d, ep=%d)", n_params / 1e9, args.n_layers, spec.ac_mode,
+             f"({spec.ac_option})" if spec.ac_option else "", spec.mlp_tiles, spec.compile_model, spec.dtype_name,
+             spec.master_weights, layout.world_size, layout.dp_size, layout.sp_size, layout.meshes.dims.ep)
     return model
 
 

@@ -169,3 +169,43 @@ def test_unresharded_layers_stay_gathered_and_adam_is_fused_unless_told_otherwis
     unset = step_terms(model, _cfg(SFT_8B, "~optimizer.fused"), WORLD)["optimizer step"]
     foreach = step_terms(model, _cfg(SFT_8B, "~optimizer.fused", "optimizer.foreach=True"), WORLD)["optimizer step"]
     assert unset.buffers == 0 < foreach.buffers
+
+
+def test_mlp_tiles_shrink_the_running_layer_and_auto_tiles_only_a_short_gpu(model):
+    """``mlp_tiles`` k: the recomputed layer keeps no MLP activations and holds one tile's (6·F/k per token)
+    and an fp32 input gradient; ``auto`` picks the fewest tiles under 90% of the GPU, 1 where it fits or where
+    no GPU size is known (CPU), and leaves per-op selective AC (which keeps matmul outputs) untiled. Where
+    tiling cannot lower the peak (the loss's moment), auto does not tile."""
+    from mirotrain.commands.estimate import GIB, mlp_tiles_for
+
+    loss_peak = _cfg(SFT_8B, "ulysses_sequence_parallel_size=1", "dataset.packed_seq_len=40960")
+    assert mlp_tiles_for(model, loss_peak, WORLD, GIB) == 1
+    cfg = _cfg(SFT_8B, "ulysses_sequence_parallel_size=1", "dataset.packed_seq_len=40960", "loss_chunk_tokens=1024")
+    assert estimate_memory(model, cfg, WORLD).phase == "start of the backward"
+    args = model.args
+    tokens, c = 40960, 2
+    plain = step_terms(model, cfg, WORLD)["start of the backward"]
+    tiled = step_terms(model, cfg, WORLD, mlp_tiles=4)["start of the backward"]
+    mlp_bytes = (6 * args.hidden_dim - (6 * args.hidden_dim // 4 + 2 * args.dim)) * c * tokens
+    assert plain.activations - tiled.activations == mlp_bytes
+    untiled = estimate_memory(model, cfg, WORLD).total
+    assert estimate_memory(model, cfg, WORLD).mlp_tiles == 1  # no GPU size: untiled
+    assert mlp_tiles_for(model, cfg, WORLD, int(untiled / 0.9) + 1) == 1
+    short = estimate_memory(model, cfg, WORLD, gpu_bytes=int(untiled / 0.9) - GIB)
+    assert short.mlp_tiles > 1 and short.total <= 0.9 * (untiled / 0.9 - GIB)
+    assert mlp_tiles_for(model, _cfg(SFT_8B, "mlp_tiles=3"), WORLD, None) == 3
+    op = _cfg(SFT_8B, "ac_mode=selective", "ac_option=op", "dataset.packed_seq_len=40960")
+    assert mlp_tiles_for(model, op, WORLD, GIB) == 1
+
+
+@pytest.mark.parametrize("value, message", [(0, "must be a positive int or 'auto', got 0"),
+                                            ("many", "must be a positive int or 'auto', got 'many'")])
+def test_bad_mlp_tiles_are_refused_by_name(value, message, capsys):
+    assert validate(["--config", str(SFT_8B), "--no-file-check", f"mlp_tiles={value}"]) == 2
+    assert f"config key 'mlp_tiles': {message}" in capsys.readouterr().err
+
+
+def test_mlp_tiles_with_per_op_selective_ac_is_refused(capsys):
+    assert validate(["--config", str(SFT_8B), "--no-file-check", "mlp_tiles=4", "ac_mode=selective",
+                     "ac_option=op"]) == 2
+    assert "config key 'mlp_tiles': 4 needs full or no activation checkpointing" in capsys.readouterr().err

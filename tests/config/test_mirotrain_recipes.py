@@ -164,3 +164,29 @@ def test_local_files_replace_a_hub_dataset_by_overrides():
     raw = load_config(RECIPES / "qwen3" / "8B_full_sft.yaml", ["dataset.source=json", "dataset.data_files=/d/a.jsonl",
                                                              "dataset.train_on_input=False"])
     assert validate_config(raw, world_size=8, check_files=False) == []
+
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "mirotrain" / "configs"
+
+
+@pytest.mark.parametrize("path, tiled", [
+    (RECIPES / "mirothinker_v0_1" / "MiroThinker-v0.1-32B-SFT-40k-bs128-packed.yaml", True),  # 40K rows, SP 1
+    (RECIPES / "qwen3" / "32B_full_sft.yaml", False),                                       # 32K rows, SP 1
+    (RECIPES / "qwen3" / "32B_full_dpo.yaml", True),                                        # 44K-token pair rows
+    (SHIPPED / "mirothinker" / "32B_sft.yaml", True),
+    (SHIPPED / "qwen3" / "32B_full_sft.yaml", False),                                       # 16K rows, SP 4
+    (SHIPPED / "qwen3" / "32B_full_dpo.yaml", False),
+], ids=lambda v: v if isinstance(v, bool) else "/".join(v.parts[-2:]))
+def test_the_32b_configs_fit_one_node_of_8x80gb_with_the_bf16_mode(path, tiled, capsys):
+    """The 32B quick start: each config at its own layout on 8 GPUs of 80 GB. master_weights: bf16 brings the
+    estimate under validate's 90% line; where the recomputed layer's MLP still does not fit (32-44K tokens per
+    GPU), ``mlp_tiles: auto`` tiles it and validate says so; with tiling off those warn."""
+    args = ["--config", str(path), "--world-size", "8", "--no-file-check", "master_weights=bf16"]
+    assert validate(args) == 0
+    out = capsys.readouterr().out
+    assert "warning:" not in out, out
+    assert float(out.split("memory/GPU:  ~")[1].split(" GiB")[0]) <= 0.9 * 79.2
+    assert ("plan:        mlp_tiles: auto: each MLP runs in" in out) == tiled
+    assert validate([*args, "mlp_tiles=1"]) == 0
+    assert ("warning:     that is above 90%" in capsys.readouterr().out) == tiled

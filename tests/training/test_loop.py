@@ -91,9 +91,45 @@ def test_activation_checkpointing_modes_train_like_no_checkpointing(tmp_path, ac
     """Every AC mode the performance work uses recomputes exactly what it dropped: the same loss curve and
     final weights as a run that keeps every activation (fp32, so any difference is a recompute bug)."""
     shards = write_shards(tmp_path / "packed", n_rows=8, seq_len=48, seed=5)
-    plain, plain_w = _train(tiny_config(tmp_path / "plain", shards, enable_activation_checkpointing=False))
-    checkpointed, ckpt_w = _train(tiny_config(tmp_path / "ac", shards, enable_activation_checkpointing=True, **ac))
-    assert len(plain) == 8
-    np.testing.assert_allclose(plain, checkpointed, rtol=0, atol=1e-6)
-    for name, w in plain_w.items():
-        torch.testing.assert_close(ckpt_w[name], w, rtol=0, atol=1e-6)
+    plain = _train(tiny_config(tmp_path / "plain", shards, enable_activation_checkpointing=False))
+    checkpointed = _train(tiny_config(tmp_path / "ac", shards, enable_activation_checkpointing=True, **ac))
+    _assert_trained_alike(plain, checkpointed, steps=8)
+
+
+def _assert_trained_alike(want: tuple, got: tuple, steps: int) -> None:
+    """Two ``_train`` results: the same ``steps`` losses and final weights, to 1e-6."""
+    (want_losses, want_weights), (losses, weights) = want, got
+    assert len(want_losses) == steps
+    np.testing.assert_allclose(want_losses, losses, rtol=0, atol=1e-6)
+    for name, w in want_weights.items():
+        torch.testing.assert_close(weights[name], w, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", [dict(enable_activation_checkpointing=True, mlp_tiles=3),
+                                     dict(enable_activation_checkpointing=False, mlp_tiles=2)])
+def test_tiled_mlps_train_like_plain_ones(tmp_path, setting):
+    """``mlp_tiles`` (mirotrain/parallel/mlp_tiling.py) changes what the MLPs keep, not what they compute: the
+    same loss curve and final weights as untiled MLPs, under full activation checkpointing and without it. Not
+    bit for bit: the down projection and the input gradient are sums over the hidden width, split into tiles,
+    so fp32 rounds them in another order. SGD, so the weights differ as much as the gradients do (Adam would
+    turn a rounding difference in a gradient near zero into a full step)."""
+    shards = write_shards(tmp_path / "packed", n_rows=6, seq_len=48, seed=7)
+    sgd = {"_component_": "torch.optim.SGD", "lr": 0.5}
+    plain = _train(tiny_config(tmp_path / "plain", shards, optimizer=sgd))
+    tiled = _train(tiny_config(tmp_path / "tiled", shards, optimizer=sgd, **setting))
+    _assert_trained_alike(plain, tiled, steps=6)
+
+
+def test_tiled_mlps_keep_their_state_dict_keys(tmp_path):
+    from mirotrain.parallel.mlp_tiling import TiledFeedForward
+
+    shards = write_shards(tmp_path / "packed", n_rows=2, seq_len=48, seed=7)
+    plain = SFTTrainer(tiny_config(tmp_path / "plain", shards))
+    keys = list(plain.model.state_dict())
+    plain.close()
+    destroy_distributed()
+    tiled = SFTTrainer(tiny_config(tmp_path / "tiled", shards, mlp_tiles=4))
+    assert list(tiled.model.state_dict()) == keys
+    assert all(type(layer.feed_forward) is TiledFeedForward and layer.feed_forward.tiles == 4
+               for layer in tiled.model.layers)
+    tiled.close()

@@ -1,7 +1,8 @@
-"""Parallelise a single-device Qwen3 from outside, in a fixed order: SP -> AC -> compile -> FSDP.
+"""Parallelise a single-device Qwen3 from outside, in a fixed order: SP -> MLP tiling -> AC -> compile -> FSDP.
 
 Sequence parallelism only swaps each attention kernel for the Ulysses exchange (``parallel/ulysses.py``), so
-it goes first, on the plain module tree. Activation checkpointing wraps each layer before compile traces it
+it goes first, on the plain module tree. MLP tiling swaps each dense MLP's class for its tiled twin
+(``parallel/mlp_tiling.py``). Activation checkpointing wraps each layer before compile traces it
 (recomputation is then part of the compiled region), and FSDP goes last so its hooks see the final modules.
 The model code knows nothing of any of this. Works on a model on the meta device (nothing is allocated).
 """
@@ -15,6 +16,7 @@ from mirotrain.parallel.activation_checkpoint import apply_activation_checkpoint
 from mirotrain.parallel.compile import apply_compile
 from mirotrain.parallel.fsdp import apply_fsdp
 from mirotrain.parallel.mesh import ParallelMeshes
+from mirotrain.parallel.mlp_tiling import apply_mlp_tiling
 from mirotrain.parallel.options import ParallelizeOptions
 from mirotrain.parallel.ulysses import apply_ulysses
 
@@ -27,8 +29,9 @@ def apply_sequence_parallel(model: nn.Module, meshes: ParallelMeshes, options: P
 
 def apply_ac_compile_fsdp(model: nn.Module, meshes: ParallelMeshes, options: ParallelizeOptions,
                           expert_mesh: DeviceMesh | None = None) -> nn.Module:
-    """The steps after SP (and EP): AC -> compile -> FSDP over every dp × sp rank (the experts over
-    ``expert_mesh`` when expert parallelism sharded them)."""
+    """The steps after SP (and EP): MLP tiling -> AC -> compile -> FSDP over every dp × sp rank (the experts
+    over ``expert_mesh`` when expert parallelism sharded them)."""
+    apply_mlp_tiling(model, options.mlp_tiles)
     apply_activation_checkpointing(model, options.ac_mode, options.ac_option)
     if options.compile:
         apply_compile(model)
