@@ -10,7 +10,7 @@
 #   CALIB_CASES=mirothinker_8b_sft_40k bash benchmarks/gpu_session.sh calib   # 2 GPUs: MiroThinker 8B SFT 40K
 #   bash benchmarks/gpu_session.sh tiled bf16          # 2 GPUs: mlp_tiles on one MLP; bf16 mode from a bf16 init
 # Each stage's limit is overridable: CKPT_S, DPO_S, DPO40K_S, SFT14B_S, MOE_S, PROFILE_S, MIX_S, LONG_S, TESTS_S, P1_S, P2_S,
-# TILED_S, BF16_S,
+# TILED_S, BF16_S, P1AUTO_S,
 # CALIB_S (CALIB_CASES and CALIB_ARGS pass --cases and further flags to benchmarks/memory_calibration.py).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -52,6 +52,9 @@ for s in "$@"; do
     tests) TAIL=40 stage tests "${TESTS_S:-300}" python3 -m pytest -p no:cacheprovider tests/gpu -m gpu -o addopts="" -q -rs ;;
     p2)    stage p2 "${P2_S:-280}" python3 benchmarks/sft.py --size 1.7B --seq 16384 --nproc 1 --ac selective \
              --ac-option attention --chunk 2048 --json "$OUT/p2.json" ;;
+    p1auto)  # 2 GPUs: P1 at 2 GPUs with the bf16 mode and ac_mode: auto (no recompute where it fits, issue 20)
+      stage p1auto "${P1AUTO_S:-300}" python3 benchmarks/sft.py --size 8B --seq 16384 --nproc 2 --ac auto \
+        --master-weights bf16 --chunk 2048 --steps 4 --warmup 2 --json "$OUT/p1auto.json" ;;
     tiled)  # 1 GPU: one 32B MLP at 40K tokens untiled, HF's, and in 4/8/16 tiles (mlp_tiles, issue 18)
       stage tiled "${TILED_S:-120}" python3 benchmarks/tiled_mlp.py --size 32B --tokens 40960 --json "$OUT/tiled_mlp.json" ;;
     bf16)  # 2 GPUs: bf16 memory mode vs fp32 masters from one bf16 init, plus fp32 from the fp32 init (issue 18)

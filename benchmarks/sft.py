@@ -103,7 +103,7 @@ def base_config(ns: argparse.Namespace, work: Path, shard_dir: str) -> dict:
         "compile": not ns.cpu_smoke and not ns.no_compile, "enable_activation_checkpointing": True,
         "ac_mode": ns.ac, "ac_option": (int(ns.ac_option) if str(ns.ac_option).isdigit() else ns.ac_option) if ns.ac == "selective" else None,
         "auto_resume": False, "log_every_n_steps": 1000, "log_peak_memory_stats": False,
-        "ulysses_sequence_parallel_size": ns.sp,
+        "ulysses_sequence_parallel_size": ns.sp, "master_weights": ns.master_weights,
     }
 
 
@@ -200,7 +200,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--chunk", type=int, default=4096, help="tokens per LM-head chunk (loss_chunk_tokens)")
     p.add_argument("--loss", choices=("chunked", "liger"), default="chunked")
-    p.add_argument("--ac", choices=("full", "selective"), default="full")
+    p.add_argument("--ac", choices=("full", "selective", "auto"), default="full",
+                   help="auto: as many layers keep their activations as the GPU's memory allows (ac_mode: auto)")
+    p.add_argument("--master-weights", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the 10-byte bf16 memory mode, which leaves room to recompute less")
     p.add_argument("--ac-option", default="op", help="selective AC: op | attention | N (every N-th layer)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-baseline", action="store_true")
@@ -226,7 +229,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     forwarded = ["--size", ns.size, "--seq", str(ns.seq), "--steps", str(ns.steps), "--warmup", str(ns.warmup),
                  "--chunk", str(ns.chunk), "--loss", ns.loss, "--ac", ns.ac, "--ac-option", ns.ac_option,
-                 "--sp", str(ns.sp)]
+                 "--sp", str(ns.sp), "--master-weights", ns.master_weights]
     forwarded += (["--cpu-smoke"] if ns.cpu_smoke else []) + (["--no-compile"] if ns.no_compile else []) + \
         (["--tokenizer", ns.tokenizer] if ns.tokenizer else [])
     cmd = ["torchrun", "--standalone", f"--nproc_per_node={ns.nproc}", str(Path(__file__).resolve()), "--worker",

@@ -85,12 +85,22 @@ def row_tokens(cfg: TrainConfig, preference: bool) -> int:
 
 
 @dataclass(frozen=True)
+class MemoryPlan:
+    """What a run keeps of its activations, as applied: the AC mode and option (``auto`` decided: ``("auto", K)``
+    keeps the first K layers' activations and recomputes the others) and the dense MLP's tiles."""
+
+    ac_mode: str
+    ac_option: int | str | None
+    mlp_tiles: int
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     """The terms of the step's peak moment in bytes (``gib()``: in GiB, for printing), with what they were
     computed from; ``phase`` names the moment (``step_memory.py``)."""
 
     objective: str            # "sft" or "dpo"
-    mlp_tiles: int            # the dense MLP's tiles the estimate assumes (``mlp_tiles_for``)
+    plan: MemoryPlan          # the activation plan the estimate assumes (``memory_plan``)
     params: int
     row_tokens: int
     tokens_per_gpu: int
@@ -114,7 +124,8 @@ class MemoryEstimate:
 
     def gib(self) -> dict[str, float]:
         """Every byte term in GiB plus ``total``; counts, flags and names as they are."""
-        counts = {"objective", "mlp_tiles", "params", "row_tokens", "tokens_per_gpu", "state_bytes_per_param", "offload", "phase"}
+        counts = {"objective", "plan", "params", "row_tokens", "tokens_per_gpu", "state_bytes_per_param", "offload",
+                  "phase"}
         out = {k: (v if k in counts else v / GIB) for k, v in asdict(self).items()}
         out["total"] = self.total / GIB
         return out
@@ -143,7 +154,7 @@ def loss_chunk(cfg: TrainConfig, tokens: int, preference: bool) -> int:
     return cfg.model.chunk_tokens(tokens) or int((cfg.model.loss or {}).get("chunk_tokens") or DEFAULT_CHUNK_TOKENS)
 
 
-def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int, mlp_tiles: int) -> tuple[Shapes, Step, int]:
+def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan: MemoryPlan) -> tuple[Shapes, Step, int]:
     """The model's shapes, what the step's moments depend on, and the row's tokens."""
     args = model.args
     sp = cfg.parallel.ulysses_sequence_parallel_size
@@ -154,59 +165,81 @@ def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int, mlp_tiles: 
     mode = MODES[cfg.run.master_weights]
     compute = 2 if cfg.run.dtype == "bf16" else 4
     reference = BF16 * shapes.params // world_size if preference and cfg.dpo.reference == "live" else 0
-    ac_mode, ac_option = resolve_ac(cfg.model.enable_activation_checkpointing, cfg.model.ac_mode,
-                                    cfg.model.ac_option)
     step = Step(
         tokens=tokens, compute_bytes=compute, grad_bytes=torch.empty((), dtype=mode.reduce_dtype).element_size(),
         state_bytes=mode.state_bytes, world_size=world_size, offload=cfg.parallel.fsdp_cpu_offload,
         activations_on_host=cfg.model.enable_activation_offloading,
         gathered_layers=2 if cfg.parallel.fsdp_reshard_after_forward else args.n_layers,
-        grad_accum=cfg.optim.gradient_accumulation_steps, mlp_tiles=mlp_tiles, reference=reference,
+        grad_accum=cfg.optim.gradient_accumulation_steps, mlp_tiles=plan.mlp_tiles, reference=reference,
         all_to_all=_all_to_all(args, tokens, sp, compute),
-        kept=kept_per_layer(shapes, compute, ac_mode, ac_option, mlp_tiles),
+        kept=kept_per_layer(shapes, compute, plan.ac_mode, plan.ac_option, plan.mlp_tiles),
         loss=loss_transient(shapes, compute, tokens, loss_kind(cfg, preference), loss_chunk(cfg, tokens, preference)),
         optimizer=optimizer_transient(shapes, cfg.optim.optimizer, mode.name, world_size))
     return shapes, step, row
 
 
-def step_terms(model: torch.nn.Module, cfg: TrainConfig, world_size: int, mlp_tiles: int = 1
+def step_terms(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan: MemoryPlan | None = None
                ) -> dict[str, Terms]:
-    """What is live on one GPU at each moment of a step that can hold its peak (``step_memory.py``)."""
-    shapes, step, _ = _step(model, cfg, world_size, mlp_tiles)
+    """What is live on one GPU at each moment of a step that can hold its peak (``step_memory.py``), with
+    ``plan`` (None: the config's own, ``auto`` decided without a GPU size)."""
+    shapes, step, _ = _step(model, cfg, world_size, plan or memory_plan(model, cfg, world_size, None))
     return step_moments(shapes, step)
 
 
-def _peak_bytes(model: torch.nn.Module, cfg: TrainConfig, world_size: int, mlp_tiles: int) -> int:
-    return max(terms.total for terms in step_terms(model, cfg, world_size, mlp_tiles).values())
+def _peak_bytes(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan: MemoryPlan) -> int:
+    return max(terms.total for terms in step_terms(model, cfg, world_size, plan).values())
 
 
-def mlp_tiles_for(model: torch.nn.Module, cfg: TrainConfig, world_size: int, gpu_bytes: int | None) -> int:
-    """The dense MLP's tiles a run uses: ``mlp_tiles`` as set, or for ``auto`` the fewest of
-    ``MLP_TILE_CHOICES`` whose estimate is under ``MEMORY_WARN_FRACTION`` of ``gpu_bytes``; when none is, the
-    fewest with the lowest estimate (the peak may be a moment tiling does not touch, like the loss). Tiling
-    costs an extra MLP forward, so a GPU with room does not tile; without a GPU size (CPU runs), with no dense
-    MLP (MoE) or under per-op selective AC (which keeps the tiles' matmul outputs) auto is 1."""
-    setting = cfg.model.mlp_tiles
-    if setting != "auto":
-        return int(setting)
-    _, ac_option = resolve_ac(cfg.model.enable_activation_checkpointing, cfg.model.ac_mode, cfg.model.ac_option)
-    if gpu_bytes is None or model.args.is_moe or ac_option in ("op", "attention"):
-        return 1
-    peaks = {tiles: _peak_bytes(model, cfg, world_size, tiles) for tiles in MLP_TILE_CHOICES}
-    fitting = [tiles for tiles, peak in peaks.items() if peak <= MEMORY_WARN_FRACTION * gpu_bytes]
-    return fitting[0] if fitting else min(peaks, key=lambda tiles: (peaks[tiles], tiles))
+def memory_plan(model: torch.nn.Module, cfg: TrainConfig, world_size: int, gpu_bytes: int | None) -> MemoryPlan:
+    """The activation plan a run uses on GPUs of ``gpu_bytes`` (None: unknown, as on CPU), deciding the ``auto``
+    settings from the estimate against ``MEMORY_WARN_FRACTION`` of the GPU, in this order:
+
+    * ``ac_mode: auto``: the most leading layers that can keep their activations (no recompute) with the others
+      recomputed in full and the MLP untiled (or tiled as set); a GPU with room recomputes less. Full AC where
+      none can (or with no GPU size), no AC where all can.
+    * ``mlp_tiles: auto``: the fewest of ``MLP_TILE_CHOICES`` whose estimate is under the line; when none is,
+      the fewest with the lowest estimate (the peak may be a moment tiling does not touch, like the loss).
+      Tiling costs an extra MLP forward, so a GPU with room does not tile. 1 with no GPU size, with no dense MLP
+      (MoE) and under per-op selective AC ``op`` (which keeps the tiles' matmul outputs).
+    """
+    mode, option = resolve_ac(cfg.model.enable_activation_checkpointing, cfg.model.ac_mode, cfg.model.ac_option)
+    tiles = 1 if cfg.model.mlp_tiles == "auto" else int(cfg.model.mlp_tiles)
+    limit = None if gpu_bytes is None else MEMORY_WARN_FRACTION * gpu_bytes
+    if mode == "auto":
+        kept = 0 if limit is None else _most_layers_kept(model, cfg, world_size, tiles, limit)
+        n = model.args.n_layers
+        mode, option = ("full", None) if kept == 0 else ("none", None) if kept == n else ("auto", kept)
+    if cfg.model.mlp_tiles != "auto" or limit is None or model.args.is_moe or cfg.model.keeps_matmul_outputs():
+        return MemoryPlan(mode, option, tiles)
+    peaks = {t: _peak_bytes(model, cfg, world_size, MemoryPlan(mode, option, t)) for t in MLP_TILE_CHOICES}
+    fitting = [t for t, peak in peaks.items() if peak <= limit]
+    return MemoryPlan(mode, option, fitting[0] if fitting else min(peaks, key=lambda t: (peaks[t], t)))
+
+
+def _most_layers_kept(model: torch.nn.Module, cfg: TrainConfig, world_size: int, tiles: int, limit: float) -> int:
+    """The largest K whose plan ``("auto", K)`` is estimated under ``limit`` (0 when none is); the estimate
+    grows with K, so a binary search."""
+    low, high = 0, model.args.n_layers
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _peak_bytes(model, cfg, world_size, MemoryPlan("auto", mid, tiles)) <= limit:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def estimate_memory(model: torch.nn.Module, cfg: TrainConfig, world_size: int,
                     gpu_bytes: int | None = None) -> MemoryEstimate:
     """The per-GPU estimate of ``cfg`` with ``model`` (built on the meta device) on ``world_size`` ranks of
-    ``gpu_bytes`` each (for ``mlp_tiles: auto``): the moment of the step with the most bytes live."""
-    tiles = mlp_tiles_for(model, cfg, world_size, gpu_bytes)
-    shapes, step, row = _step(model, cfg, world_size, tiles)
+    ``gpu_bytes`` each (for the ``auto`` settings, ``memory_plan``): the moment of the step with the most bytes
+    live."""
+    plan = memory_plan(model, cfg, world_size, gpu_bytes)
+    shapes, step, row = _step(model, cfg, world_size, plan)
     phase, peak = max(step_moments(shapes, step).items(), key=lambda item: item[1].total)
     state = step.state_bytes * shapes.params // world_size
     return MemoryEstimate(
-        objective="dpo" if is_preference(cfg) else "sft", mlp_tiles=tiles, params=shapes.params, row_tokens=row,
+        objective="dpo" if is_preference(cfg) else "sft", plan=plan, params=shapes.params, row_tokens=row,
         tokens_per_gpu=step.tokens, state_bytes_per_param=step.state_bytes, offload=step.offload, phase=phase,
         **asdict(peak), host_state_per_rank=state + step.reference if step.offload else 0,
         host_activations_per_rank=step.tokens * sum(step.kept) if step.activations_on_host else 0,

@@ -116,13 +116,13 @@ def layer_activation_bytes(s: Shapes, c: int, mlp_tiles: int = 1) -> tuple[int, 
     are per token and head, negligible.
 
     With ``mlp_tiles`` k > 1 (mirotrain/modules/tiled_mlp.py) the MLP saves only its input (one of the norm
-    outputs above) and its backward holds one tile's gate, up, product and their gradients (6·F/k) and the
-    fp32 input gradient it accumulates over the tiles (4·D bytes).
+    outputs above) and its backward holds at most five of one tile's slices (gate, up, silu(gate) and the
+    gradients of the product and of up: 5·F/k) and the fp32 input gradient it sums over the tiles (4·D bytes).
     """
     attention = 3 * s.dim + (2 * s.n_heads + 2 * s.n_kv_heads) * s.head_dim
     if mlp_tiles == 1:
         return (attention + 3 * s.ffn) * c, (2 * s.dim + 3 * s.ffn) * c
-    return attention * c, (2 * s.dim + 6 * -(-s.ffn // mlp_tiles)) * c + FP32 * s.dim
+    return attention * c, (2 * s.dim + 5 * -(-s.ffn // mlp_tiles)) * c + FP32 * s.dim
 
 
 def kept_per_layer(s: Shapes, c: int, ac_mode: str, ac_option: int | str | None, mlp_tiles: int = 1) -> list[int]:
@@ -130,7 +130,8 @@ def kept_per_layer(s: Shapes, c: int, ac_mode: str, ac_option: int | str | None,
     activation_checkpoint.py): full AC its input only; none its input and everything it saves; selective
     ``op`` also the matmul and attention outputs (q, k, v, the attention output, wo's, gate, up and w2's);
     selective ``attention`` the attention's inputs and output; selective every k-th layer: those in full,
-    the others not at all. Tiled MLPs (``mlp_tiles`` > 1) keep none of their activations."""
+    the others not at all; ``auto`` with option K: the first K layers not at all, the others in full. Tiled MLPs
+    (``mlp_tiles`` > 1) keep none of their activations."""
     saved, _ = layer_activation_bytes(s, c, mlp_tiles)
     inp = s.dim * c
     qkvo = (2 * s.n_heads + 2 * s.n_kv_heads) * s.head_dim * c
@@ -138,6 +139,8 @@ def kept_per_layer(s: Shapes, c: int, ac_mode: str, ac_option: int | str | None,
         return [inp + saved] * s.n_layers
     if ac_mode == "full":
         return [inp] * s.n_layers
+    if ac_mode == "auto":
+        return [inp + saved] * int(ac_option) + [inp] * (s.n_layers - int(ac_option))
     if ac_option == "op":
         return [inp + qkvo + (2 * s.dim + 2 * s.ffn) * c] * s.n_layers
     if ac_option == "attention":

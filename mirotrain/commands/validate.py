@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from mirotrain.optim.precision import MODES
 
 
 def _check_against_model(args: Any, cfg: TrainConfig, ns: argparse.Namespace) -> list[ConfigError]:
-    """The layout rules that need the model's shapes: heads per SP rank, experts per EP rank."""
+    """The rules that need the model's shapes: heads per SP rank, experts per EP rank, MLP tiles."""
     errors = []
     sp, ep = cfg.parallel.ulysses_sequence_parallel_size, cfg.parallel.moe_expert_parallel_size
     if sp > 1:
@@ -40,6 +41,11 @@ def _check_against_model(args: Any, cfg: TrainConfig, ns: argparse.Namespace) ->
                                                                cfg.model.attention_backend, cfg.run.device)
         except ValueError as exc:
             errors.append(ConfigError("ulysses_sequence_parallel_size", str(exc)))
+    tiles = cfg.model.mlp_tiles
+    if tiles not in ("auto", 1) and args.is_moe:
+        errors.append(ConfigError("mlp_tiles", f"({tiles}) tiles dense MLPs; this MoE model has none (use 1 or auto)"))
+    elif tiles not in ("auto", 1) and tiles > args.hidden_dim:
+        errors.append(ConfigError("mlp_tiles", f"({tiles}) must be at most the MLP hidden width ({args.hidden_dim})"))
     if ep > 1 and (not args.is_moe or args.num_experts % ep):
         errors.append(ConfigError("moe_expert_parallel_size", f"({ep}) must divide the number of experts ({args.num_experts})"))
     return errors
@@ -61,7 +67,7 @@ def _print_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace
     if estimate.objective == "dpo":
         _print_pairs_per_step(cfg, ns, dp)
     _print_memory(estimate, cfg, ns)
-    _print_mlp_tiles(model, cfg, ns, estimate)
+    _print_memory_plan(model, cfg, ns, estimate)
     if cfg.checkpoint.auto_resume:
         ckpt = checkpoint_footprint(model, cfg, ns.world_size, ns.gpus_per_node)
         keep = cfg.checkpoint.keep_last_n_checkpoints
@@ -151,14 +157,21 @@ def _print_memory(estimate: MemoryEstimate, cfg: TrainConfig, ns: argparse.Names
               "the activations), use more GPUs (splits the state) or shorten dataset.packed_seq_len")
 
 
-def _print_mlp_tiles(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace,
-                     estimate: MemoryEstimate) -> None:
-    """The MLP tiling the run will use (``mlp_tiles``), what it saves and what it costs."""
-    if estimate.mlp_tiles == 1:
+def _print_memory_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace,
+                       estimate: MemoryEstimate) -> None:
+    """What the ``auto`` activation settings decided on this GPU size (``memory_plan``), what tiling saves and
+    what either costs."""
+    plan, n = estimate.plan, model.args.n_layers
+    if cfg.model.ac_mode == "auto":
+        kept = {"none": n, "full": 0}.get(plan.ac_mode, plan.ac_option)
+        print(f"plan:        ac_mode: auto: {kept} of {n} layers keep their activations (not recomputed), the other "
+              f"{n - kept} are recomputed in backward (full AC), by the estimate against {MEMORY_WARN_FRACTION:.0%} "
+              f"of a {ns.gpu_memory_gib:g} GiB GPU")
+    if plan.mlp_tiles == 1:
         return
-    untiled = max(t.total for t in step_terms(model, cfg, ns.world_size).values())
+    untiled = max(t.total for t in step_terms(model, cfg, ns.world_size, replace(plan, mlp_tiles=1)).values())
     how = "mlp_tiles: auto" if cfg.model.mlp_tiles == "auto" else "mlp_tiles"
-    print(f"plan:        {how}: each MLP runs in {estimate.mlp_tiles} tiles of its hidden width, recomputed in "
+    print(f"plan:        {how}: each MLP runs in {plan.mlp_tiles} tiles of its hidden width, recomputed in "
           f"its backward: ~{(untiled - estimate.total) / GIB:.1f} GiB less per GPU for one more MLP forward per "
           "step (set mlp_tiles: 1 to turn it off)")
 

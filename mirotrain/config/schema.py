@@ -122,8 +122,10 @@ class ModelConfig:
     compile: bool | dict | None = key((bool, dict, type(None)), None, "torch.compile decoder layers and the loss "
                                       "(default: on for CUDA).")
     enable_activation_checkpointing: bool = key((bool,), True, "Recompute each decoder layer in backward.")
-    ac_mode: str | None = key((str, type(None)), None, "Activation checkpointing mode: full | selective | none.",
-                              choices=("full", "selective", "none", None))
+    ac_mode: str | None = key((str, type(None)), None, "Activation checkpointing mode: full | selective | none | "
+                              "auto (as many leading layers keep their activations as the GPU's memory allows, by "
+                              "the memory estimate; the others are recomputed in full).",
+                              choices=("full", "selective", "none", "auto", None))
     ac_option: int | str | None = key((int, str, type(None)), None, "selective: checkpoint every N-th layer (int) or "
                                       "'op' (keep matmul outputs).")
     enable_activation_offloading: bool = key((bool,), False, "Offload checkpointed activations to CPU (CUDA).")
@@ -151,15 +153,26 @@ class ModelConfig:
             return max(1, -(-int(seq_len) // self.unembed_chunk_size))
         return None
 
+    def keeps_matmul_outputs(self) -> bool:
+        """Whether activation checkpointing is per-op selective with option ``op`` (it keeps every matmul's output
+        for backward), as ``resolve_ac`` reads the keys."""
+        if not self.enable_activation_checkpointing and self.ac_mode in (None, "none"):
+            return False
+        return self.ac_mode == "selective" and self.ac_option in (None, "op")
+
     def check(self) -> list[ConfigError]:
         errors = []
         if self.enable_activation_offloading and not self.enable_activation_checkpointing:
             errors.append(ConfigError("enable_activation_offloading", "requires enable_activation_checkpointing: True"))
         if self.mlp_tiles != "auto" and not (isinstance(self.mlp_tiles, int) and self.mlp_tiles >= 1):
             errors.append(ConfigError("mlp_tiles", f"must be a positive int or 'auto', got {self.mlp_tiles!r}"))
-        elif self.mlp_tiles not in ("auto", 1) and self.ac_option in ("op", "attention"):
-            errors.append(ConfigError("mlp_tiles", f"{self.mlp_tiles} needs full or no activation checkpointing: "
-                                      f"ac_option {self.ac_option} keeps matmul outputs, the tiles' among them"))
+        elif self.mlp_tiles not in ("auto", 1) and self.keeps_matmul_outputs():
+            errors.append(ConfigError("mlp_tiles", f"{self.mlp_tiles} does not go with per-op selective activation "
+                                      "checkpointing (ac_option op, the selective default): it keeps every matmul's "
+                                      "output, the tiles' among them"))
+        if self.ac_mode == "auto" and self.ac_option is not None:
+            errors.append(ConfigError("ac_option", f"ac_mode: auto decides per layer itself; remove ac_option "
+                                      f"({self.ac_option!r})"))
         if self.unembed_chunk_size and self.loss_chunk_tokens:
             errors.append(ConfigError("loss_chunk_tokens", "set either loss_chunk_tokens (tokens per chunk) or "
                                       "unembed_chunk_size (number of chunks), not both"))

@@ -43,65 +43,75 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-class _TiledSwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, tiles: int):
-        ctx.save_for_backward(x, w1, w3, w2)
-        ctx.tiles = tiles
-        x2 = x.reshape(-1, x.shape[-1])
-        out = torch.zeros(x2.shape[0], w2.shape[0], dtype=_accumulator_dtype(x.dtype), device=x.device)
-        for a, b in _slice_bounds(w1.shape[0], tiles):
-            h = F.silu(F.linear(x2, w1[a:b]))
-            h.mul_(F.linear(x2, w3[a:b]))
-            out += F.linear(h, w2[:, a:b])
-            del h
-        return out.to(x.dtype).reshape(*x.shape[:-1], w2.shape[0])
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, w1, w3, w2 = ctx.saved_tensors
-        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
-        x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = torch.zeros_like(x2, dtype=_accumulator_dtype(x.dtype)) if need_x else None
-        dw1 = torch.empty_like(w1) if need_w1 else None
-        dw3 = torch.empty_like(w3) if need_w3 else None
-        dw2 = torch.empty_like(w2) if need_w2 else None
-        for a, b in _slice_bounds(w1.shape[0], tiles=ctx.tiles):
-            g = F.linear(x2, w1[a:b])
-            u = F.linear(x2, w3[a:b])
-            sg = F.silu(g)
-            if need_w2:
-                dw2[:, a:b] = dy2.t() @ (sg * u)
-            if not (need_x or need_w1 or need_w3):
-                continue
-            dh = dy2 @ w2[:, a:b]
-            du = dh * sg
-            u.mul_(dh)  # u's storage now holds dh * u, the gradient of silu(g); at most 5 slices live at once
-            del sg, dh
-            dg = torch.ops.aten.silu_backward(u, g)
-            del g, u
-            if need_w1:
-                dw1[a:b] = dg.t() @ x2
-            if need_w3:
-                dw3[a:b] = du.t() @ x2
-            if need_x:
-                dx += dg @ w1[a:b]
-                dx += du @ w3[a:b]
-        if need_x:
-            dx = dx.to(x.dtype).reshape(x.shape)
-        return dx, dw1, dw3, dw2, None
+@torch.library.custom_op("mirotrain::tiled_swiglu", mutates_args=())
+def _tiled_forward(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, tiles: int) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.zeros(x2.shape[0], w2.shape[0], dtype=_accumulator_dtype(x.dtype), device=x.device)
+    for a, b in _slice_bounds(w1.shape[0], tiles):
+        h = F.silu(F.linear(x2, w1[a:b]))
+        h.mul_(F.linear(x2, w3[a:b]))
+        out += F.linear(h, w2[:, a:b])
+        del h
+    return out.to(x.dtype).reshape(*x.shape[:-1], w2.shape[0])
 
 
-@torch.compiler.disable
+@_tiled_forward.register_fake
+def _(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, tiles: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w2.shape[0])
+
+
+@torch.library.custom_op("mirotrain::tiled_swiglu_backward", mutates_args=())
+def _tiled_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                    tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dx = torch.zeros_like(x2, dtype=_accumulator_dtype(x.dtype))
+    dw1, dw3, dw2 = torch.empty_like(w1), torch.empty_like(w3), torch.empty_like(w2)
+    for a, b in _slice_bounds(w1.shape[0], tiles):
+        g = F.linear(x2, w1[a:b])
+        u = F.linear(x2, w3[a:b])
+        sg = F.silu(g)
+        dw2[:, a:b] = dy2.t() @ (sg * u)
+        dh = dy2 @ w2[:, a:b]
+        du = dh * sg
+        del sg
+        dg = torch.ops.aten.silu_backward(u.mul_(dh), g)  # d(silu(g) * u)/dg; u's storage is free by now
+        del g, u, dh
+        dw1[a:b] = dg.t() @ x2
+        dw3[a:b] = du.t() @ x2
+        dx += dg @ w1[a:b]
+        dx += du @ w3[a:b]
+    return dx.to(x.dtype).reshape(x.shape), dw1, dw3, dw2
+
+
+@_tiled_backward.register_fake
+def _(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+      tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w3), torch.empty_like(w2)
+
+
+def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x, w1, w3, w2, tiles = inputs
+    ctx.save_for_backward(x, w1, w3, w2)
+    ctx.tiles = tiles
+
+
+def _backward(ctx, dy: torch.Tensor) -> tuple:
+    return (*_tiled_backward(dy, *ctx.saved_tensors, ctx.tiles), None)
+
+
+_tiled_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
 def tiled_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, tiles: int) -> torch.Tensor:
     """``w2(silu(w1(x)) * w3(x))`` over ``tiles`` slices of the hidden width, keeping no activation for backward.
 
     ``x``: ``[..., D]``; ``w1``, ``w3``: ``[F, D]``; ``w2``: ``[D, F]`` (``nn.Linear`` weights, no bias).
-    ``torch.compile`` of an enclosing module breaks its graph here and runs this eagerly (its time is the
-    matmuls), rather than tracing and unrolling the loop over slices.
+    Forward and backward are custom ops (``mirotrain::tiled_swiglu``, ``mirotrain::tiled_swiglu_backward``), so
+    ``torch.compile`` keeps them in the graph of an enclosing layer, also inside activation checkpointing, where
+    a graph break would leave the whole checkpointed layer uncompiled; their time is the matmuls inside.
     """
     hidden = w1.shape[0]
     if not 1 <= tiles <= hidden:
         raise ValueError(f"tiles must be between 1 and the MLP hidden width {hidden}, got {tiles}")
-    return _TiledSwiGLU.apply(x, w1, w3, w2, tiles)
+    return _tiled_forward(x, w1, w3, w2, tiles)

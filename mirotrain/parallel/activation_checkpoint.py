@@ -8,6 +8,9 @@ Modes:
   ``selective``  with an int option N: checkpoint every N-th layer; with option ``op``: per-operator policy that
                  keeps matmul and attention outputs and recomputes the cheap element-wise ops; with option
                  ``attention``: keeps only the attention outputs (recompute skips the attention forward).
+  ``auto``       decided from the memory estimate against the GPU (mirotrain/commands/estimate.py:
+                 ``memory_plan``): applied as option K, the first K layers keep their activations and the
+                 others are recomputed in full (K = 0 is ``full``, K = every layer is ``none``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-AC_MODES = ("full", "selective", "none")
+AC_MODES = ("full", "selective", "none", "auto")
 
 _ATTENTION_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
@@ -48,7 +51,8 @@ def _checkpoint(layer: nn.Module, save: str | None) -> nn.Module:
 
 
 def resolve_ac(enabled: bool, mode: str | None, option: int | str | None) -> tuple[str, int | str | None]:
-    """(mode, option) from the MiroTrain keys: ``enable_activation_checkpointing`` wins; ``ac_mode`` refines."""
+    """(mode, option) from the MiroTrain keys: ``enable_activation_checkpointing`` wins; ``ac_mode`` refines.
+    ``auto`` comes back as it is, for the memory plan to decide."""
     if not enabled and mode in (None, "none"):
         return "none", None
     mode = mode or "full"
@@ -68,8 +72,10 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, option: int | st
     if mode == "none":
         return
     for i, layer in enumerate(list(model.layers)):
-        if mode == "full":
+        if mode == "full" or (mode == "auto" and i >= int(option)):
             wrapped = _checkpoint(layer, save=None)
+        elif mode == "auto":
+            continue
         elif option in _SAVE_OPS:
             wrapped = _checkpoint(layer, save=option)
         elif i % int(option) == 0:

@@ -26,11 +26,13 @@ class TiledFeedForward(FeedForward):
 
 
 def apply_mlp_tiling(model: nn.Module, tiles: int) -> None:
-    """Give every dense MLP of ``model.layers`` ``tiles`` tiles, in place (1: leave the model as it is)."""
+    """Give every dense MLP of ``model.layers`` ``tiles`` tiles, in place (1: leave the model as it is); a model
+    without one (MoE) is refused, as `mirotrain validate` refuses the config."""
     if tiles == 1:
         return
-    for layer in model.layers:
-        for module in layer.modules():
-            if type(module) is FeedForward:
-                module.__class__ = TiledFeedForward
-                module.tiles = tiles
+    mlps = [m for layer in model.layers for m in layer.modules() if type(m) is FeedForward]
+    if not mlps:
+        raise ValueError(f"mlp_tiles ({tiles}) tiles dense MLPs; this model has none (use 1 or auto)")
+    for module in mlps:
+        module.__class__ = TiledFeedForward
+        module.tiles = tiles

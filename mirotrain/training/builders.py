@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +15,9 @@ from mirotrain.config import instantiate
 from mirotrain.config.tree import TrainConfig, replace_section
 from mirotrain.optim.precision import MODES, PrecisionMode, build_compensated_adamw, runs_fused
 from mirotrain.training.layout import Layout
+
+if TYPE_CHECKING:
+    from mirotrain.commands.estimate import MemoryPlan
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +46,16 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, device: torch.device, world_size: int) -> "ModelSpec":
-        from mirotrain.parallel.activation_checkpoint import resolve_ac
-
         m = cfg.model
-        ac_mode, ac_option = resolve_ac(m.enable_activation_checkpointing, m.ac_mode, m.ac_option)
+        plan = _memory_plan(cfg, device, world_size)
         compile_model, compile_loss = _compile_flags(m.compile, device)
-        return cls(component=dict(m.component), attention_backend=m.attention_backend, ac_mode=ac_mode,
-                   ac_option=ac_option, compile_model=compile_model, compile_loss=compile_loss,
+        return cls(component=dict(m.component), attention_backend=m.attention_backend, ac_mode=plan.ac_mode,
+                   ac_option=plan.ac_option, compile_model=compile_model, compile_loss=compile_loss,
                    dtype_name=cfg.run.dtype, master_weights=cfg.run.master_weights,
                    cpu_offload=cfg.parallel.fsdp_cpu_offload,
                    reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
                    offload_activations=m.enable_activation_offloading and device.type == "cuda",
-                   mlp_tiles=_mlp_tiles(cfg, device, world_size))
+                   mlp_tiles=plan.mlp_tiles)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,23 +91,35 @@ def build_meta_model(component: dict, attention_backend: str) -> nn.Module:
     return model
 
 
-def _mlp_tiles(cfg: TrainConfig, device: torch.device, world_size: int) -> int:
-    """``mlp_tiles`` as the run uses it; ``auto`` is decided from `mirotrain validate`'s estimate against this
-    GPU's memory (mirotrain/commands/estimate.py: ``mlp_tiles_for``), so validate prints the same plan."""
-    from mirotrain.commands.estimate import mlp_tiles_for
+def _memory_plan(cfg: TrainConfig, device: torch.device, world_size: int) -> MemoryPlan:
+    """AC and MLP tiling as the run applies them; the ``auto`` settings are decided from `mirotrain validate`'s
+    estimate against the GPU's memory (mirotrain/commands/estimate.py: ``memory_plan``), the smallest card of
+    the job's, so every rank builds the same model; the log gives the validate command that prints this plan."""
+    import torch.distributed as dist
 
-    if cfg.model.mlp_tiles != "auto":
-        return int(cfg.model.mlp_tiles)
-    if device.type != "cuda":
-        return 1
-    gpu_bytes = torch.cuda.get_device_properties(device).total_memory
-    tiles = mlp_tiles_for(build_meta_model(cfg.model.component, cfg.model.attention_backend), cfg, world_size,
-                          gpu_bytes)
-    if tiles > 1:
-        log.info("mlp_tiles: auto: each MLP runs in %d tiles, recomputed in backward: untiled, the memory estimate "
-                 "is above 90%% of this GPU's %.1f GiB (`mirotrain validate --gpu-memory-gib` prints the plan; "
-                 "mlp_tiles: 1 turns it off)", tiles, gpu_bytes / 2**30)
-    return tiles
+    from mirotrain.commands.estimate import MEMORY_WARN_FRACTION, memory_plan
+
+    gpu_bytes = None
+    if device.type == "cuda":
+        smallest = torch.tensor([torch.cuda.get_device_properties(device).total_memory], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        gpu_bytes = int(smallest.item())
+    model = build_meta_model(cfg.model.component, cfg.model.attention_backend)
+    plan = memory_plan(model, cfg, world_size, gpu_bytes)
+    decided = []
+    if cfg.model.ac_mode == "auto":
+        kept = {"none": model.args.n_layers, "full": 0}.get(plan.ac_mode, plan.ac_option)
+        decided.append(f"ac_mode: auto: {kept} of {model.args.n_layers} layers keep their activations, the others "
+                       "are recomputed")
+    if cfg.model.mlp_tiles == "auto" and plan.mlp_tiles > 1:
+        decided.append(f"mlp_tiles: auto: each MLP runs in {plan.mlp_tiles} tiles, recomputed in backward "
+                       "(mlp_tiles: 1 turns it off)")
+    if gpu_bytes is not None and decided:
+        log.info("%s; by the memory estimate against %.0f%% of the GPU (`mirotrain validate --world-size %d "
+                 "--gpu-memory-gib %.3f` prints the same plan)", "; ".join(decided), 100 * MEMORY_WARN_FRACTION,
+                 world_size, gpu_bytes / 2**30)
+    return plan
 
 
 def build_model(spec: ModelSpec, layout: Layout, checkpointer: Any, seed: int) -> nn.Module:

@@ -172,30 +172,33 @@ def test_unresharded_layers_stay_gathered_and_adam_is_fused_unless_told_otherwis
 
 
 def test_mlp_tiles_shrink_the_running_layer_and_auto_tiles_only_a_short_gpu(model):
-    """``mlp_tiles`` k: the recomputed layer keeps no MLP activations and holds one tile's (6·F/k per token)
+    """``mlp_tiles`` k: the recomputed layer keeps no MLP activations and holds one tile's (5·F/k per token)
     and an fp32 input gradient; ``auto`` picks the fewest tiles under 90% of the GPU, 1 where it fits or where
     no GPU size is known (CPU), and leaves per-op selective AC (which keeps matmul outputs) untiled. Where
     tiling cannot lower the peak (the loss's moment), auto does not tile."""
-    from mirotrain.commands.estimate import GIB, mlp_tiles_for
+    from mirotrain.commands.estimate import GIB, MemoryPlan, memory_plan
+
+    def mlp_tiles_for(cfg, gpu_bytes):
+        return memory_plan(model, cfg, WORLD, gpu_bytes).mlp_tiles
 
     loss_peak = _cfg(SFT_8B, "ulysses_sequence_parallel_size=1", "dataset.packed_seq_len=40960")
-    assert mlp_tiles_for(model, loss_peak, WORLD, GIB) == 1
+    assert mlp_tiles_for(loss_peak, GIB) == 1
     cfg = _cfg(SFT_8B, "ulysses_sequence_parallel_size=1", "dataset.packed_seq_len=40960", "loss_chunk_tokens=1024")
     assert estimate_memory(model, cfg, WORLD).phase == "start of the backward"
     args = model.args
     tokens, c = 40960, 2
     plain = step_terms(model, cfg, WORLD)["start of the backward"]
-    tiled = step_terms(model, cfg, WORLD, mlp_tiles=4)["start of the backward"]
-    mlp_bytes = (6 * args.hidden_dim - (6 * args.hidden_dim // 4 + 2 * args.dim)) * c * tokens
+    tiled = step_terms(model, cfg, WORLD, MemoryPlan("full", None, 4))["start of the backward"]
+    mlp_bytes = (6 * args.hidden_dim - (5 * args.hidden_dim // 4 + 2 * args.dim)) * c * tokens
     assert plain.activations - tiled.activations == mlp_bytes
     untiled = estimate_memory(model, cfg, WORLD).total
-    assert estimate_memory(model, cfg, WORLD).mlp_tiles == 1  # no GPU size: untiled
-    assert mlp_tiles_for(model, cfg, WORLD, int(untiled / 0.9) + 1) == 1
+    assert estimate_memory(model, cfg, WORLD).plan.mlp_tiles == 1  # no GPU size: untiled
+    assert mlp_tiles_for(cfg, int(untiled / 0.9) + 1) == 1
     short = estimate_memory(model, cfg, WORLD, gpu_bytes=int(untiled / 0.9) - GIB)
-    assert short.mlp_tiles > 1 and short.total <= 0.9 * (untiled / 0.9 - GIB)
-    assert mlp_tiles_for(model, _cfg(SFT_8B, "mlp_tiles=3"), WORLD, None) == 3
+    assert short.plan.mlp_tiles > 1 and short.total <= 0.9 * (untiled / 0.9 - GIB)
+    assert mlp_tiles_for(_cfg(SFT_8B, "mlp_tiles=3"), None) == 3
     op = _cfg(SFT_8B, "ac_mode=selective", "ac_option=op", "dataset.packed_seq_len=40960")
-    assert mlp_tiles_for(model, op, WORLD, GIB) == 1
+    assert mlp_tiles_for(op, GIB) == 1
 
 
 @pytest.mark.parametrize("value, message", [(0, "must be a positive int or 'auto', got 0"),
@@ -205,7 +208,61 @@ def test_bad_mlp_tiles_are_refused_by_name(value, message, capsys):
     assert f"config key 'mlp_tiles': {message}" in capsys.readouterr().err
 
 
-def test_mlp_tiles_with_per_op_selective_ac_is_refused(capsys):
-    assert validate(["--config", str(SFT_8B), "--no-file-check", "mlp_tiles=4", "ac_mode=selective",
-                     "ac_option=op"]) == 2
-    assert "config key 'mlp_tiles': 4 needs full or no activation checkpointing" in capsys.readouterr().err
+@pytest.mark.parametrize("ac", [["ac_mode=selective", "ac_option=op"], ["ac_mode=selective"]])
+def test_mlp_tiles_with_per_op_selective_ac_is_refused(ac, capsys):
+    """``op`` (also selective's default) keeps every matmul output, the tiles' among them: refused. Keeping
+    only attention outputs, or no AC at all whatever ac_option says, goes with tiles."""
+    assert validate(["--config", str(SFT_8B), "--no-file-check", "mlp_tiles=4", *ac]) == 2
+    assert "config key 'mlp_tiles': 4 does not go with per-op selective activation checkpointing" in \
+        capsys.readouterr().err
+    for fine in (["ac_mode=selective", "ac_option=attention"], ["enable_activation_checkpointing=False", "ac_option=op"]):
+        assert validate(["--config", str(SFT_8B), "--no-file-check", "mlp_tiles=4", *fine]) == 0
+
+
+def test_ac_mode_auto_keeps_as_many_layers_as_the_gpu_holds(model):
+    """``ac_mode: auto``: the most leading layers keep their activations (no recompute) with the estimate under
+    90% of the GPU, one more would not fit; a card with room recomputes less; no GPU size (CPU) or too small a
+    card: full AC, where ``mlp_tiles: auto`` then may tile."""
+    from mirotrain.commands.estimate import GIB, MemoryPlan, memory_plan
+
+    cfg = _cfg(SFT_8B, "ac_mode=auto", "master_weights=bf16", "loss_chunk_tokens=2048")
+    world, n = 2, model.args.n_layers
+
+    def peak(plan: MemoryPlan) -> int:
+        return max(t.total for t in step_terms(model, cfg, world, plan).values())
+
+    assert memory_plan(model, cfg, world, None) == MemoryPlan("full", None, 1)
+    plans = {gib: memory_plan(model, cfg, world, int(gib * GIB)) for gib in (79.2, 100, 139.8, 400)}
+    assert plans[400] == MemoryPlan("none", None, 1)
+    kept = {gib: {"none": n, "full": 0}.get(p.ac_mode, p.ac_option) for gib, p in plans.items()}
+    assert kept[79.2] < kept[100] < kept[139.8] <= n and plans[79.2].ac_mode == "auto"
+    for gib in (79.2, 100):
+        k = kept[gib]
+        assert peak(MemoryPlan("auto", k, 1)) <= 0.9 * gib * GIB < peak(MemoryPlan("auto", k + 1, 1))
+    cfg = _cfg(SFT_8B, "ac_mode=auto", "master_weights=bf16", "dataset.packed_seq_len=40960", "loss_chunk_tokens=1024")
+    untiled, tiled = peak(MemoryPlan("full", None, 1)), peak(MemoryPlan("full", None, 16))
+    assert tiled < untiled
+    short = memory_plan(model, cfg, world, int((untiled + tiled) / 2 / 0.9))
+    assert short.ac_mode == "full" and short.mlp_tiles > 1
+
+
+def test_validate_prints_the_auto_plan(capsys):
+    assert validate(["--config", str(SFT_8B), "--world-size", "2", "--no-file-check", "ac_mode=auto",
+                     "master_weights=bf16", "--gpu-memory-gib", "79.2"]) == 0
+    out = capsys.readouterr().out
+    assert "plan:        ac_mode: auto: " in out and " of 36 layers keep their activations (not recomputed)" in out
+
+
+def test_ac_option_with_ac_mode_auto_is_refused(capsys):
+    assert validate(["--config", str(SFT_8B), "--no-file-check", "ac_mode=auto", "ac_option=2"]) == 2
+    assert "config key 'ac_option': ac_mode: auto decides per layer itself; remove ac_option (2)" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config, tiles, message", [
+    (CONFIG_ROOT / "qwen3_moe" / "30B_A3B_full_sft.yaml", 4, "(4) tiles dense MLPs; this MoE model has none"),
+    (SFT_8B, 12289, "(12289) must be at most the MLP hidden width (12288)"),
+])
+def test_mlp_tiles_the_model_cannot_take_are_refused(config, tiles, message, capsys):
+    assert validate(["--config", str(config), "--world-size", "8", "--no-file-check", f"mlp_tiles={tiles}"]) == 2
+    assert f"config key 'mlp_tiles': {message}" in capsys.readouterr().err

@@ -19,6 +19,7 @@ CONFIGS = sorted(RECIPES.rglob("*.yaml"))
 REFUSED = {"qwen3_yarn/8B_yarn_full_sft.yaml", "qwen3_yarn/32B_yarn_full_sft.yaml"}
 SFT = RECIPES / "mirothinker_v0_1" / "MiroThinker-v0.1-8B-SFT-40k-bs128-packed.yaml"
 DPO = RECIPES / "qwen3" / "32B_full_dpo.yaml"
+SHIPPED = Path(__file__).resolve().parents[2] / "mirotrain" / "configs"
 
 
 def name(path: Path) -> str:
@@ -164,10 +165,6 @@ def test_local_files_replace_a_hub_dataset_by_overrides():
     raw = load_config(RECIPES / "qwen3" / "8B_full_sft.yaml", ["dataset.source=json", "dataset.data_files=/d/a.jsonl",
                                                              "dataset.train_on_input=False"])
     assert validate_config(raw, world_size=8, check_files=False) == []
-
-
-
-SHIPPED = Path(__file__).resolve().parents[2] / "mirotrain" / "configs"
 
 
 @pytest.mark.parametrize("path, tiled", [

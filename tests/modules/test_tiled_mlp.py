@@ -127,18 +127,25 @@ class TinyMLP(nn.Module):
         return torch.tanh(tiled_swiglu(x * 2, self.w1.weight, self.w3.weight, self.w2.weight, 3)).sum()
 
 
-def test_compiled_module_breaks_graph_and_equals_eager():
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_compiles_into_one_graph_also_under_activation_checkpointing(checkpointed):
+    """Custom ops, not a graph break: a layer compiled with its tiled MLP is one graph, also wrapped in
+    activation checkpointing (where a break inside would leave the whole layer uncompiled), and equals eager."""
+    from torch._dynamo.testing import CompileCounter
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
     torch.manual_seed(0)
     module = TinyMLP()
     x = torch.randn(2, 5, 8)
-    explanation = torch._dynamo.explain(module)(x)
-    assert explanation.graph_break_count == 1
-    assert "torch.compiler.disable" in str(explanation.break_reasons[0].reason)
     eager_loss = module(x)
     eager_grads = torch.autograd.grad(eager_loss, list(module.parameters()))
-    compiled = torch.compile(module)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    wrapped = checkpoint_wrapper(module) if checkpointed else module
+    compiled = torch.compile(wrapped, backend=counter)
     compiled_loss = compiled(x)
     compiled_grads = torch.autograd.grad(compiled_loss, list(module.parameters()))
+    assert counter.frame_count == 1
     torch.testing.assert_close(compiled_loss, eager_loss)
     for c, e in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(c, e)

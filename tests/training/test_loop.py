@@ -77,11 +77,14 @@ def test_packed_row_loss_is_the_mean_over_its_documents_trained_tokens(tmp_path)
 
 
 @pytest.mark.slow  # inductor compiles in a pool of worker processes
-def test_compiled_layers_and_loss_match_eager(tmp_path):
-    """compile: True (decoder layers + loss kernel, with activation checkpointing) trains like eager."""
+@pytest.mark.parametrize("mlp_tiles", [1, 3])
+def test_compiled_layers_and_loss_match_eager(tmp_path, mlp_tiles):
+    """compile: True (decoder layers + loss kernel, with activation checkpointing; the tiled MLP's custom ops
+    inside the compiled layer) trains like eager."""
     shards = write_shards(tmp_path / "packed", n_rows=3, seq_len=48, seed=4)
-    eager, _ = _train(tiny_config(tmp_path / "eager", shards, compile=False, enable_activation_checkpointing=True))
-    compiled, _ = _train(tiny_config(tmp_path / "compiled", shards, compile=True, enable_activation_checkpointing=True))
+    common = dict(enable_activation_checkpointing=True, mlp_tiles=mlp_tiles)
+    eager, _ = _train(tiny_config(tmp_path / "eager", shards, compile=False, **common))
+    compiled, _ = _train(tiny_config(tmp_path / "compiled", shards, compile=True, **common))
     np.testing.assert_allclose(eager, compiled, rtol=0, atol=1e-4)
 
 
