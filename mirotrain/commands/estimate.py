@@ -200,7 +200,7 @@ def memory_plan(model: torch.nn.Module, cfg: TrainConfig, world_size: int, gpu_b
     * ``mlp_tiles: auto``: the fewest of ``MLP_TILE_CHOICES`` whose estimate is under the line; when none is,
       the fewest with the lowest estimate (the peak may be a moment tiling does not touch, like the loss).
       Tiling costs an extra MLP forward, so a GPU with room does not tile. 1 with no GPU size, with no dense MLP
-      (MoE) and under per-op selective AC ``op`` (which keeps the tiles' matmul outputs).
+      (MoE) and under per-op selective AC ``op`` (whose memory with tiles is not modelled).
     """
     mode, option = resolve_ac(cfg.model.enable_activation_checkpointing, cfg.model.ac_mode, cfg.model.ac_option)
     tiles = 1 if cfg.model.mlp_tiles == "auto" else int(cfg.model.mlp_tiles)

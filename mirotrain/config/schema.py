@@ -154,8 +154,8 @@ class ModelConfig:
         return None
 
     def keeps_matmul_outputs(self) -> bool:
-        """Whether activation checkpointing is per-op selective with option ``op`` (it keeps every matmul's output
-        for backward), as ``resolve_ac`` reads the keys."""
+        """Whether activation checkpointing is per-op selective with option ``op`` (it keeps matmul outputs for
+        backward; with tiled MLPs that memory is not modelled), as ``resolve_ac`` reads the keys."""
         if not self.enable_activation_checkpointing and self.ac_mode in (None, "none"):
             return False
         return self.ac_mode == "selective" and self.ac_option in (None, "op")
@@ -168,8 +168,11 @@ class ModelConfig:
             errors.append(ConfigError("mlp_tiles", f"must be a positive int or 'auto', got {self.mlp_tiles!r}"))
         elif self.mlp_tiles not in ("auto", 1) and self.keeps_matmul_outputs():
             errors.append(ConfigError("mlp_tiles", f"{self.mlp_tiles} does not go with per-op selective activation "
-                                      "checkpointing (ac_option op, the selective default): it keeps every matmul's "
-                                      "output, the tiles' among them"))
+                                      "checkpointing (ac_option op, the selective default), whose memory with tiles "
+                                      "is not modelled: use full AC, ac_option attention or no AC"))
+        if self.ac_mode == "auto" and self.enable_activation_offloading:
+            errors.append(ConfigError("ac_mode", "auto decides which layers keep their activations on the GPU; "
+                                      "enable_activation_offloading would send them all to host memory: set one"))
         if self.ac_mode == "auto" and self.ac_option is not None:
             errors.append(ConfigError("ac_option", f"ac_mode: auto decides per layer itself; remove ac_option "
                                       f"({self.ac_option!r})"))

@@ -66,7 +66,7 @@ def _tiled_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w3: tor
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
     dx = torch.zeros_like(x2, dtype=_accumulator_dtype(x.dtype))
-    dw1, dw3, dw2 = torch.empty_like(w1), torch.empty_like(w3), torch.empty_like(w2)
+    dw1, dw3, dw2 = w1.new_empty(w1.shape), w3.new_empty(w3.shape), w2.new_empty(w2.shape)
     for a, b in _slice_bounds(w1.shape[0], tiles):
         g = F.linear(x2, w1[a:b])
         u = F.linear(x2, w3[a:b])
@@ -87,7 +87,8 @@ def _tiled_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w3: tor
 @_tiled_backward.register_fake
 def _(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
       tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w3), torch.empty_like(w2)
+    # contiguous, as the real op returns them (a reshape of fresh buffers), whatever the inputs' strides
+    return x.new_empty(x.shape), w1.new_empty(w1.shape), w3.new_empty(w3.shape), w2.new_empty(w2.shape)
 
 
 def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:

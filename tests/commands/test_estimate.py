@@ -253,9 +253,13 @@ def test_validate_prints_the_auto_plan(capsys):
     assert "plan:        ac_mode: auto: " in out and " of 36 layers keep their activations (not recomputed)" in out
 
 
-def test_ac_option_with_ac_mode_auto_is_refused(capsys):
+def test_ac_option_or_activation_offloading_with_ac_mode_auto_is_refused(capsys):
     assert validate(["--config", str(SFT_8B), "--no-file-check", "ac_mode=auto", "ac_option=2"]) == 2
     assert "config key 'ac_option': ac_mode: auto decides per layer itself; remove ac_option (2)" in \
+        capsys.readouterr().err
+    assert validate(["--config", str(SFT_8B), "--no-file-check", "ac_mode=auto",
+                     "enable_activation_offloading=True"]) == 2
+    assert "config key 'ac_mode': auto decides which layers keep their activations on the GPU" in \
         capsys.readouterr().err
 
 

@@ -149,3 +149,14 @@ def test_compiles_into_one_graph_also_under_activation_checkpointing(checkpointe
     torch.testing.assert_close(compiled_loss, eager_loss)
     for c, e in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(c, e)
+
+
+def test_custom_ops_pass_opcheck_with_non_contiguous_inputs():
+    """The fake (meta) results match the real ones in shape, dtype and strides, which torch.compile relies on:
+    also for an input that is a transposed view."""
+    x, w1, w3, w2 = make_inputs((4, 3), 8, 20, torch.float32)
+    x = x.detach().transpose(0, 1).requires_grad_()  # [3, 4, 8], not contiguous
+    dy = torch.randn(3, 4, 8)
+    torch.library.opcheck(torch.ops.mirotrain.tiled_swiglu, (x, w1, w3, w2, 3))
+    torch.library.opcheck(torch.ops.mirotrain.tiled_swiglu_backward,
+                          (dy, x.detach(), w1.detach(), w3.detach(), w2.detach(), 3))
