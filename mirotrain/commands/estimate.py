@@ -93,6 +93,10 @@ class MemoryPlan:
     ac_option: int | str | None
     mlp_tiles: int
 
+    def layers_kept(self, n_layers: int) -> int:
+        """How many decoder layers keep their activations under ``ac_mode: auto``'s decision."""
+        return {"none": n_layers, "full": 0}.get(self.ac_mode, self.ac_option)
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:

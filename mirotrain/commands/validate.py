@@ -163,7 +163,7 @@ def _print_memory_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Na
     what either costs."""
     plan, n = estimate.plan, model.args.n_layers
     if cfg.model.ac_mode == "auto":
-        kept = {"none": n, "full": 0}.get(plan.ac_mode, plan.ac_option)
+        kept = plan.layers_kept(n)
         print(f"plan:        ac_mode: auto: {kept} of {n} layers keep their activations (not recomputed), the other "
               f"{n - kept} are recomputed in backward (full AC), by the estimate against {MEMORY_WARN_FRACTION:.0%} "
               f"of a {ns.gpu_memory_gib:g} GiB GPU")

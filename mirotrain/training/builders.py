@@ -109,7 +109,7 @@ def _memory_plan(cfg: TrainConfig, device: torch.device, world_size: int) -> Mem
     plan = memory_plan(model, cfg, world_size, gpu_bytes)
     decided = []
     if cfg.model.ac_mode == "auto":
-        kept = {"none": model.args.n_layers, "full": 0}.get(plan.ac_mode, plan.ac_option)
+        kept = plan.layers_kept(model.args.n_layers)
         decided.append(f"ac_mode: auto: {kept} of {model.args.n_layers} layers keep their activations, the others "
                        "are recomputed")
     if cfg.model.mlp_tiles == "auto" and plan.mlp_tiles > 1:

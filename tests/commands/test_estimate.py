@@ -234,7 +234,7 @@ def test_ac_mode_auto_keeps_as_many_layers_as_the_gpu_holds(model):
     assert memory_plan(model, cfg, world, None) == MemoryPlan("full", None, 1)
     plans = {gib: memory_plan(model, cfg, world, int(gib * GIB)) for gib in (79.2, 100, 139.8, 400)}
     assert plans[400] == MemoryPlan("none", None, 1)
-    kept = {gib: {"none": n, "full": 0}.get(p.ac_mode, p.ac_option) for gib, p in plans.items()}
+    kept = {gib: p.layers_kept(n) for gib, p in plans.items()}
     assert kept[79.2] < kept[100] < kept[139.8] <= n and plans[79.2].ac_mode == "auto"
     for gib in (79.2, 100):
         k = kept[gib]
