@@ -33,7 +33,7 @@ keeps the reserved bytes close to the allocated ones. Left out: compiled-kernel 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -194,30 +194,60 @@ def _peak_bytes(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan:
     return max(terms.total for terms in step_terms(model, cfg, world_size, plan).values())
 
 
+def settled_plan(cfg: TrainConfig, gpu_known: bool) -> MemoryPlan | None:
+    """The plan where the config settles it without the model or its estimate, None where an ``auto`` setting
+    is decided against the card (``memory_plan``). Settled: neither setting ``auto``; no GPU size
+    (``gpu_known`` False, as on CPU), where ``ac_mode: auto`` is full AC and ``mlp_tiles: auto`` 1; and
+    ``mlp_tiles: auto`` under per-op selective AC ``op`` (1: its memory with tiles is not modelled). The trainer
+    asks this first, so a settled plan costs no meta model and no collective (mirotrain/training/builders.py);
+    ``memory_plan`` asks it too, so these rules live here only."""
+    mode, option = resolve_ac(cfg.model.enable_activation_checkpointing, cfg.model.ac_mode, cfg.model.ac_option)
+    tiles = cfg.model.mlp_tiles
+    if mode == "auto" and not gpu_known:
+        mode, option = "full", None
+    if tiles == "auto" and (not gpu_known or cfg.model.keeps_matmul_outputs()):
+        tiles = 1
+    if mode == "auto" or tiles == "auto":
+        return None
+    return MemoryPlan(mode, option, int(tiles))
+
+
 def memory_plan(model: torch.nn.Module, cfg: TrainConfig, world_size: int, gpu_bytes: int | None) -> MemoryPlan:
     """The activation plan a run uses on GPUs of ``gpu_bytes`` (None: unknown, as on CPU), deciding the ``auto``
-    settings from the estimate against ``MEMORY_WARN_FRACTION`` of the GPU, in this order:
+    settings from the estimate against ``MEMORY_WARN_FRACTION`` of the GPU (``settled_plan`` gives the plans
+    that need no estimate), in this order:
 
     * ``ac_mode: auto``: the most leading layers that can keep their activations (no recompute) with the others
       recomputed in full and the MLP untiled (or tiled as set); a GPU with room recomputes less. Full AC where
-      none can (or with no GPU size), no AC where all can.
+      none can, no AC where all can.
     * ``mlp_tiles: auto``: the fewest of ``MLP_TILE_CHOICES`` whose estimate is under the line; when none is,
       the fewest with the lowest estimate (the peak may be a moment tiling does not touch, like the loss).
-      Tiling costs an extra MLP forward, so a GPU with room does not tile. 1 with no GPU size, with no dense MLP
-      (MoE) and under per-op selective AC ``op`` (whose memory with tiles is not modelled).
+      Tiling costs an extra MLP forward, so a GPU with room does not tile. 1 for a model with no dense MLP (MoE).
     """
+    settled = settled_plan(cfg, gpu_bytes is not None)
+    if settled is not None:
+        return settled
+    limit = MEMORY_WARN_FRACTION * gpu_bytes
     mode, option = resolve_ac(cfg.model.enable_activation_checkpointing, cfg.model.ac_mode, cfg.model.ac_option)
-    tiles = 1 if cfg.model.mlp_tiles == "auto" else int(cfg.model.mlp_tiles)
-    limit = None if gpu_bytes is None else MEMORY_WARN_FRACTION * gpu_bytes
+    tiles = cfg.model.mlp_tiles
+    choices = (1,) if model.args.is_moe else MLP_TILE_CHOICES if tiles == "auto" else (int(tiles),)
     if mode == "auto":
-        kept = 0 if limit is None else _most_layers_kept(model, cfg, world_size, tiles, limit)
+        kept = _most_layers_kept(model, cfg, world_size, 1 if tiles == "auto" else int(tiles), limit)
         n = model.args.n_layers
         mode, option = ("full", None) if kept == 0 else ("none", None) if kept == n else ("auto", kept)
-    if cfg.model.mlp_tiles != "auto" or limit is None or model.args.is_moe or cfg.model.keeps_matmul_outputs():
-        return MemoryPlan(mode, option, tiles)
-    peaks = {t: _peak_bytes(model, cfg, world_size, MemoryPlan(mode, option, t)) for t in MLP_TILE_CHOICES}
-    fitting = [t for t, peak in peaks.items() if peak <= limit]
-    return MemoryPlan(mode, option, fitting[0] if fitting else min(peaks, key=lambda t: (peaks[t], t)))
+    return MemoryPlan(mode, option, _fewest_tiles(model, cfg, world_size, MemoryPlan(mode, option, 1), choices,
+                                                  limit))
+
+
+def _fewest_tiles(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan: MemoryPlan,
+                  choices: tuple[int, ...], limit: float) -> int:
+    """The fewest of ``choices`` whose estimate with ``plan``'s AC is under ``limit``, else the fewest with the
+    lowest estimate (one choice: that one, unestimated)."""
+    if len(choices) == 1:
+        return choices[0]
+    peaks = {t: _peak_bytes(model, cfg, world_size, replace(plan, mlp_tiles=t)) for t in choices}
+    fitting = [t for t in choices if peaks[t] <= limit]
+    return fitting[0] if fitting else min(peaks, key=lambda t: (peaks[t], t))
 
 
 def _most_layers_kept(model: torch.nn.Module, cfg: TrainConfig, world_size: int, tiles: int, limit: float) -> int:

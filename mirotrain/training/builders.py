@@ -94,17 +94,21 @@ def build_meta_model(component: dict, attention_backend: str) -> nn.Module:
 def _memory_plan(cfg: TrainConfig, device: torch.device, world_size: int) -> MemoryPlan:
     """AC and MLP tiling as the run applies them; the ``auto`` settings are decided from `mirotrain validate`'s
     estimate against the GPU's memory (mirotrain/commands/estimate.py: ``memory_plan``), the smallest card of
-    the job's, so every rank builds the same model; the log gives the validate command that prints this plan."""
+    the job's, so every rank builds the same model; the log gives the validate command that prints this plan.
+    A plan the config settles (``settled_plan``: nothing ``auto``, or ``auto`` with nothing to decide) is taken
+    as it is: no meta model, no estimate, no all-reduce."""
     import torch.distributed as dist
 
-    from mirotrain.commands.estimate import MEMORY_WARN_FRACTION, memory_plan
+    from mirotrain.commands.estimate import MEMORY_WARN_FRACTION, memory_plan, settled_plan
 
-    gpu_bytes = None
-    if device.type == "cuda":
-        smallest = torch.tensor([torch.cuda.get_device_properties(device).total_memory], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-        gpu_bytes = int(smallest.item())
+    settled = settled_plan(cfg, gpu_known=device.type == "cuda")
+    if settled is not None:
+        return settled
+    # not settled: on CUDA (without a card every plan is settled), with a setting to decide against the card
+    smallest = torch.tensor([torch.cuda.get_device_properties(device).total_memory], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    gpu_bytes = int(smallest.item())
     model = build_meta_model(cfg.model.component, cfg.model.attention_backend)
     plan = memory_plan(model, cfg, world_size, gpu_bytes)
     decided = []
@@ -115,7 +119,7 @@ def _memory_plan(cfg: TrainConfig, device: torch.device, world_size: int) -> Mem
     if cfg.model.mlp_tiles == "auto" and plan.mlp_tiles > 1:
         decided.append(f"mlp_tiles: auto: each MLP runs in {plan.mlp_tiles} tiles, recomputed in backward "
                        "(mlp_tiles: 1 turns it off)")
-    if gpu_bytes is not None and decided:
+    if decided:
         log.info("%s; by the memory estimate against %.0f%% of the GPU (`mirotrain validate --world-size %d "
                  "--gpu-memory-gib %.3f` prints the same plan)", "; ".join(decided), 100 * MEMORY_WARN_FRACTION,
                  world_size, gpu_bytes / 2**30)
