@@ -9,17 +9,21 @@
 #   bash benchmarks/gpu_session.sh calib               # 2 GPUs: validate's estimate vs measured peaks (issue 18)
 #   CALIB_CASES=mirothinker_8b_sft_40k bash benchmarks/gpu_session.sh calib   # 2 GPUs: MiroThinker 8B SFT 40K
 #   bash benchmarks/gpu_session.sh tiled bf16          # 2 GPUs: mlp_tiles on one MLP; bf16 mode from a bf16 init
+#   bash benchmarks/gpu_session.sh moe2 moe10          # 2 GPUs: MoE EP=2 at 16K tokens/GPU, balanced and random
+#                                                      # routing vs HF at 6 layers; the deepest exact model, 10 steps
+#   bash benchmarks/gpu_session.sh moe48               # 2 GPUs: full-depth 30B-A3B (bf16_plain), 10 steps
 # Each stage's limit is overridable: CKPT_S, DPO_S, DPO40K_S, SFT14B_S, MOE_S, PROFILE_S, MIX_S, LONG_S, TESTS_S, P1_S, P2_S,
-# TILED_S, BF16_S, P1AUTO_S,
+# TILED_S, BF16_S, P1AUTO_S, MOE2_S (each of its two runs), MOE10_S, MOE48_S,
 # CALIB_S (CALIB_CASES and CALIB_ARGS pass --cases and further flags to benchmarks/memory_calibration.py).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 NOISE='UserWarning|This call|File "|if _|_dynamo|^$|warn|W1[0-9]{3} '
+MOE2_FLAGS="--seq 16384 --ep 2 --skip-loop"
 P1_FLAGS="--size 8B --seq 16384 --nproc 4 --ac selective --ac-option attention --chunk 2048"
 # Kill what a stage that hit its limit left behind; the patterns never match this script's own command line.
-cleanup() { pkill -9 -f "tor[c]hrun|--wor[k]er|benchmarks/[m]oe.py" >/dev/null 2>&1; sleep 3; }
+cleanup() { pkill -9 -f "tor[c]hrun|--wor[k]er|benchmarks/[m]oe.py|benchmarks/[h]f_moe_routed.py" >/dev/null 2>&1; sleep 3; }
 stage() {  # name, limit (s), command...: runs the command, keeps its whole log, shows its tail
   local name=$1 limit=$2; shift 2
   echo "== $name ($(date +%T), limit ${limit}s)"
@@ -43,6 +47,17 @@ for s in "$@"; do
       stage sft14b40k "${SFT14B_S:-300}" python3 benchmarks/sft.py --size 14B --seq 40960 --nproc 4 --sp 4 --ac full \
         --loss liger --no-baseline --steps 2 --warmup 2 --json "$OUT/sft14b40k.json" ;;
     moe)   stage moe "${MOE_S:-240}" torchrun --standalone --nproc_per_node 4 benchmarks/moe.py --json "$OUT/moe.json" ;;
+    moe2)  # issue 19: 30B-A3B layers at 16K tokens/GPU, EP=2; ours at the deepest fp32 fit (24) and at HF's depth
+      for routing in balanced random; do
+        TAIL=12 stage "moe2_$routing" "${MOE2_S:-190}" torchrun --standalone --nproc_per_node 2 benchmarks/moe.py \
+          $MOE2_FLAGS --hf-layers 6 --routing "$routing" --json "$OUT/moe2_$routing.json"
+      done ;;
+    moe10)  # issue 19: the deepest model the exact bf16 mode fits (39 layers), balanced routing, 10 steps
+      TAIL=6 stage moe10 "${MOE10_S:-150}" torchrun --standalone --nproc_per_node 2 benchmarks/moe.py $MOE2_FLAGS \
+        --skip-hf --layers auto --master-weights bf16 --routing balanced --steps 10 --json "$OUT/moe10.json" ;;
+    moe48)  # issue 19: full depth fits only with bf16_plain (docs/benchmarks.md), balanced routing, 10 steps
+      TAIL=6 stage moe48 "${MOE48_S:-170}" torchrun --standalone --nproc_per_node 2 benchmarks/moe.py $MOE2_FLAGS \
+        --skip-hf --layers 48 --master-weights bf16_plain --routing balanced --steps 10 --json "$OUT/moe48.json" ;;
     profile) TAIL=40 stage profile "${PROFILE_S:-150}" python3 benchmarks/profile_sft.py $P1_FLAGS --warmup 2 ;;
     mix)   stage mix "${MIX_S:-150}" python3 benchmarks/sft.py $P1_FLAGS --steps 3 --warmup 3 --mix-mean 3072 \
              --json "$OUT/mix.json" ;;

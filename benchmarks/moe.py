@@ -1,25 +1,39 @@
 """Qwen3-30B-A3B-shaped MoE training throughput: mirotrain with expert parallelism vs HF transformers.
 
 What runs (one `torchrun`, every rank one GPU, one row of --seq random tokens per rank per step):
-  1. mirotrain, EP = world (default 4), 30B-A3B layer shapes at full width (hidden 2048, 128 experts of
-     768, top-8, 32/4 heads) with --layers layers ("auto": as many as fit), the trainer's path: expert
-     sharding -> full activation checkpointing -> FSDP2 (bf16 compute, fp32 master weights and reduce;
-     experts over "edp" with the DP-size divide factor), fused chunked linear CE + router aux loss
-     (coef 0.001, statistics over all ranks), global-norm clipping, fused AdamW. Once with the grouped
-     expert backend (torch._grouped_mm) at that depth, then grouped_mm and the per-expert loop at
-     --hf-layers layers (same depth as the HF row; the grouped-mm speed-up is the ratio of these two).
+  1. mirotrain, EP = --ep (default: the world), 30B-A3B layer shapes at full width (hidden 2048, 128 experts
+     of 768, top-8, 32/4 heads) with --layers layers ("auto": the deepest model that fits, below), the
+     trainer's path: expert sharding -> full activation checkpointing -> FSDP2 (bf16 compute; --master-weights
+     fp32: fp32 master weights and reduce, torch's fused AdamW; bf16: bf16 weights and reduce with the
+     compensated AdamW; bf16_plain: bf16 with torch's AdamW, mirotrain/optim/precision.py; experts over "edp"
+     with the DP-size divide factor), fused chunked linear CE + router aux loss (coef 0.001, statistics over
+     all ranks), global-norm clipping. Once with the grouped expert backend (torch._grouped_mm) at that
+     depth, then grouped_mm and the per-expert loop at --hf-layers layers (same depth as the HF row; the
+     grouped-mm speed-up is the ratio of these two).
   2. HF transformers Qwen3MoeForCausalLM on one GPU with the same layer shapes at --hf-layers layers
      (../shared/baselines/hf_moe_single_gpu.py: fp32 weights + bf16 autocast, SDPA, activation
-     checkpointing, fused AdamW, aux loss on), after our process group is gone, on rank 0's GPU.
+     checkpointing, fused AdamW, aux loss on; run unchanged by benchmarks/hf_moe_routed.py, which adds the
+     routing and the load meter), before our rows, on rank 0's GPU while the other ranks wait.
+--routing random (default) keeps the routers' own choices (random weights: very uneven); balanced forces
+every expert to the same load in both systems alike (benchmarks/moe_routing.py: the gate's logits become a
+round-robin pattern, Megatron's forced load balancing). Each row reports its busiest expert's load over the
+mean ("load max/mean", the worst layer; 1.00 = balanced).
 Reported per row: tokens/s/GPU, MFU over *active* parameters (Megatron-style causal FLOPs, the baseline's
 formula: 6 * active matmul params + 6 * L * H * hd * S per token; LM head counted, embedding not) against
 the measured bf16 matmul peak and against 989 TFLOP/s, the equivalent tokens/s/GPU of the 48-layer model
 at that MFU (comparable with the public 30B-A3B anchors), peak memory and step time.
+--layers auto is the deepest model whose `mirotrain validate` estimate (the shipped 2x H200 30B-A3B config
+at this layout: --seq tokens per GPU, SP 1, EP --ep, GA 1, --master-weights) plus the MoE dispatch copies
+the estimate leaves out (docs/moe.md) stays under 90% of this GPU; on 2x H200 at 16K tokens and EP=2:
+fp32 24 layers, bf16 39, bf16_plain 48 (docs/benchmarks.md, "Full-depth 30B-A3B on 2x H200 at 16K tokens").
 
 Usage:
   torchrun --nproc_per_node 4 benchmarks/moe.py [--layers auto] [--seq 4096] [--hf-layers 4] [--json $OUT/moe.json]
+  torchrun --nproc_per_node 2 benchmarks/moe.py --seq 16384 --ep 2 --hf-layers 6 --skip-loop --routing balanced
+  torchrun --nproc_per_node 2 benchmarks/moe.py --seq 16384 --ep 2 --layers auto --master-weights bf16 \
+      --skip-hf --skip-loop --routing balanced --steps 10     # the deepest model that fits, 10 steps
   torchrun --nproc_per_node 4 benchmarks/moe.py --skip-hf --skip-loop --layers 24    # ours only
-  python benchmarks/moe.py --cpu-smoke        # tiny model, 1 CPU process (gloo), HF tiny in-process
+  python benchmarks/moe.py --cpu-smoke [--routing balanced]   # tiny model, 1 CPU process (gloo), HF tiny in-process
 On the GPU machine the baseline travels as .baselines/ (see benchmarks/common.py).
 """
 
@@ -56,29 +70,66 @@ def flops_per_token(shape: dict, layers: int, seq: int) -> float:
     return 6 * active + 6 * layers * h * hd * seq
 
 
-def auto_layers(world: int, ep: int, mem_bytes: int, shape: dict) -> int:
-    """Layers whose fp32 params + grads + AdamW state (16 B/param) fill ~70% of a GPU (rest: activations)."""
-    d, h, kv, hd = shape["dim"], shape["heads"], shape["kv_heads"], shape["head_dim"]
-    dense = d * h * hd * 2 + d * kv * hd * 2 + d * shape["experts"]
-    experts = shape["experts"] * 3 * d * shape["moe_hidden"]
-    per_layer = 16 * (dense / world + experts / ep)
-    root = 16 * 2 * shape["vocab"] * d / world
-    return max(1, int((0.70 * mem_bytes - root) // per_layer))
+# The shipped 2x H200 recipe: the same model and trainer path as our rows; auto_layers sets its layout to ours.
+SHIPPED_CONFIG = ROOT / "mirotrain" / "configs" / "qwen3_moe" / "30B_A3B_full_sft_2xH200.yaml"
+
+
+def dispatch_copy_bytes(shape: dict, tokens: int, compute_bytes: int = 2) -> int:
+    """What validate's estimate leaves out of an MoE layer (docs/moe.md, "What validate's estimate leaves out
+    for MoE"): per token (3kD + kF) saved for backward, kD of their gradients and 2kD of EP all-to-all buffers."""
+    k, d, f = shape["top_k"], shape["dim"], shape["moe_hidden"]
+    return (6 * k * d + k * f) * compute_bytes * tokens
+
+
+def estimated_peak_bytes(layers: int, world: int, ep: int, seq: int, master_weights: str) -> int:
+    """`mirotrain validate`'s per-GPU estimate of our row (the shipped 2x H200 config at this layout) plus the
+    MoE dispatch copies."""
+    from mirotrain.commands.estimate import estimate_memory
+    from mirotrain.config import instantiate, load_config
+    from mirotrain.config.tree import TrainConfig
+    from mirotrain.modules.loss.linear_ce import DEFAULT_CHUNK_TOKENS
+
+    raw = load_config(SHIPPED_CONFIG, [
+        f"model.n_layers={layers}", f"master_weights={master_weights}", f"moe_expert_parallel_size={ep}",
+        "ulysses_sequence_parallel_size=1", f"dataset.packed_seq_len={seq}", f"tokenizer.max_seq_len={seq}",
+        "gradient_accumulation_steps=1", f"loss_chunk_tokens={DEFAULT_CHUNK_TOKENS}"])  # our LinearCrossEntropyLoss()
+    with torch.device("meta"):
+        model = instantiate(raw["model"])
+    estimate = estimate_memory(model, TrainConfig.from_dict(raw), world)
+    return estimate.total + dispatch_copy_bytes(FULL, seq)
+
+
+def auto_layers(world: int, ep: int, seq: int, gpu_bytes: int, master_weights: str) -> int:
+    """The deepest 30B-A3B (at most 48 layers) whose estimated peak stays under 90% of the GPU (at least 1)."""
+    from mirotrain.commands.estimate import MEMORY_WARN_FRACTION
+
+    low, high = 1, FULL["layers"]
+    while low < high:  # the estimate grows with depth
+        mid = (low + high + 1) // 2
+        if estimated_peak_bytes(mid, world, ep, seq, master_weights) <= MEMORY_WARN_FRACTION * gpu_bytes:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 # ------------------------------------------------------------------------------------------------ ours
 
 
-def build_ours(shape: dict, layers: int, backend: str, seq: int, device: torch.device):
+def build_ours(shape: dict, layers: int, backend: str, seq: int, device: torch.device, param_dtype: torch.dtype):
+    """On the meta device, its parameters in ``param_dtype`` (what the sharded weights are kept in)."""
     from mirotrain.models.qwen3_moe import qwen3_moe
+    from mirotrain.training.builders import cast_parameters
 
     with torch.device("meta"):
-        return qwen3_moe(vocab_size=shape["vocab"], dim=shape["dim"], n_layers=layers, n_heads=shape["heads"],
-                         n_kv_heads=shape["kv_heads"], head_dim=shape["head_dim"], hidden_dim=3 * shape["dim"],
-                         num_experts=shape["experts"], num_experts_per_tok=shape["top_k"],
-                         moe_hidden_dim=shape["moe_hidden"], max_seq_len=max(seq, 40960), tie_word_embeddings=False,
-                         router_aux_loss_coef=0.001, moe_backend=backend,
-                         attention_backend="auto" if device.type == "cuda" else "sdpa")
+        model = qwen3_moe(vocab_size=shape["vocab"], dim=shape["dim"], n_layers=layers, n_heads=shape["heads"],
+                          n_kv_heads=shape["kv_heads"], head_dim=shape["head_dim"], hidden_dim=3 * shape["dim"],
+                          num_experts=shape["experts"], num_experts_per_tok=shape["top_k"],
+                          moe_hidden_dim=shape["moe_hidden"], max_seq_len=max(seq, 40960), tie_word_embeddings=False,
+                          router_aux_loss_coef=0.001, moe_backend=backend,
+                          attention_backend="auto" if device.type == "cuda" else "sdpa")
+    cast_parameters(model, param_dtype)
+    return model
 
 
 @torch.no_grad()
@@ -97,6 +148,7 @@ def init_on_device(model, seed: int) -> None:
 def run_ours(ns, shape: dict, layers: int, backend: str, device: torch.device) -> dict:
     from mirotrain.models.qwen3_moe.parallelize import parallelize_qwen3_moe
     from mirotrain.modules.loss import LinearCrossEntropyLoss
+    from mirotrain.optim.precision import MODES
     from mirotrain.parallel.expert_parallel import check_expert_parallel
     from mirotrain.parallel.mesh import ParallelDims
     from mirotrain.parallel.options import ParallelizeOptions
@@ -106,18 +158,20 @@ def run_ours(ns, shape: dict, layers: int, backend: str, device: torch.device) -
     ep = ns.ep or world
     check_expert_parallel(shape["experts"], world, ep)
     meshes = ParallelDims(world, ep=ep).build_mesh(device.type)
-    model = build_ours(shape, layers, backend, ns.seq, device)
+    mode = MODES[ns.master_weights]
+    model = build_ours(shape, layers, backend, ns.seq, device, mode.param_dtype)
     parallelize_qwen3_moe(model, meshes, ParallelizeOptions(
-        device_type=device.type, ac_mode="full",
+        device_type=device.type, ac_mode="full", reduce_dtype=mode.reduce_dtype,
         param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32))
     model.to_empty(device=device)
     model.rope.to(device)
     init_on_device(model, seed=rank)
+    if ns.routing == "balanced":
+        from benchmarks.moe_routing import install_balanced_routing
+
+        install_balanced_routing(model, shape["experts"], shape["top_k"])
     loss_fn = LinearCrossEntropyLoss()
-    experts = [p for n, p in model.named_parameters() if ".experts." in n]
-    others = [p for n, p in model.named_parameters() if ".experts." not in n]
-    # one param group per mesh: the fused kernel runs per group, never mixing dense and expert DTensors
-    opt = torch.optim.AdamW([{"params": others}, {"params": experts}], lr=1e-5, fused=device.type == "cuda")
+    opt = build_optimizer(model, ns.master_weights, fused=device.type == "cuda")
     gen = torch.Generator().manual_seed(1000 + rank)
     ids = torch.randint(0, shape["vocab"], (1, ns.seq), generator=gen).to(device)
     labels = torch.randint(0, shape["vocab"], (1, ns.seq), generator=gen).to(device)
@@ -144,14 +198,30 @@ def run_ours(ns, shape: dict, layers: int, backend: str, device: torch.device) -
     loss_value = ce.item()
     load = model.expert_load_stats(dist.group.WORLD)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else 0.0
     step_s = statistics.median(times)
     del model, opt, hidden, loss
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(system="mirotrain", gpus=world, ep=ep, layers=layers, seq=ns.seq, experts=backend, step_s=step_s,
-                tok_s_gpu=ns.seq / step_s, peak_gib=peak, loss=loss_value,
-                max_over_mean_load=load["moe/max_over_mean_load"])
+    return dict(system="mirotrain", gpus=world, ep=ep, layers=layers, seq=ns.seq, experts=backend,
+                routing=ns.routing, master_weights=ns.master_weights, step_s=step_s, tok_s_gpu=ns.seq / step_s,
+                peak_gib=peak, reserved_gib=reserved, loss=loss_value, max_over_mean_load=load["moe/max_over_mean_load"],
+                estimated_gib=estimated_peak_bytes(layers, world, ep, ns.seq, ns.master_weights) / 2**30
+                if device.type == "cuda" else 0.0)
+
+
+def build_optimizer(model, master_weights: str, fused: bool) -> torch.optim.Optimizer:
+    """AdamW as the trainer builds it for ``master_weights`` (mirotrain/training/builders.py), lr 1e-5, with one
+    param group per mesh: a fused kernel runs per group, never mixing dense and expert DTensors."""
+    from mirotrain.optim.bf16_adamw import CompensatedAdamW
+
+    experts = [p for n, p in model.named_parameters() if ".experts." in n]
+    others = [p for n, p in model.named_parameters() if ".experts." not in n]
+    groups = [{"params": others}, {"params": experts}]
+    if master_weights == "bf16":
+        return CompensatedAdamW(groups, lr=1e-5)
+    return torch.optim.AdamW(groups, lr=1e-5, fused=fused)
 
 
 def _sync(device: torch.device) -> None:
@@ -162,24 +232,28 @@ def _sync(device: torch.device) -> None:
 # -------------------------------------------------------------------------------------------------- HF
 
 
-def run_hf_script(layers: int, seq: int, impl: str) -> dict:
-    """The shared single-GPU baseline in its own process (it prints one JSON line)."""
-    from benchmarks.common import baseline_script
-
-    proc = subprocess.run([sys.executable, str(baseline_script("hf_moe_single_gpu.py")), str(layers), str(seq), impl],
+def run_hf_script(layers: int, seq: int, impl: str, routing: str) -> dict:
+    """The shared single-GPU baseline in its own process, through benchmarks/hf_moe_routed.py (the baseline's
+    JSON line, then the wrapper's with the expert load)."""
+    wrapper = ROOT / "benchmarks" / "hf_moe_routed.py"
+    proc = subprocess.run([sys.executable, str(wrapper), "--routing", routing, str(layers), str(seq), impl],
                           capture_output=True, text=True, timeout=420)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
+    out: dict = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            out.update(json.loads(line))
+    if proc.returncode != 0 or "tok_s" not in out or "max_over_mean_load" not in out:
         return dict(system=f"hf-{impl}", error=(proc.stderr or proc.stdout)[-600:], layers=layers, seq=seq)
-    out = json.loads(lines[-1])
-    return dict(system="hf transformers", gpus=1, ep=1, layers=layers, seq=seq, experts=impl,
-                step_s=seq / out["tok_s"], tok_s_gpu=float(out["tok_s"]), peak_gib=out.get("peak_gib", 0.0),
-                loss=out.get("loss"))
+    return dict(system="hf transformers", gpus=1, ep=1, layers=layers, seq=seq, experts=impl, routing=routing,
+                master_weights="fp32", step_s=seq / out["tok_s"], tok_s_gpu=float(out["tok_s"]),
+                peak_gib=out.get("peak_gib", 0.0), loss=out.get("loss"), max_over_mean_load=out["max_over_mean_load"])
 
 
-def run_hf_tiny_cpu(shape: dict, layers: int, seq: int, impl: str) -> dict:
+def run_hf_tiny_cpu(shape: dict, layers: int, seq: int, impl: str, routing: str) -> dict:
     """CPU smoke stand-in for the baseline script (same recipe minus CUDA and autocast)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from benchmarks.hf_moe_routed import instrument_hf_moe
 
     cfg = Qwen3MoeConfig(vocab_size=shape["vocab"], hidden_size=shape["dim"], num_hidden_layers=layers,
                          num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
@@ -188,6 +262,7 @@ def run_hf_tiny_cpu(shape: dict, layers: int, seq: int, impl: str) -> dict:
                          num_experts_per_tok=shape["top_k"], norm_topk_prob=True, output_router_logits=True,
                          router_aux_loss_coef=0.001, experts_implementation=impl)
     torch.manual_seed(0)
+    meters = instrument_hf_moe(routing)
     model = Qwen3MoeForCausalLM(cfg)
     model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -202,8 +277,9 @@ def run_hf_tiny_cpu(shape: dict, layers: int, seq: int, impl: str) -> dict:
         if step >= 1:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    return dict(system="hf transformers", gpus=1, ep=1, layers=layers, seq=seq, experts=impl, step_s=step_s,
-                tok_s_gpu=seq / step_s, peak_gib=0.0, loss=out.loss.item())
+    return dict(system="hf transformers", gpus=1, ep=1, layers=layers, seq=seq, experts=impl, routing=routing,
+                master_weights="fp32", step_s=step_s, tok_s_gpu=seq / step_s, peak_gib=0.0, loss=out.loss.item(),
+                max_over_mean_load=meters[-1].max_over_mean())
 
 
 # ----------------------------------------------------------------------------------------------- table
@@ -220,17 +296,19 @@ def add_mfu(row: dict, shape: dict, peak_tflops: float) -> dict:
 
 
 def format_table(rows: list[dict], peak_tflops: float) -> str:
-    head = ("system", "GPUs", "EP", "layers", "seq", "experts", "tok/s/GPU", "TFLOP/s", "MFU(meas)", "MFU(989)",
-            "tok/s/GPU@48L", "peak GiB", "step s")
+    head = ("system", "GPUs", "EP", "layers", "seq", "experts", "routing", "load max/mean", "weights", "tok/s/GPU",
+            "TFLOP/s", "MFU(meas)", "MFU(989)", "tok/s/GPU@48L", "peak GiB", "est. GiB", "step s")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['system']} | failed: {r['error'].splitlines()[-1] if r['error'] else '?'}")
             continue
         lines.append(" | ".join(str(v) for v in (
-            r["system"], r["gpus"], r["ep"], r["layers"], r["seq"], r["experts"], f"{r['tok_s_gpu']:.0f}",
+            r["system"], r["gpus"], r["ep"], r["layers"], r["seq"], r["experts"], r["routing"],
+            f"{r['max_over_mean_load']:.2f}", r["master_weights"], f"{r['tok_s_gpu']:.0f}",
             f"{r['tflops']:.1f}", f"{100 * r['mfu_measured']:.1f}%", f"{100 * r['mfu_nominal']:.1f}%",
-            f"{r['tok_s_gpu_48l']:.0f}", f"{r['peak_gib']:.1f}", f"{r['step_s']:.3f}")))
+            f"{r['tok_s_gpu_48l']:.0f}", f"{r['peak_gib']:.1f}", f"{r.get('estimated_gib', 0.0):.1f}",
+            f"{r['step_s']:.3f}")))
     ours = {(r["layers"], r["experts"]): r for r in rows if r.get("system") == "mirotrain" and "error" not in r}
     for (layers, backend), r in ours.items():
         if backend == "loop" and (layers, "grouped_mm") in ours:
@@ -251,7 +329,8 @@ def _free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", default="auto", help="layers of our EP model ('auto': as many as fit)")
+    parser.add_argument("--layers", default="auto",
+                        help="layers of our EP model ('auto': the deepest that validate's estimate fits, see above)")
     parser.add_argument("--hf-layers", type=int, default=4, help="layers of the single-GPU HF run (and our same-depth row)")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--ep", type=int, default=0, help="expert-parallel size (default: world size)")
@@ -260,6 +339,10 @@ def main() -> None:
     parser.add_argument("--hf-impls", default="grouped_mm", help="comma list of HF experts_implementation values")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-loop", action="store_true")
+    parser.add_argument("--routing", choices=("random", "balanced"), default="random",
+                        help="the routers' own choices, or every expert the same load (ours and HF alike)")
+    parser.add_argument("--master-weights", choices=("fp32", "bf16", "bf16_plain"), default="fp32",
+                        help="what our sharded weights and AdamW state are kept in (mirotrain/optim/precision.py)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, 1 CPU process (gloo)")
     ns = parser.parse_args()
@@ -272,6 +355,9 @@ def main() -> None:
         ns.seq, ns.steps, ns.warmup = min(ns.seq, 128), 2, 1
         peak = 1.0  # MFU is meaningless on CPU; the column only checks the plumbing
     else:
+        from mirotrain.commands.cuda_alloc import alloc_conf_default
+
+        alloc_conf_default()  # expandable segments, as `mirotrain sft` runs and validate's estimate assumes
         dist.init_process_group("nccl")
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
@@ -282,18 +368,25 @@ def main() -> None:
     world, rank = dist.get_world_size(), dist.get_rank()
     ep = ns.ep or world
     if ns.layers == "auto":
-        layers = TINY["layers"] if ns.cpu_smoke else auto_layers(world, ep, torch.cuda.get_device_properties(device).total_memory, shape)
+        layers = TINY["layers"] if ns.cpu_smoke else auto_layers(
+            world, ep, ns.seq, torch.cuda.get_device_properties(device).total_memory, ns.master_weights)
+        if rank == 0:
+            print(f"--layers auto: {layers} layers (validate's estimate + dispatch copies under 90% of the GPU)",
+                  flush=True)
     else:
         layers = int(ns.layers)
     hf_layers = 1 if ns.cpu_smoke else ns.hf_layers
 
     # The HF baseline runs first, on rank 0's GPU while the other ranks wait: once our model has run, rank 0's
     # process keeps ~37 GiB (NCCL and compile workspaces) that empty_cache does not hand back, and the 4-layer
-    # HF model (fp32 weights + AdamW, ~55 GiB) no longer fits beside it.
+    # HF model (fp32 weights + AdamW, ~55 GiB at 4K tokens) no longer fits beside it. At 16K tokens HF's 6 layers
+    # take ~65 GiB of state and up to ~30 GiB in the loss (full fp32 logits and their gradient): use
+    # --hf-layers 6 there (8 would be ~110 GiB).
     hf_rows = []
     if rank == 0 and not ns.skip_hf:
         for impl in ns.hf_impls.split(","):
-            row = run_hf_tiny_cpu(shape, hf_layers, ns.seq, impl) if ns.cpu_smoke else run_hf_script(hf_layers, ns.seq, impl)
+            row = (run_hf_tiny_cpu(shape, hf_layers, ns.seq, impl, ns.routing) if ns.cpu_smoke
+                   else run_hf_script(hf_layers, ns.seq, impl, ns.routing))
             hf_rows.append(row)
             print(json.dumps(row), flush=True)
     dist.barrier()
