@@ -187,7 +187,8 @@ def hf_baseline(ns: argparse.Namespace) -> dict | None:
     return None
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's flags; tests/gpu builds its runs' configs from them, so a new flag reaches both."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="1.7B", choices=sorted(BUILDERS))
     p.add_argument("--seq", type=int, default=16384)
@@ -212,7 +213,11 @@ def main() -> None:
     p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
-    ns = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    ns = parse_args()
     if ns.cpu_smoke:
         ns.nproc, ns.seq, ns.steps, ns.warmup, ns.chunk, ns.no_baseline = 2, min(ns.seq, 256), 2, 1, 128, True
     if ns.worker:

@@ -81,14 +81,11 @@ def test_chunked_loss_bf16_matches_fp32_reference():
 
 
 def _gpu_run(tmp_path: Path, size: str, nproc: int, seq: int, steps: int, **extra) -> Path:
-    import argparse
-
     import yaml
 
-    from benchmarks.sft import base_config, write_rows
+    from benchmarks.sft import base_config, parse_args, write_rows
 
-    ns = argparse.Namespace(cpu_smoke=False, size=size, loss="chunked", chunk=4096, no_compile=False, ac="full",
-                            sp=extra.pop("sp", 1), tokenizer=None)
+    ns = parse_args(["--size", size, "--chunk", "4096", "--sp", str(extra.pop("sp", 1))])
     shard = write_rows(tmp_path / "shards", (nproc // ns.sp) * steps, seq, 4, 151936)
     cfg = base_config(ns, tmp_path, shard)
     cfg.update(log_every_n_steps=1, log_peak_memory_stats=True, **extra)
