@@ -11,9 +11,10 @@
 #   bash benchmarks/gpu_session.sh tiled bf16          # 2 GPUs: mlp_tiles on one MLP; bf16 mode from a bf16 init
 #   bash benchmarks/gpu_session.sh moe2 moe10          # 2 GPUs: MoE EP=2 at 16K tokens/GPU, balanced and random
 #                                                      # routing vs HF at 6 layers; the deepest exact model, 10 steps
-#   bash benchmarks/gpu_session.sh moe48               # 2 GPUs: full-depth 30B-A3B (bf16_plain), 10 steps
+#   bash benchmarks/gpu_session.sh moe48 moelayer      # 2 GPUs: full-depth 30B-A3B (bf16_plain), 10 steps; 1 GPU:
+#                                                      # a full-width 30B-A3B layer vs transformers, errors printed
 # Each stage's limit is overridable: CKPT_S, DPO_S, DPO40K_S, SFT14B_S, MOE_S, PROFILE_S, MIX_S, LONG_S, TESTS_S, P1_S, P2_S,
-# TILED_S, BF16_S, P1AUTO_S, MOE2_S (each of its two runs), MOE10_S, MOE48_S,
+# TILED_S, BF16_S, P1AUTO_S, MOE2_S (each of its two runs), MOE10_S, MOE48_S, MOELAYER_S,
 # CALIB_S (CALIB_CASES and CALIB_ARGS pass --cases and further flags to benchmarks/memory_calibration.py).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -58,6 +59,9 @@ for s in "$@"; do
     moe48)  # issue 19: full depth fits only with bf16_plain (docs/benchmarks.md), balanced routing, 10 steps
       TAIL=6 stage moe48 "${MOE48_S:-170}" torchrun --standalone --nproc_per_node 2 benchmarks/moe.py $MOE2_FLAGS \
         --skip-hf --layers 48 --master-weights bf16_plain --routing balanced --steps 10 --json "$OUT/moe48.json" ;;
+    moelayer)  # issue 19: bf16 parity of one full-width 30B-A3B layer with transformers' (-s: the errors it prints)
+      TAIL=8 stage moelayer "${MOELAYER_S:-180}" python3 -m pytest -p no:cacheprovider tests/gpu/test_moe_layer_gpu.py \
+        -m gpu -o addopts="" -q -s -rs ;;
     profile) TAIL=40 stage profile "${PROFILE_S:-150}" python3 benchmarks/profile_sft.py $P1_FLAGS --warmup 2 ;;
     mix)   stage mix "${MIX_S:-150}" python3 benchmarks/sft.py $P1_FLAGS --steps 3 --warmup 3 --mix-mean 3072 \
              --json "$OUT/mix.json" ;;
