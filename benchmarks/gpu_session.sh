@@ -14,7 +14,8 @@
 #   bash benchmarks/gpu_session.sh moe48 moelayer      # 2 GPUs: full-depth 30B-A3B (bf16_plain), 10 steps; 1 GPU:
 #                                                      # a full-width 30B-A3B layer vs transformers, errors printed
 # Each stage's limit is overridable: CKPT_S, DPO_S, DPO40K_S, SFT14B_S, MOE_S, PROFILE_S, MIX_S, LONG_S, TESTS_S, P1_S, P2_S,
-# TILED_S, BF16_S, P1AUTO_S, MOE2_S (each of its two runs), MOE10_S, MOE48_S, MOELAYER_S,
+# TILED_S, BF16_S, P1AUTO_S, MOE2_S (each of its two runs), MOE10_S, MOE48_S, MOELAYER_S
+# (MOE2_LAYERS, MOE10_LAYERS: the depth of our deep row),
 # CALIB_S (CALIB_CASES and CALIB_ARGS pass --cases and further flags to benchmarks/memory_calibration.py).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -48,14 +49,16 @@ for s in "$@"; do
       stage sft14b40k "${SFT14B_S:-300}" python3 benchmarks/sft.py --size 14B --seq 40960 --nproc 4 --sp 4 --ac full \
         --loss liger --no-baseline --steps 2 --warmup 2 --json "$OUT/sft14b40k.json" ;;
     moe)   stage moe "${MOE_S:-240}" torchrun --standalone --nproc_per_node 4 benchmarks/moe.py --json "$OUT/moe.json" ;;
-    moe2)  # issue 19: 30B-A3B layers at 16K tokens/GPU, EP=2; ours at the deepest fp32 fit (24) and at HF's depth
+    moe2)  # issue 19: 30B-A3B layers at 16K tokens/GPU, EP=2, ours and HF at 6 layers, ours at MOE2_LAYERS (20:
+      # 16% under the fp32 fit of 24, as uneven routing's busiest rank holds more and an OOM on one rank alone hangs)
       for routing in balanced random; do
         TAIL=12 stage "moe2_$routing" "${MOE2_S:-190}" torchrun --standalone --nproc_per_node 2 benchmarks/moe.py \
-          $MOE2_FLAGS --hf-layers 6 --routing "$routing" --json "$OUT/moe2_$routing.json"
+          $MOE2_FLAGS --layers "${MOE2_LAYERS:-20}" --hf-layers 6 --routing "$routing" --json "$OUT/moe2_$routing.json"
       done ;;
-    moe10)  # issue 19: the deepest model the exact bf16 mode fits (39 layers), balanced routing, 10 steps
+    moe10)  # issue 19: the deepest model the exact bf16 mode fits (auto: 39 layers), balanced routing, 10 steps
       TAIL=6 stage moe10 "${MOE10_S:-150}" torchrun --standalone --nproc_per_node 2 benchmarks/moe.py $MOE2_FLAGS \
-        --skip-hf --layers auto --master-weights bf16 --routing balanced --steps 10 --json "$OUT/moe10.json" ;;
+        --skip-hf --layers "${MOE10_LAYERS:-auto}" --master-weights bf16 --routing balanced --steps 10 \
+        --json "$OUT/moe10.json" ;;
     moe48)  # issue 19: full depth fits only with bf16_plain (docs/benchmarks.md), balanced routing, 10 steps
       TAIL=6 stage moe48 "${MOE48_S:-170}" torchrun --standalone --nproc_per_node 2 benchmarks/moe.py $MOE2_FLAGS \
         --skip-hf --layers 48 --master-weights bf16_plain --routing balanced --steps 10 --json "$OUT/moe48.json" ;;
