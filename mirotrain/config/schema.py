@@ -97,7 +97,12 @@ class RunConfig:
                               "(bf16, updates rounded to nearest as MiroTrain did: 8). bf16 modes need dtype: bf16.",
                               choices=MASTER_WEIGHTS)
     seed: int | None = key((int, type(None)), None, "Random seed; null draws one, logs it and stores it for resume.", low=0)
-    cudnn_deterministic_mode: bool = key((bool,), False, "torch.backends.cudnn.deterministic and deterministic algorithms.")
+    cudnn_deterministic_mode: bool = key((bool,), False, "Deterministic mode: the same config, seed, world size and "
+                                         "hardware give bitwise-equal losses and weights, also across a kill and "
+                                         "auto-resume. Deterministic algorithms (an op without one raises), cuBLAS "
+                                         "workspace, cuDNN, Inductor and NCCL pinned, flash instead of cuDNN "
+                                         "attention, the loss uncompiled (mirotrain/training/determinism.py); "
+                                         "slower steps (docs/training.md, 'Deterministic mode').")
 
     def check(self) -> list[ConfigError]:
         if self.master_weights != "fp32" and self.dtype != "bf16":

@@ -12,7 +12,8 @@ a packed row's documents are delimited by ``cu_seqlens``. Backends:
 ``auto`` picks flash > varlen > sdpa for packed rows on CUDA and sdpa otherwise. A row that holds a
 single document (``max_seqlen`` equals the row length, known on the host without a sync) needs no
 document mask, so on CUDA it goes to dense causal SDPA with cuDNN attention first: on Hopper that kernel
-is ~1.8× FlashAttention-2 (docs/perf-notes.md).
+is ~1.8× FlashAttention-2 (docs/perf-notes.md), except under deterministic algorithms
+(``cudnn_deterministic_mode``), where flash attention's deterministic backward is used instead.
 """
 
 from __future__ import annotations
@@ -78,11 +79,20 @@ def document_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return (doc[:, None] == doc[None, :]) & causal
 
 
+def single_document_kernel(dtype: torch.dtype, head_dim: int) -> str:
+    """The kernel of a CUDA row holding one causal document: ``cudnn`` for the Qwen3 shapes (bf16/fp16, head_dim
+    64 or 128), else ``sdpa`` (SDPA's own choice). Under deterministic algorithms always ``sdpa``: SDPA then
+    skips cuDNN attention, whose backward has no deterministic mode, and runs flash attention with its
+    deterministic backward (mirotrain/training/determinism.py)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "sdpa"
+    return "cudnn" if dtype in (torch.bfloat16, torch.float16) and head_dim in (64, 128) else "sdpa"
+
+
 def _dense_causal_cuda(q, k, v, scale):
-    """One causal document per row on CUDA: cuDNN attention for the Qwen3 shapes (bf16/fp16, head_dim 64 or
-    128), else SDPA's own choice. The cuDNN op is called directly rather than through ``sdpa_kernel``, a
-    context manager torch.compile does not trace."""
-    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in (64, 128):
+    """One causal document per row on CUDA, with :func:`single_document_kernel`'s kernel. The cuDNN op is called
+    directly rather than through ``sdpa_kernel``, a context manager torch.compile does not trace."""
+    if single_document_kernel(q.dtype, q.shape[-1]) == "sdpa":
         return _sdpa(q, k, v, None, scale)
     if q.shape[2] != k.shape[2]:  # cuDNN attention takes no GQA: expand kv heads (transient, one layer)
         rep = q.shape[2] // k.shape[2]
@@ -124,8 +134,10 @@ def _varlen(q, k, v, cu_seqlens, max_seqlen, scale):
 def _flash(q, k, v, cu_seqlens, max_seqlen, scale):
     from flash_attn import flash_attn_varlen_func
 
+    # flash-attn's own deterministic backward (flash-attn >= 2.4.1) under deterministic algorithms
+    extra = {"deterministic": True} if torch.are_deterministic_algorithms_enabled() else {}
     out = flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                 softmax_scale=scale, causal=True)
+                                 softmax_scale=scale, causal=True, **extra)
     return out.unsqueeze(0)
 
 

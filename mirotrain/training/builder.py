@@ -31,6 +31,7 @@ from mirotrain.models.hf_writer import make_public_dirs
 from mirotrain.training.builders import (ModelSpec, build_loader, build_lr_scheduler, build_model, build_optimizer,
                                          build_tokenizer, tokenizer_dir)
 from mirotrain.training.checkpointing import ResumePoint, RunRecord
+from mirotrain.training.determinism import enable_deterministic_mode
 from mirotrain.training.distributed import broadcast_object, init_distributed
 from mirotrain.training.export import HFExport
 from mirotrain.training.forward import BatchPlacement
@@ -110,8 +111,12 @@ def start_run(cfg: TrainConfig, *, tokenizer: bool) -> RunEnv:
     ``tokenizer``: build the tokenizer (the loaders are built from the config)."""
     from mirotrain.parallel.mesh import ParallelDims
 
+    # before the process group and the first matmul: NCCL and cuBLAS read their settings when they start
+    deterministic = enable_deterministic_mode() if cfg.run.cudnn_deterministic_mode else None
     info = init_distributed(cfg.run.device)
     setup_logging(info.rank, cfg.metrics.log_level)
+    if deterministic:
+        log.info(deterministic)
     output_dir = Path(cfg.run.output_dir)
     make_public_dirs(output_dir)  # 0755: the HF exports inside must be reachable by other users
     run_lock = RunLock.acquire(output_dir, info.rank, info.world_size)
@@ -122,9 +127,6 @@ def start_run(cfg: TrainConfig, *, tokenizer: bool) -> RunEnv:
     checkpointer, resume = _resume_point(cfg, output_dir, info.device)
     seed = _resolve_seed(cfg.run.seed, resume, info.rank)
     seed_everything(seed)
-    if cfg.run.cudnn_deterministic_mode:
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
     tok = build_tokenizer(cfg.tokenizer.component) if tokenizer else None
     hf_checkpointer = instantiate(cfg.checkpoint.checkpointer) if cfg.checkpoint.checkpointer else None
     place = BatchPlacement(info.device, layout.sp_rank, layout.sp_size, pad_id=getattr(tok, "pad_id", 0))

@@ -49,6 +49,11 @@ class ModelSpec:
         m = cfg.model
         plan = _memory_plan(cfg, device, world_size)
         compile_model, compile_loss = _compile_flags(m.compile, device)
+        if compile_loss and cfg.run.cudnn_deterministic_mode:
+            # The loss kernel is compiled with dynamic shapes, whose launch configuration (and with it the order
+            # of the vocabulary sums) follows the first chunk length it saw: a resumed run sees another one
+            # first. Eager kernels choose from each call's own shape (mirotrain/training/determinism.py).
+            compile_loss = False
         return cls(component=dict(m.component), attention_backend=m.attention_backend, ac_mode=plan.ac_mode,
                    ac_option=plan.ac_option, compile_model=compile_model, compile_loss=compile_loss,
                    dtype_name=cfg.run.dtype, master_weights=cfg.run.master_weights,

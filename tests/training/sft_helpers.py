@@ -122,5 +122,19 @@ def read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_same_training(want_dir: Path, got_dir: Path, steps: int, exports: tuple[str, ...] = ("final",)) -> None:
+    """Two runs' outputs bit for bit: each of ``steps`` steps' loss, grad norm and LR, and the named HF exports."""
+    want, got = read_metrics(want_dir), read_metrics(got_dir)
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        for key in ("loss", "grad_norm", "lr"):
+            assert got[step][key] == want[step][key], (step, key, got[step][key], want[step][key])
+    for name in exports:
+        a, b = read_weights(Path(want_dir) / "hf" / name), read_weights(Path(got_dir) / "hf" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+
+
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
