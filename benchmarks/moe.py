@@ -206,7 +206,8 @@ def run_ours(ns, shape: dict, layers: int, backend: str, device: torch.device) -
         torch.cuda.empty_cache()
     return dict(system="mirotrain", gpus=world, ep=ep, layers=layers, seq=ns.seq, experts=backend,
                 routing=ns.routing, master_weights=ns.master_weights, step_s=step_s, tok_s_gpu=ns.seq / step_s,
-                peak_gib=peak, reserved_gib=reserved, loss=loss_value, max_over_mean_load=load["moe/max_over_mean_load"],
+                peak_gib=peak, reserved_gib=reserved, loss=loss_value,
+                max_over_mean_load=load["moe/max_over_mean_load"],
                 estimated_gib=estimated_peak_bytes(layers, world, ep, ns.seq, ns.master_weights) / 2**30
                 if device.type == "cuda" else 0.0)
 

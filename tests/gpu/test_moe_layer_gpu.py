@@ -15,7 +15,6 @@ expert than the reference; that shows in the maximum error of a few tokens, not 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 TOKENS = 4096
@@ -75,7 +74,8 @@ def test_30b_a3b_layer_bf16_matches_transformers(cuda, tmp_path):
     our_out, our_grad = _our_layer_run(ours, x, grad_out)
 
     print(f"\n30B-A3B layer, {TOKENS} tokens, bf16 (max-abs, rel-L2):")
-    for what, ours_t, hf_t, ref_t in (("output", our_out, hf_out, ref_out), ("input grad", our_grad, hf_grad, ref_grad)):
+    cases = (("output", our_out, hf_out, ref_out), ("input grad", our_grad, hf_grad, ref_grad))
+    for what, ours_t, hf_t, ref_t in cases:
         ours_err, hf_err = _errors(ours_t, ref_t), _errors(hf_t, ref_t)
         direct = _errors(ours_t, hf_t.double())
         print(f"  {what}: ours vs float64 {ours_err[0]:.3e}, {ours_err[1]:.3e} | transformers vs float64 "
