@@ -34,6 +34,7 @@ keeps the reserved bytes close to the allocated ones. Left out: compiled-kernel 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
@@ -215,14 +216,20 @@ def settled_plan(cfg: TrainConfig, gpu_known: bool) -> MemoryPlan | None:
 def memory_plan(model: torch.nn.Module, cfg: TrainConfig, world_size: int, gpu_bytes: int | None) -> MemoryPlan:
     """The activation plan a run uses on GPUs of ``gpu_bytes`` (None: unknown, as on CPU), deciding the ``auto``
     settings from the estimate against ``MEMORY_WARN_FRACTION`` of the GPU (``settled_plan`` gives the plans
-    that need no estimate), in this order:
+    that need no estimate):
 
-    * ``ac_mode: auto``: the most leading layers that can keep their activations (no recompute) with the others
-      recomputed in full and the MLP untiled (or tiled as set); a GPU with room recomputes less. Full AC where
-      none can, no AC where all can.
-    * ``mlp_tiles: auto``: the fewest of ``MLP_TILE_CHOICES`` whose estimate is under the line; when none is,
-      the fewest with the lowest estimate (the peak may be a moment tiling does not touch, like the loss).
-      Tiling costs an extra MLP forward, so a GPU with room does not tile. 1 for a model with no dense MLP (MoE).
+    * ``mlp_tiles: auto``: the tile counts tried are ``MLP_TILE_CHOICES`` (1 alone for a model with no dense
+      MLP, MoE); a set count is the only one tried.
+    * ``ac_mode`` set (not ``auto``): the fewest tiles whose estimate is under the line; when none is, the
+      fewest with the lowest estimate (the peak may be a moment tiling does not touch, like the loss).
+    * ``ac_mode: auto``: for each tile count, the most leading layers K that can keep their activations (no
+      recompute) with the others recomputed in full (``_most_layers_kept``; K = 0 is full AC, K = every layer
+      no AC). Of the plans that fit, the one that recomputes least (``_recompute_cost``): the n - K recomputed
+      layers, plus, with tiles, one more MLP forward in each of the n layers. So among tile counts the most
+      layers kept wins (on a tie, the fewest tiles), and tiling wins over the untiled plan only where it spares
+      more layers than its extra MLP forwards cost: a GPU with room does not tile, one that must tile keeps as
+      many layers as its tiles let it. Where nothing fits even with full AC: full AC with the tiles of the
+      lowest estimate.
     """
     settled = settled_plan(cfg, gpu_bytes is not None)
     if settled is not None:
@@ -232,9 +239,7 @@ def memory_plan(model: torch.nn.Module, cfg: TrainConfig, world_size: int, gpu_b
     tiles = cfg.model.mlp_tiles
     choices = (1,) if model.args.is_moe else MLP_TILE_CHOICES if tiles == "auto" else (int(tiles),)
     if mode == "auto":
-        kept = _most_layers_kept(model, cfg, world_size, 1 if tiles == "auto" else int(tiles), limit)
-        n = model.args.n_layers
-        mode, option = ("full", None) if kept == 0 else ("none", None) if kept == n else ("auto", kept)
+        return _most_layers_plan(model, cfg, world_size, choices, limit)
     return MemoryPlan(mode, option, _fewest_tiles(model, cfg, world_size, MemoryPlan(mode, option, 1), choices,
                                                   limit))
 
@@ -250,9 +255,42 @@ def _fewest_tiles(model: torch.nn.Module, cfg: TrainConfig, world_size: int, pla
     return fitting[0] if fitting else min(peaks, key=lambda t: (peaks[t], t))
 
 
+def _most_layers_plan(model: torch.nn.Module, cfg: TrainConfig, world_size: int, choices: tuple[int, ...],
+                      limit: float) -> MemoryPlan:
+    """``ac_mode: auto`` with the tile counts ``choices``, by the rule in ``memory_plan``'s docstring."""
+    n = model.args.n_layers
+
+    def keeping(kept: int, tiles: int) -> MemoryPlan:
+        mode, option = ("full", None) if kept == 0 else ("none", None) if kept == n else ("auto", kept)
+        return MemoryPlan(mode, option, tiles)
+
+    plans = [keeping(_most_layers_kept(model, cfg, world_size, tiles, limit), tiles) for tiles in choices]
+    fitting = [p for p in plans if _peak_bytes(model, cfg, world_size, p) <= limit]
+    if fitting:
+        return min(fitting, key=lambda p: (_recompute_cost(model.args, p), p.mlp_tiles))
+    full = keeping(0, 1)
+    return replace(full, mlp_tiles=_fewest_tiles(model, cfg, world_size, full, choices, limit))
+
+
+def _recompute_cost(args: Any, plan: MemoryPlan) -> float:
+    """What ``plan`` adds to a step's forward, in decoder-layer forwards: each recomputed layer one, and with
+    tiles each layer's MLP once more, at ``_mlp_share`` of a layer."""
+    n = args.n_layers
+    return n - plan.layers_kept(n) + (n * _mlp_share(args) if plan.mlp_tiles > 1 else 0.0)
+
+
+def _mlp_share(args: Any) -> float:
+    """The dense MLP's part of a decoder layer's forward, by matmul FLOPs per token: its three projections
+    (3·D·F) against those plus attention's four (D·head_dim·(2·heads + 2·kv_heads)); 0.78 for Qwen3-8B. The
+    attention scores, which grow with the document length, are left out: that overstates the share, so tiling
+    is chosen for speed only where it clearly spares more recompute than it adds."""
+    mlp = 3 * args.dim * args.hidden_dim
+    return mlp / (mlp + args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads))
+
+
 def _most_layers_kept(model: torch.nn.Module, cfg: TrainConfig, world_size: int, tiles: int, limit: float) -> int:
-    """The largest K whose plan ``("auto", K)`` is estimated under ``limit`` (0 when none is); the estimate
-    grows with K, so a binary search."""
+    """The largest K whose plan ``("auto", K)`` with ``tiles`` is estimated under ``limit`` (0 when none is);
+    the estimate grows with K, so a binary search."""
     low, high = 0, model.args.n_layers
     while low < high:
         mid = (low + high + 1) // 2

@@ -246,6 +246,49 @@ def test_ac_mode_auto_keeps_as_many_layers_as_the_gpu_holds(model):
     assert short.ac_mode == "full" and short.mlp_tiles > 1
 
 
+SFT_14B_40K = ["ac_mode=auto", "master_weights=bf16", "ulysses_sequence_parallel_size=1", "dataset.packed_seq_len=40960",
+               "loss_chunk_tokens=1024"]
+
+
+def test_ac_mode_auto_and_mlp_tiles_auto_are_chosen_together(capsys):
+    """Qwen3-14B at 40K tokens per GPU on 8 cards of 52.25 GiB: untiled, not even full AC fits. Choosing the kept
+    layers first (untiled: none) and the tiles after gave full AC with 2 tiles; chosen together, 4 tiles let 2
+    layers keep their activations, no tile count lets 3, and 2 kept layers recompute less than 1 (2 tiles)."""
+    from mirotrain.commands.estimate import GIB, MemoryPlan
+
+    config = CONFIG_ROOT / "qwen3" / "14B_full_sft.yaml"
+    assert validate(["--config", str(config), "--world-size", "8", "--no-file-check", *SFT_14B_40K,
+                     "--gpu-memory-gib", "52.25"]) == 0
+    out = capsys.readouterr().out
+    assert "plan:        ac_mode: auto: 2 of 40 layers keep their activations (not recomputed)" in out
+    assert "plan:        mlp_tiles: auto: each MLP runs in 4 tiles" in out
+    with torch.device("meta"):
+        model = instantiate(load_config(str(config), [])["model"])
+    cfg, limit = _cfg(config, *SFT_14B_40K), 0.9 * int(52.25 * GIB)
+
+    def fits(plan: MemoryPlan) -> bool:
+        return max(t.total for t in step_terms(model, cfg, 8, plan).values()) <= limit
+
+    assert not fits(MemoryPlan("full", None, 1)) and fits(MemoryPlan("full", None, 2))
+    assert fits(MemoryPlan("auto", 1, 2)) and not fits(MemoryPlan("auto", 2, 2)) and fits(MemoryPlan("auto", 2, 4))
+    assert not any(fits(MemoryPlan("auto", 3, t)) for t in (2, 4, 8, 16))
+
+
+def test_a_card_where_the_untiled_plan_fits_tiles_only_to_spare_most_recompute(model):
+    """Qwen3-8B at 16K tokens per GPU on 2 cards of 79.2 GiB: untiled, 13 layers keep their activations; tiled,
+    all 36 would. Tiling costs one more MLP forward in each of the 36 layers (0.78 of a layer's forward
+    matmuls), 28 layer forwards, more than the 23 recomputes it spares: untiled. At 40K tokens, 3 untiled vs
+    10 tiled: untiled. Where the untiled plan does not fit, tiles are taken as above."""
+    from mirotrain.commands.estimate import GIB, MemoryPlan, memory_plan
+
+    cfg = _cfg(SFT_8B, "ac_mode=auto", "master_weights=bf16", "loss_chunk_tokens=2048")
+    assert memory_plan(model, cfg, 2, int(79.2 * GIB)) == MemoryPlan("auto", 13, 1)
+    assert max(t.total for t in step_terms(model, cfg, 2, MemoryPlan("none", None, 2)).values()) <= 0.9 * 79.2 * GIB
+    cfg = _cfg(SFT_8B, "ac_mode=auto", "master_weights=bf16", "dataset.packed_seq_len=40960", "loss_chunk_tokens=1024")
+    assert memory_plan(model, cfg, 2, int(79.2 * GIB)) == MemoryPlan("auto", 3, 1)
+    assert max(t.total for t in step_terms(model, cfg, 2, MemoryPlan("auto", 10, 2)).values()) <= 0.9 * 79.2 * GIB
+
+
 def test_validate_prints_the_auto_plan(capsys):
     assert validate(["--config", str(SFT_8B), "--world-size", "2", "--no-file-check", "ac_mode=auto",
                      "master_weights=bf16", "--gpu-memory-gib", "79.2"]) == 0
