@@ -33,7 +33,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-import mirotrain
 from tasks._launch_spec import node_launch
 from tasks._rendezvous import engine_command, resolve_rendezvous
 from tasks._retry import retry_unless_permanent
@@ -141,6 +140,21 @@ def _read_summary(output_dir: str) -> dict[str, Any]:
         return {}
 
 
+def engine_root() -> str:
+    """The directory this process imports the engine package from, first on the children's PYTHONPATH: there
+    the package is a regular one, which Python's path search takes over any namespace folder of the same name,
+    so the children run this engine from any working directory.
+
+    It is read from a module of the package, not from ``mirotrain.__file__``: with the editable install
+    (``pip install -e .``) the package is found by an import hook that runs after the path search, so where
+    the working directory (first on ``sys.path`` under ``python -m``) holds a folder named ``mirotrain/`` --
+    ``/tmp`` does once a shipped config has written its ``output_dir`` under ``/tmp/mirotrain`` -- the package
+    itself is that empty namespace folder (``__file__`` None) while its modules still come from the install."""
+    from mirotrain import cli
+
+    return str(Path(cli.__file__).resolve().parents[1])
+
+
 def run_engine(args: list[str], *, nproc_per_node: int | None, nnodes: int | None, node_rank: int | None,
                master_addr: str | None, master_port: int | None, launcher: str, timeout_s: float | None,
                env: dict[str, str] | None, on_line: Any = None, rdzv_timeout_s: float | None = None) -> None:
@@ -153,8 +167,7 @@ def run_engine(args: list[str], *, nproc_per_node: int | None, nnodes: int | Non
     # Node 0 of a multi-node job publishes the launch to the other nodes' agents (tasks/_launch_spec.py).
     launch = node_launch(args, rdzv, launcher=launcher, timeout_s=timeout_s, env=env)
     # The children import the same engine as this process, whatever their working directory.
-    engine_root = str(Path(mirotrain.__file__).resolve().parents[1])
-    env = {**(env or {}), "PYTHONPATH": os.pathsep.join(p for p in (engine_root, os.environ.get("PYTHONPATH")) if p)}
+    env = {**(env or {}), "PYTHONPATH": os.pathsep.join(p for p in (engine_root(), os.environ.get("PYTHONPATH")) if p)}
     with launch:
         run_streaming(cmd, env=env, log=logger.info, on_line=on_line, timeout_s=timeout_s,
                       on_start=lambda pid: logger.info(f"engine process group {pid}"))
