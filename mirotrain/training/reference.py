@@ -197,6 +197,11 @@ class ReferenceStage:
         init_device = spec.init_device(self.layout.device)
         extra = {"seed": self.seed, "init_device": init_device_signature(init_device)} if model_dir is None else {}
         extra["model"] = dict(spec.component)
+        # Like dtype and the attention backend, the MLP's tiles change the numbers in their last bits (each tile's
+        # partial sum is rounded before the fp32 sum: mirotrain/modules/tiled_mlp.py), so a tiled run does not
+        # reuse an untiled cache nor the reverse; an untiled run keeps the key it had before (its caches stay valid).
+        if spec.mlp_tiles > 1:
+            extra["mlp_tiles"] = spec.mlp_tiles
         return reference_cache_key(model_dir, manifest, dtype=spec.dtype_name, attention_backend=spec.attention_backend,
                                    extra=extra)
 
