@@ -76,7 +76,8 @@ SHIPPED_CONFIG = ROOT / "mirotrain" / "configs" / "qwen3_moe" / "30B_A3B_full_sf
 
 def dispatch_copy_bytes(shape: dict, tokens: int, compute_bytes: int = 2) -> int:
     """What validate's estimate leaves out of an MoE layer (docs/moe.md, "What validate's estimate leaves out
-    for MoE"): per token (3kD + kF) saved for backward, kD of their gradients and 2kD of EP all-to-all buffers."""
+    for MoE"): per token (3kD + kF) saved for backward, kD of their gradients and 2kD of EP all-to-all buffers.
+    An upper bound by kD: the dispatch's reorderings no longer keep the expert outputs (modules/moe/permute.py)."""
     k, d, f = shape["top_k"], shape["dim"], shape["moe_hidden"]
     return (6 * k * d + k * f) * compute_bytes * tokens
 

@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from mirotrain.modules.moe import GroupedExperts, MoE
+from mirotrain.modules.moe.permute import inverse_permutation, permute_rows
 
 
 def check_expert_parallel(num_experts: int, world_size: int, ep: int) -> None:
@@ -85,9 +86,10 @@ class AllToAllDispatcher:
         # 2. rows to their experts' owners, regrouped by local expert
         received = all_to_all(x, out_splits, in_splits, self.group)  # [(source, expert) chunks]
         order = _source_major_to_expert_major(recv_counts, sum(out_splits))
-        y = experts(received[order], recv_counts.sum(0))
+        inverse = inverse_permutation(order)
+        y = experts(permute_rows(received, order, inverse), recv_counts.sum(0))
         # 3. back to (source, expert) order and home
-        y = torch.empty_like(y).index_copy(0, order, y)
+        y = permute_rows(y, inverse, order)
         return all_to_all(y, in_splits, out_splits, self.group)
 
 

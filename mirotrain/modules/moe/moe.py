@@ -5,7 +5,8 @@
 
 computed as: sort the N*k (token, slot) copies by expert, run every expert on its contiguous rows
 (grouped GEMM), put the rows back in (token, slot) order and take the w-weighted sum over the k slots.
-No capacity factor, no dropped tokens.
+No capacity factor, no dropped tokens. The two reorderings save only their indices and their backward
+is a gather (``permute.py``).
 
 The middle step goes through ``self.dispatcher``. On one device it calls the experts directly;
 expert parallelism (mirotrain.parallel.expert_parallel) swaps in an all-to-all dispatcher that ships the
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from mirotrain.modules.moe.experts import GroupedExperts
+from mirotrain.modules.moe.permute import expand_rows, inverse_permutation, permute_rows
 from mirotrain.modules.moe.router import TopKRouter
 
 
@@ -52,10 +54,11 @@ class MoE(nn.Module):
         weights, experts = self.router(x, self.token_mask)  # [N, k]
         flat = experts.reshape(-1)  # [N*k], slot s = t*k + j
         order = torch.argsort(flat, stable=True)  # slots grouped by expert
+        inverse = inverse_permutation(order)
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat))
-        y_sorted = self.dispatcher(x[order // k], counts, self.experts)  # [N*k, D]
-        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # back to slot order
+        y_sorted = self.dispatcher(expand_rows(x, order, inverse, k), counts, self.experts)  # [N*k, D]
+        y = permute_rows(y_sorted, inverse, order)  # back to slot order: y[order[i]] = y_sorted[i]
         # weighted sum over the k slots as one batched matmul (fp32 accumulation, deterministic)
         out = torch.bmm(weights.to(y.dtype).unsqueeze(1), y.view(n, k, -1)).squeeze(1)
         return out.reshape(shape)
