@@ -17,7 +17,8 @@ What runs (one `torchrun`, every rank one GPU, one row of --seq random tokens pe
 --routing random (default) keeps the routers' own choices (random weights: very uneven); balanced forces
 every expert to the same load in both systems alike (benchmarks/moe_routing.py: the gate's logits become a
 round-robin pattern, Megatron's forced load balancing). Each row reports its busiest expert's load over the
-mean ("load max/mean", the worst layer; 1.00 = balanced).
+mean ("load max/mean", the worst layer; 1.00 = balanced) and, for ours, the busiest EP rank's rows over the
+mean over the EP ranks ("rank max/mean": with EP the step waits for that rank).
 Reported per row: tokens/s/GPU, MFU over *active* parameters (Megatron-style causal FLOPs, the baseline's
 formula: 6 * active matmul params + 6 * L * H * hd * S per token; LM head counted, embedding not) against
 the measured bf16 matmul peak and against 989 TFLOP/s, the equivalent tokens/s/GPU of the 48-layer model
@@ -198,6 +199,7 @@ def run_ours(ns, shape: dict, layers: int, backend: str, device: torch.device) -
     dist.all_reduce(ce)  # the mean token loss over all ranks (each rank's loss_sum is its share)
     loss_value = ce.item()
     load = model.expert_load_stats(dist.group.WORLD)
+    rank_load = busiest_rank_load(model, ep)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else 0.0
     step_s = statistics.median(times)
@@ -208,9 +210,19 @@ def run_ours(ns, shape: dict, layers: int, backend: str, device: torch.device) -
     return dict(system="mirotrain", gpus=world, ep=ep, layers=layers, seq=ns.seq, experts=backend,
                 routing=ns.routing, master_weights=ns.master_weights, step_s=step_s, tok_s_gpu=ns.seq / step_s,
                 peak_gib=peak, reserved_gib=reserved, loss=loss_value,
-                max_over_mean_load=load["moe/max_over_mean_load"],
+                max_over_mean_load=load["moe/max_over_mean_load"], rank_max_over_mean=rank_load,
                 estimated_gib=estimated_peak_bytes(layers, world, ep, ns.seq, ns.master_weights) / 2**30
                 if device.type == "cuda" else 0.0)
+
+
+def busiest_rank_load(model, ep: int) -> float:
+    """The worst layer's busiest EP rank: the rows its experts received in the last forward over the mean over
+    the EP ranks (a collective). The step waits for that rank; 1.00 = every rank computes the same rows."""
+    from mirotrain.modules.moe import expert_load
+
+    load = expert_load([moe.router.stats for moe in model.moe_layers()], dist.group.WORLD)  # [L, E]
+    per_rank = load.view(load.shape[0], ep, -1).sum(-1)  # [L, EP]: owner i holds experts [i*E/EP, (i+1)*E/EP)
+    return float((per_rank.max(dim=1).values / per_rank.mean(dim=1).clamp_min(1e-9)).max())
 
 
 def build_optimizer(model, master_weights: str, fused: bool) -> torch.optim.Optimizer:
@@ -298,8 +310,9 @@ def add_mfu(row: dict, shape: dict, peak_tflops: float) -> dict:
 
 
 def format_table(rows: list[dict], peak_tflops: float) -> str:
-    head = ("system", "GPUs", "EP", "layers", "seq", "experts", "routing", "load max/mean", "weights", "tok/s/GPU",
-            "TFLOP/s", "MFU(meas)", "MFU(989)", "tok/s/GPU@48L", "peak GiB", "est. GiB", "step s")
+    head = ("system", "GPUs", "EP", "layers", "seq", "experts", "routing", "load max/mean", "rank max/mean",
+            "weights", "tok/s/GPU", "TFLOP/s", "MFU(meas)", "MFU(989)", "tok/s/GPU@48L", "peak GiB", "est. GiB",
+            "step s")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         if "error" in r:
@@ -307,7 +320,8 @@ def format_table(rows: list[dict], peak_tflops: float) -> str:
             continue
         lines.append(" | ".join(str(v) for v in (
             r["system"], r["gpus"], r["ep"], r["layers"], r["seq"], r["experts"], r["routing"],
-            f"{r['max_over_mean_load']:.2f}", r["master_weights"], f"{r['tok_s_gpu']:.0f}",
+            f"{r['max_over_mean_load']:.2f}", f"{r['rank_max_over_mean']:.2f}" if "rank_max_over_mean" in r else "-",
+            r["master_weights"], f"{r['tok_s_gpu']:.0f}",
             f"{r['tflops']:.1f}", f"{100 * r['mfu_measured']:.1f}%", f"{100 * r['mfu_nominal']:.1f}%",
             f"{r['tok_s_gpu_48l']:.0f}", f"{r['peak_gib']:.1f}", f"{r.get('estimated_gib', 0.0):.1f}",
             f"{r['step_s']:.3f}")))
