@@ -250,43 +250,58 @@ SFT_14B_40K = ["ac_mode=auto", "master_weights=bf16", "ulysses_sequence_parallel
                "loss_chunk_tokens=1024"]
 
 
-def test_ac_mode_auto_and_mlp_tiles_auto_are_chosen_together(capsys):
-    """Qwen3-14B at 40K tokens per GPU on 8 cards of 52.25 GiB: untiled, not even full AC fits. Choosing the kept
-    layers first (untiled: none) and the tiles after gave full AC with 2 tiles; chosen together, 4 tiles let 2
-    layers keep their activations, no tile count lets 3, and 2 kept layers recompute less than 1 (2 tiles)."""
-    from mirotrain.commands.estimate import GIB, MemoryPlan
+def _fits(model: torch.nn.Module, cfg: TrainConfig, world: int, gib: float):
+    """Whether a plan's estimate is under 90% of a ``gib`` card."""
+    from mirotrain.commands.estimate import GIB
 
-    config = CONFIG_ROOT / "qwen3" / "14B_full_sft.yaml"
-    assert validate(["--config", str(config), "--world-size", "8", "--no-file-check", *SFT_14B_40K,
-                     "--gpu-memory-gib", "52.25"]) == 0
-    out = capsys.readouterr().out
-    assert "plan:        ac_mode: auto: 2 of 40 layers keep their activations (not recomputed)" in out
-    assert "plan:        mlp_tiles: auto: each MLP runs in 4 tiles" in out
+    return lambda plan: max(t.total for t in step_terms(model, cfg, world, plan).values()) <= 0.9 * int(gib * GIB)
+
+
+def _most_kept(fits, n: int, tiles: int) -> int:
+    from mirotrain.commands.estimate import MemoryPlan
+
+    return max([k for k in range(n + 1) if fits(MemoryPlan("auto", k, tiles))], default=0)
+
+
+def test_ac_mode_auto_and_mlp_tiles_auto_are_chosen_together(capsys):
+    """Qwen3-14B at 40K tokens per GPU on 8 cards just too small for the untiled MLP even with full AC. Choosing
+    the kept layers first (untiled: none) and the tiles after gave full AC with the fewest tiles that fit;
+    chosen together, the tiles let leading layers keep their activations too: the most any tile count allows,
+    with the fewest tiles that allow it."""
+    from mirotrain.commands.estimate import GIB, MLP_TILE_CHOICES, MemoryPlan
+
+    config, world = CONFIG_ROOT / "qwen3" / "14B_full_sft.yaml", 8
     with torch.device("meta"):
         model = instantiate(load_config(str(config), [])["model"])
-    cfg, limit = _cfg(config, *SFT_14B_40K), 0.9 * int(52.25 * GIB)
+    cfg, n = _cfg(config, *SFT_14B_40K), model.args.n_layers
+    untiled_full = max(t.total for t in step_terms(model, cfg, world, MemoryPlan("full", None, 1)).values())
+    gib = int((untiled_full - 1) / 0.9 / GIB * 4) / 4  # the largest quarter GiB it does not fit on
+    fits = _fits(model, cfg, world, gib)
+    assert not fits(MemoryPlan("full", None, 1))
+    old_tiles = next(t for t in MLP_TILE_CHOICES if fits(MemoryPlan("full", None, t)))  # the old choice fits
+    kept = {t: _most_kept(fits, n, t) for t in MLP_TILE_CHOICES[1:]}
+    most = max(kept.values())
+    tiles = next(t for t in MLP_TILE_CHOICES[1:] if kept[t] == most)
+    assert old_tiles > 1 and most >= 1
+    assert validate(["--config", str(config), "--world-size", str(world), "--no-file-check", *SFT_14B_40K,
+                     "--gpu-memory-gib", str(gib)]) == 0
+    out = capsys.readouterr().out
+    assert f"plan:        ac_mode: auto: {most} of {n} layers keep their activations (not recomputed)" in out
+    assert f"plan:        mlp_tiles: auto: each MLP runs in {tiles} tiles" in out
 
-    def fits(plan: MemoryPlan) -> bool:
-        return max(t.total for t in step_terms(model, cfg, 8, plan).values()) <= limit
 
-    assert not fits(MemoryPlan("full", None, 1)) and fits(MemoryPlan("full", None, 2))
-    assert fits(MemoryPlan("auto", 1, 2)) and not fits(MemoryPlan("auto", 2, 2)) and fits(MemoryPlan("auto", 2, 4))
-    assert not any(fits(MemoryPlan("auto", 3, t)) for t in (2, 4, 8, 16))
-
-
-def test_a_card_where_the_untiled_plan_fits_tiles_only_to_spare_most_recompute(model):
-    """Qwen3-8B at 16K tokens per GPU on 2 cards of 79.2 GiB: untiled, 13 layers keep their activations; tiled,
-    all 36 would. Tiling costs one more MLP forward in each of the 36 layers (0.78 of a layer's forward
-    matmuls), 28 layer forwards, more than the 23 recomputes it spares: untiled. At 40K tokens, 3 untiled vs
-    10 tiled: untiled. Where the untiled plan does not fit, tiles are taken as above."""
+def test_a_card_where_the_untiled_plan_fits_does_not_tile_to_keep_a_few_more_layers(model):
+    """Qwen3-8B at 40K tokens per GPU on 2 cards of 79.2 GiB: tiles would let more layers keep their activations
+    than the untiled plan does, but cost one more MLP forward in each of the 36 layers (0.78 of a layer's
+    forward matmuls: 28 layer forwards), more than the recomputes they spare: untiled."""
     from mirotrain.commands.estimate import GIB, MemoryPlan, memory_plan
 
-    cfg = _cfg(SFT_8B, "ac_mode=auto", "master_weights=bf16", "loss_chunk_tokens=2048")
-    assert memory_plan(model, cfg, 2, int(79.2 * GIB)) == MemoryPlan("auto", 13, 1)
-    assert max(t.total for t in step_terms(model, cfg, 2, MemoryPlan("none", None, 2)).values()) <= 0.9 * 79.2 * GIB
-    cfg = _cfg(SFT_8B, "ac_mode=auto", "master_weights=bf16", "dataset.packed_seq_len=40960", "loss_chunk_tokens=1024")
-    assert memory_plan(model, cfg, 2, int(79.2 * GIB)) == MemoryPlan("auto", 3, 1)
-    assert max(t.total for t in step_terms(model, cfg, 2, MemoryPlan("auto", 10, 2)).values()) <= 0.9 * 79.2 * GIB
+    cfg, n = _cfg(SFT_8B, "ac_mode=auto", "master_weights=bf16", "dataset.packed_seq_len=40960",
+                  "loss_chunk_tokens=1024"), model.args.n_layers
+    fits = _fits(model, cfg, 2, 79.2)
+    untiled, tiled = _most_kept(fits, n, 1), _most_kept(fits, n, 2)
+    assert untiled < tiled < untiled + 0.78 * n and fits(MemoryPlan("auto", untiled, 1))
+    assert memory_plan(model, cfg, 2, int(79.2 * GIB)) == MemoryPlan("auto", untiled, 1)
 
 
 def test_validate_prints_the_auto_plan(capsys):
