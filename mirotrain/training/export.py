@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mirotrain.checkpoint.layout import EPOCH_NAME
 from mirotrain.models.hf_writer import make_public_dirs
 
 log = logging.getLogger("mirotrain.train")
 
-_EPOCH_NAME = re.compile(r"^epoch_(\d+)$")
 # in every output_dir/epoch_{N}/ this trainer links: only those are ever replaced
 EXPORT_MARK = ".mirotrain-export"
 
@@ -61,7 +60,7 @@ class HFExport:
         """The epoch whose end export ``name`` is: ``epoch_{k}`` -> k, ``final`` -> the last epoch."""
         if name == "final":
             return self.epochs - 1
-        match = _EPOCH_NAME.match(name)
+        match = EPOCH_NAME.match(name)
         if match is None:
             raise ValueError(f"HF export name {name!r}: expected 'final' or 'epoch_<k>'")
         return int(match.group(1))

@@ -25,7 +25,7 @@ from sft_helpers import assert_ok, run_sft, tiny_config, write_config, write_sha
 from mirotrain.checkpoint.layout import CheckpointInputError, mirotrain_step_dirs, resolve_checkpoint  # noqa: E402
 from mirotrain.cli import main  # noqa: E402
 from mirotrain.models.qwen3.tiny import TINY_ARGS, write_tiny_checkpoint  # noqa: E402
-from mirotrain.training.export import EXPORT_MARK, link_epoch_dir  # noqa: E402
+from mirotrain.training.export import EXPORT_MARK, HFExport, link_epoch_dir  # noqa: E402
 
 BASE_IDS = {"bos_token_id": 151643, "eos_token_id": 151643, "pad_token_id": 151643}  # a Qwen3-*-Base's
 GENERATION = {"bos_token_id": 151643, "eos_token_id": 151643, "max_new_tokens": 2048, "do_sample": False}
@@ -190,6 +190,15 @@ def test_convert_refuses_mirotrain_step_checkpoints_with_the_same_line(mirotrain
             resolve_checkpoint(named)
         assert str(refused.value).startswith(f"{newest} is a MiroTrain step checkpoint")
         assert f"checkpointer.checkpoint_dir={out / 'epoch_0'} " in str(refused.value)
+
+
+def test_an_export_name_is_final_or_an_epoch_dir_name(tmp_path):
+    """Export names and output_dir's epoch directories share one spelling (checkpoint/layout.py: EPOCH_NAME)."""
+    export = HFExport(tmp_path, None, None, "5GB", torch.float32, every_epoch=True, epochs=3)
+    assert (export.epoch_of("epoch_1"), export.epoch_of("final")) == (1, 2)
+    for name in ("epoch_", "epoch_1/", "step_1"):
+        with pytest.raises(ValueError, match=f"HF export name {name!r}: expected 'final' or 'epoch_<k>'"):
+            export.epoch_of(name)
 
 
 def test_our_epoch_exports_are_never_taken_for_mirotrain_step_checkpoints(tmp_path):
