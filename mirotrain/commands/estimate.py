@@ -159,8 +159,9 @@ def loss_chunk(cfg: TrainConfig, tokens: int, preference: bool) -> int:
     return cfg.model.chunk_tokens(tokens) or int((cfg.model.loss or {}).get("chunk_tokens") or DEFAULT_CHUNK_TOKENS)
 
 
-def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan: MemoryPlan) -> tuple[Shapes, Step, int]:
-    """The model's shapes, what the step's moments depend on, and the row's tokens."""
+def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan: MemoryPlan
+          ) -> tuple[Shapes, Step, int, str]:
+    """The model's shapes, what the step's moments depend on, the row's tokens and the objective (sft, dpo)."""
     args = model.args
     sp = cfg.parallel.ulysses_sequence_parallel_size
     shapes = Shapes.of(model, world_size, cfg.parallel.moe_expert_parallel_size)
@@ -180,14 +181,14 @@ def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan: Memor
         kept=kept_per_layer(shapes, compute, plan.ac_mode, plan.ac_option, plan.mlp_tiles),
         loss=loss_transient(shapes, compute, tokens, loss_kind(cfg, preference), loss_chunk(cfg, tokens, preference)),
         optimizer=optimizer_transient(shapes, cfg.optim.optimizer, mode.name, world_size))
-    return shapes, step, row
+    return shapes, step, row, "dpo" if preference else "sft"
 
 
 def step_terms(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan: MemoryPlan | None = None
                ) -> dict[str, Terms]:
     """What is live on one GPU at each moment of a step that can hold its peak (``step_memory.py``), with
     ``plan`` (None: the config's own, ``auto`` decided without a GPU size)."""
-    shapes, step, _ = _step(model, cfg, world_size, plan or memory_plan(model, cfg, world_size, None))
+    shapes, step, _, _ = _step(model, cfg, world_size, plan or memory_plan(model, cfg, world_size, None))
     return step_moments(shapes, step)
 
 
@@ -307,11 +308,11 @@ def estimate_memory(model: torch.nn.Module, cfg: TrainConfig, world_size: int,
     ``gpu_bytes`` each (for the ``auto`` settings, ``memory_plan``): the moment of the step with the most bytes
     live."""
     plan = memory_plan(model, cfg, world_size, gpu_bytes)
-    shapes, step, row = _step(model, cfg, world_size, plan)
+    shapes, step, row, objective = _step(model, cfg, world_size, plan)
     phase, peak = max(step_moments(shapes, step).items(), key=lambda item: item[1].total)
     state = step.state_bytes * shapes.params // world_size
     return MemoryEstimate(
-        objective="dpo" if is_preference(cfg) else "sft", plan=plan, params=shapes.params, row_tokens=row,
+        objective=objective, plan=plan, params=shapes.params, row_tokens=row,
         tokens_per_gpu=step.tokens, state_bytes_per_param=step.state_bytes, offload=step.offload, phase=phase,
         **asdict(peak), host_state_per_rank=state + step.reference if step.offload else 0,
         host_activations_per_rank=step.tokens * sum(step.kept) if step.activations_on_host else 0,
