@@ -13,6 +13,7 @@ validation (mirotrain/config/), before a dataset is built.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -78,8 +79,8 @@ class Filtered(Exception):
 
 class _BaseDataset:
     kind = "base"
-    # Preference pairs only: one pair per packed row instead of several (the config's one_pair_per_row, set by
-    # mirotrain.data.pack_shards.build_dataset). It changes the rows, so the fingerprint covers it when set.
+    # Preference pairs only: one pair per packed row instead of several (the DPO section's one_pair_per_row:
+    # ``with_one_pair_per_row``). It changes the rows, so the fingerprint covers it when set.
     one_pair_per_row = False
 
     def __init__(self, tokenizer: Any, source: SourceSpec, options: DatasetConfig, hash_fields: dict):
@@ -107,6 +108,15 @@ class _BaseDataset:
         h.update(self.source.fingerprint().encode())
         h.update(self.tokenizer.fingerprint().encode())
         return h.hexdigest()
+
+    def with_one_pair_per_row(self, one_pair_per_row: bool) -> "_BaseDataset":
+        """This preference dataset as packed with the DPO section's ``one_pair_per_row`` (True: one pair per row,
+        MiroTrain's meaning of batch_size; False: as many as fit), as a copy, so the dataset a builder made is
+        never changed. The key is the DPO section's, not a builder argument (the config checks take a builder's
+        arguments for keys of the dataset section), so it is given here rather than to the builders."""
+        laid_out = copy.copy(self)
+        laid_out.one_pair_per_row = one_pair_per_row
+        return laid_out
 
     def _layout(self) -> dict:
         """The row layout options beyond the section's keys, hashed only when set (older caches stay valid)."""

@@ -226,9 +226,7 @@ def build_dataset(cfg: TrainConfig, section: str = "dataset", tokenizer: Any = N
         ds = ConcatDataset(parts) if ds_cfg.parts else parts[0]
     except ValueError as exc:
         raise ConfigError(section, str(exc)) from None
-    if ds.kind == PreferenceDataset.kind:
-        ds.one_pair_per_row = cfg.dpo.one_pair_per_row  # DPO section key, read by pack() and the fingerprint
-    return ds
+    return ds.with_one_pair_per_row(cfg.dpo.one_pair_per_row) if ds.kind == PreferenceDataset.kind else ds
 
 
 def _build_one(where: str, node: dict, tokenizer: Any) -> _BaseDataset:
