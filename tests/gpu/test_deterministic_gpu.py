@@ -45,7 +45,9 @@ def _launch(work: Path, name: str, cfg: dict, env: dict | None = None, digests: 
     config.write_text(json.dumps({**cfg, "output_dir": str(work / name)}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NPROC),
            str(WORKER), str(config)] + ([str(work / f"{name}.digests.json")] if digests else [])
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"), **(env or {})}
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the wheels' dir
+    full_env = {**os.environ, "PYTHONPATH": python_path, "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"),
+                **(env or {})}
     proc = subprocess.run(cmd, env=full_env, cwd=str(REPO), capture_output=True, text=True, timeout=600,
                           start_new_session=True)
     print(f"--- {name}: exit {proc.returncode}", flush=True)

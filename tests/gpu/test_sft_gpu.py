@@ -35,7 +35,8 @@ def _torchrun(config: Path, nproc: int, env: dict | None = None, timeout: int = 
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), "-m", "mirotrain", "sft", "--config", str(config)]
-    return subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, cwd=str(REPO),
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the wheels' dir
+    return subprocess.run(cmd, env={**os.environ, "PYTHONPATH": python_path, **(env or {})}, cwd=str(REPO),
                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
