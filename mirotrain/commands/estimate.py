@@ -170,15 +170,17 @@ def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan: Memor
     tokens = row // sp
     mode = MODES[cfg.run.master_weights]
     compute = 2 if cfg.run.dtype == "bf16" else 4
+    compiled, _ = cfg.model.compile_flags("cuda")  # the estimate is of a GPU run
     reference = BF16 * shapes.params // world_size if preference and cfg.dpo.reference == "live" else 0
     step = Step(
         tokens=tokens, compute_bytes=compute, grad_bytes=torch.empty((), dtype=mode.reduce_dtype).element_size(),
         state_bytes=mode.state_bytes, world_size=world_size, offload=cfg.parallel.fsdp_cpu_offload,
         activations_on_host=cfg.model.enable_activation_offloading,
         gathered_layers=2 if cfg.parallel.fsdp_reshard_after_forward else args.n_layers,
-        grad_accum=cfg.optim.gradient_accumulation_steps, mlp_tiles=plan.mlp_tiles, reference=reference,
+        grad_accum=cfg.optim.gradient_accumulation_steps, mlp_tiles=plan.mlp_tiles,
+        compiled=compiled, reference=reference,
         all_to_all=_all_to_all(args, tokens, sp, compute),
-        kept=kept_per_layer(shapes, compute, plan.ac_mode, plan.ac_option, plan.mlp_tiles),
+        kept=kept_per_layer(shapes, compute, plan.ac_mode, plan.ac_option, plan.mlp_tiles, compiled),
         loss=loss_transient(shapes, compute, tokens, loss_kind(cfg, preference), loss_chunk(cfg, tokens, preference)),
         optimizer=optimizer_transient(shapes, cfg.optim.optimizer, mode.name, world_size))
     return shapes, step, row, "dpo" if preference else "sft"

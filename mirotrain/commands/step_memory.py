@@ -106,33 +106,38 @@ class Terms:
 
 
 # ------------------------------------------------------------------------------------------- activations
-def layer_activation_bytes(s: Shapes, c: int, mlp_tiles: int = 1) -> tuple[int, int]:
+def layer_activation_bytes(s: Shapes, c: int, mlp_tiles: int = 1, compiled: bool = True) -> tuple[int, int]:
     """(saved, backward transient) bytes per token of one decoder layer run with autograd.
 
-    Saved for backward: the two RMSNorm outputs and the attention residual (3·D); q and k after their norm and
-    RoPE, v, and the attention output, which flash attention keeps ((2·H + 2·KV)·hd); the MLP's gate, up and
-    their SiLU product (3·F). Transient in its backward: the gradient of the layer's output and of the residual
-    (2·D), and the gradients of gate, up and the product (3·F). Norm statistics and the attention's log-sum-exp
-    are per token and head, negligible.
+    Saved for backward, as counted on a real layer with saved-tensor hooks in bf16
+    (tests/commands/test_layer_activations.py keeps the count): the two norm outputs and the residual between
+    them (3·D), three tensors of q's width and three of k's (q and k as the attention kernel reads them, its
+    output in both layouts, v, k's projection: 3·H·hd + 3·KV·hd), and the MLP's gate, up and their product
+    (3·F); eager layers (not ``compiled``) also SiLU(gate), which Inductor recomputes (4·F). Eager layers
+    recompute their norms (mirotrain/parallel/norm_recompute.py), so no fp32 copy is counted. Transient in its
+    backward: the gradient of the layer's output and of the residual (2·D), and the gradients of gate, up and
+    the product (3·F). Norm statistics and the attention's log-sum-exp are per token and head, negligible.
 
     With ``mlp_tiles`` k > 1 (mirotrain/modules/tiled_mlp.py) the MLP saves only its input (one of the norm
     outputs above) and its backward holds at most five of one tile's slices (gate, up, silu(gate) and the
     gradients of the product and of up: 5·F/k) and the fp32 input gradient it sums over the tiles (4·D bytes).
     """
-    attention = 3 * s.dim + (2 * s.n_heads + 2 * s.n_kv_heads) * s.head_dim
+    attention = 3 * s.dim + 3 * (s.n_heads + s.n_kv_heads) * s.head_dim
+    mlp = (3 if compiled else 4) * s.ffn
     if mlp_tiles == 1:
-        return (attention + 3 * s.ffn) * c, (2 * s.dim + 3 * s.ffn) * c
+        return (attention + mlp) * c, (2 * s.dim + 3 * s.ffn) * c
     return attention * c, (2 * s.dim + 5 * -(-s.ffn // mlp_tiles)) * c + FP32 * s.dim
 
 
-def kept_per_layer(s: Shapes, c: int, ac_mode: str, ac_option: int | str | None, mlp_tiles: int = 1) -> list[int]:
+def kept_per_layer(s: Shapes, c: int, ac_mode: str, ac_option: int | str | None, mlp_tiles: int = 1,
+                   compiled: bool = True) -> list[int]:
     """Bytes per token each layer keeps from its forward to its backward (mirotrain/parallel/
     activation_checkpoint.py): full AC its input only; none its input and everything it saves; selective
     ``op`` also the matmul and attention outputs (q, k, v, the attention output, wo's, gate, up and w2's);
     selective ``attention`` the attention's inputs and output; selective every k-th layer: those in full,
     the others not at all; ``auto`` with option K: the first K layers not at all, the others in full. Tiled MLPs
     (``mlp_tiles`` > 1) keep none of their activations."""
-    saved, _ = layer_activation_bytes(s, c, mlp_tiles)
+    saved, _ = layer_activation_bytes(s, c, mlp_tiles, compiled)
     inp = s.dim * c
     qkvo = (2 * s.n_heads + 2 * s.n_kv_heads) * s.head_dim * c
     if ac_mode == "none":
@@ -209,6 +214,7 @@ class Step:
     gathered_layers: int       # decoder layers gathered at once: 2, or all with fsdp_reshard_after_forward False
     grad_accum: int
     mlp_tiles: int             # the dense MLP's tiles (1: not tiled)
+    compiled: bool             # decoder layers under torch.compile (they save fewer activations)
     reference: int
     all_to_all: int
     kept: list[int]
@@ -227,7 +233,7 @@ def step_moments(s: Shapes, st: Step) -> dict[str, Terms]:
     earlier_grads = all_grads if st.grad_accum > 1 else 0
     root = s.root_params * c
     layers_gathered = st.gathered_layers * s.layer_params * c
-    saved, transient = layer_activation_bytes(s, c, st.mlp_tiles)
+    saved, transient = layer_activation_bytes(s, c, st.mlp_tiles, st.compiled)
     running_layer = T * (s.dim * c + saved + transient)
     head_grad = s.lm_head_params * c
     layer_reduce = s.layer_params * (c + g)  # the layer's unsharded gradient, the previous one's reduce input

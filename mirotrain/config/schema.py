@@ -158,6 +158,19 @@ class ModelConfig:
             return max(1, -(-int(seq_len) // self.unembed_chunk_size))
         return None
 
+    def compile_flags(self, device_type: str) -> tuple[bool, bool]:
+        """(compile the decoder layers, compile the loss kernel) as ``compile`` says; default: both on CUDA. The
+        trainer builds by it and the memory estimate counts by it (compiled layers save fewer activations)."""
+        value = self.compile
+        if value is None:
+            value = device_type == "cuda"
+        if isinstance(value, dict):
+            unknown = set(value) - {"model", "loss", "optimizer_step", "scale_grads"}
+            if unknown:
+                raise ValueError(f"compile: unknown keys {sorted(unknown)} (model, loss, optimizer_step, scale_grads)")
+            return bool(value.get("model", False)), bool(value.get("loss", False))
+        return bool(value), bool(value)
+
     def keeps_matmul_outputs(self) -> bool:
         """Whether activation checkpointing is per-op selective with option ``op`` (it keeps matmul outputs for
         backward; with tiled MLPs that memory is not modelled), as ``resolve_ac`` reads the keys."""

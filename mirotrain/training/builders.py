@@ -48,7 +48,7 @@ class ModelSpec:
     def from_config(cls, cfg: TrainConfig, device: torch.device, world_size: int) -> "ModelSpec":
         m = cfg.model
         plan = _memory_plan(cfg, device, world_size)
-        compile_model, compile_loss = _compile_flags(m.compile, device)
+        compile_model, compile_loss = m.compile_flags(device.type)
         if compile_loss and cfg.run.cudnn_deterministic_mode:
             # The loss kernel is compiled with dynamic shapes, whose launch configuration (and with it the order
             # of the vocabulary sums) follows the first chunk length it saw: a resumed run sees another one
@@ -73,18 +73,6 @@ class ModelSpec:
     def init_device(self, device: torch.device) -> torch.device:
         """Where the parameters live (and a random init draws them)."""
         return torch.device("cpu") if self.cpu_offload else device
-
-
-def _compile_flags(value: bool | dict | None, device: torch.device) -> tuple[bool, bool]:
-    """(compile the decoder layers, compile the loss kernel); default: both on CUDA."""
-    if value is None:
-        value = device.type == "cuda"
-    if isinstance(value, dict):
-        unknown = set(value) - {"model", "loss", "optimizer_step", "scale_grads"}
-        if unknown:
-            raise ValueError(f"compile: unknown keys {sorted(unknown)} (model, loss, optimizer_step, scale_grads)")
-        return bool(value.get("model", False)), bool(value.get("loss", False))
-    return bool(value), bool(value)
 
 
 def build_meta_model(component: dict, attention_backend: str) -> nn.Module:

@@ -106,8 +106,8 @@ def test_validate_prints_the_breakdown(capsys):
     out = {line[:12]: line for line in capsys.readouterr().out.splitlines()}
     assert out["tokens/GPU: "] == "tokens/GPU:  16,384 per micro-batch (DPO row of 32,768 tokens: pairs, chosen and " \
                                   "rejected, / SP 2)"
-    assert out["memory/GPU: "] == ("memory/GPU:  ~13.6 GiB at the start of the backward (sharded state 0.0, gathered "
-                                   "params 3.0, activations 7.7, loss 0.0, SP all-to-all 0.6, grad/reduce buffers 2.2)")
+    assert out["memory/GPU: "] == ("memory/GPU:  ~13.7 GiB at the start of the backward (sharded state 0.0, gathered "
+                                   "params 3.0, activations 7.8, loss 0.0, SP all-to-all 0.6, grad/reduce buffers 2.2)")
     assert out["state:      "].startswith("state:       16 bytes/param, master_weights: fp32 (fp32 master weights, "
                                           "gradients, AdamW moments), sharded over 8 ranks, on the host "
                                           "(fsdp_cpu_offload): ~")
@@ -181,7 +181,9 @@ def test_mlp_tiles_shrink_the_running_layer_and_auto_tiles_only_a_short_gpu(mode
     def mlp_tiles_for(cfg, gpu_bytes):
         return memory_plan(model, cfg, WORLD, gpu_bytes).mlp_tiles
 
-    loss_peak = _cfg(SFT_8B, "ulysses_sequence_parallel_size=1", "dataset.packed_seq_len=40960")
+    loss_peak = _cfg(SFT_8B, "ulysses_sequence_parallel_size=1", "dataset.packed_seq_len=40960",
+                     "loss_chunk_tokens=8192")
+    assert estimate_memory(model, loss_peak, WORLD).phase == "loss in the forward"
     assert mlp_tiles_for(loss_peak, GIB) == 1
     cfg = _cfg(SFT_8B, "ulysses_sequence_parallel_size=1", "dataset.packed_seq_len=40960", "loss_chunk_tokens=1024")
     assert estimate_memory(model, cfg, WORLD).phase == "start of the backward"

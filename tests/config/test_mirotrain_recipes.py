@@ -169,7 +169,7 @@ def test_local_files_replace_a_hub_dataset_by_overrides():
 
 @pytest.mark.parametrize("path, tiled", [
     (RECIPES / "mirothinker_v0_1" / "MiroThinker-v0.1-32B-SFT-40k-bs128-packed.yaml", True),  # 40K rows, SP 1
-    (RECIPES / "qwen3" / "32B_full_sft.yaml", False),                                       # 32K rows, SP 1
+    (RECIPES / "qwen3" / "32B_full_sft.yaml", True),                                        # 32K rows, SP 1
     (RECIPES / "qwen3" / "32B_full_dpo.yaml", True),                                        # 44K-token pair rows
     (SHIPPED / "mirothinker" / "32B_sft.yaml", True),
     (SHIPPED / "qwen3" / "32B_full_sft.yaml", False),                                       # 16K rows, SP 4

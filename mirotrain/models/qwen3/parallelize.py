@@ -17,6 +17,7 @@ from mirotrain.parallel.compile import apply_compile
 from mirotrain.parallel.fsdp import apply_fsdp
 from mirotrain.parallel.mesh import ParallelMeshes
 from mirotrain.parallel.mlp_tiling import apply_mlp_tiling
+from mirotrain.parallel.norm_recompute import apply_norm_recompute
 from mirotrain.parallel.options import ParallelizeOptions
 from mirotrain.parallel.ulysses import apply_ulysses
 
@@ -29,9 +30,11 @@ def apply_sequence_parallel(model: nn.Module, meshes: ParallelMeshes, options: P
 
 def apply_ac_compile_fsdp(model: nn.Module, meshes: ParallelMeshes, options: ParallelizeOptions,
                           expert_mesh: DeviceMesh | None = None) -> nn.Module:
-    """The steps after SP (and EP): MLP tiling -> AC -> compile -> FSDP over every dp × sp rank (the experts
+    """The steps after SP (and EP): MLP tiling -> norm recompute (eager layers) -> AC -> compile -> FSDP over every dp × sp rank (the experts
     over ``expert_mesh`` when expert parallelism sharded them)."""
     apply_mlp_tiling(model, options.mlp_tiles)
+    if not options.compile:
+        apply_norm_recompute(model)
     apply_activation_checkpointing(model, options.ac_mode, options.ac_option)
     if options.compile:
         apply_compile(model)

@@ -1,0 +1,69 @@
+"""The estimate's per-token activation count of a decoder layer (commands/step_memory.py:
+``layer_activation_bytes``) against what a real Qwen3 layer saves for backward, counted with saved-tensor hooks
+in bf16: compiled, and eager as the trainer runs it (norms recomputed, mirotrain/parallel/norm_recompute.py). Every width differs (D, H·hd, KV·hd, F) so a tensor counted at the wrong width
+fails the comparison; the per-token statistics the estimate leaves out (norm rsqrt, attention log-sum-exp: at
+most H numbers a token) are left out of the count too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mirotrain.commands.step_memory import Shapes, layer_activation_bytes
+from mirotrain.models.qwen3.model import Qwen3Args, TransformerBlock
+from mirotrain.modules.mlp import FeedForward
+from mirotrain.modules.rope import RotaryEmbedding
+from mirotrain.parallel.norm_recompute import apply_norm_recompute
+
+ARGS = Qwen3Args(vocab_size=256, dim=96, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=224,
+                 max_seq_len=64)
+TOKENS = 32
+
+
+def _shapes() -> Shapes:
+    a = ARGS
+    return Shapes(params=0, root_params=0, layer_params=0, largest_local=0, n_layers=1, dim=a.dim,
+                  n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, ffn=a.hidden_dim, vocab=a.vocab_size,
+                  tied=True)
+
+
+def _saved_bytes_per_token(compiled: bool, recompute_norms: bool = True) -> float:
+    torch.manual_seed(0)
+    block = TransformerBlock(ARGS, FeedForward(ARGS.dim, ARGS.hidden_dim)).to(torch.bfloat16)
+    if recompute_norms and not compiled:
+        model = torch.nn.Module()
+        model.layers = torch.nn.ModuleList([block])
+        apply_norm_recompute(model)
+    cos, sin = RotaryEmbedding(ARGS.head_dim, ARGS.rope_theta, None)(torch.arange(TOKENS)[None], torch.bfloat16)
+    x = torch.randn(1, TOKENS, ARGS.dim, dtype=torch.bfloat16, requires_grad=True)
+    # Parameters, the layer's input (kept by every AC mode, counted apart) and RoPE's tables (one per model).
+    excluded = {t.untyped_storage().data_ptr() for t in (*block.parameters(), x, cos, sin)}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded and storage.nbytes() // t.element_size() > ARGS.n_heads * TOKENS:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    forward = torch.compile(block.forward) if compiled else block.forward
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(x, cos, sin).float().sum().backward()
+    return sum(saved.values()) / TOKENS
+
+
+def test_eager_layer_saves_what_the_estimate_counts():
+    assert _saved_bytes_per_token(compiled=False) == layer_activation_bytes(_shapes(), 2, compiled=False)[0]
+
+
+def test_recomputed_norms_spare_their_fp32_copies():
+    """Without the recompute the three norms' fp32 copies of their inputs stay (4 bytes per element of D twice,
+    H·hd and KV·hd) and one more D-wide tensor in bf16: a norm's output before its weight."""
+    a = ARGS
+    spared = _saved_bytes_per_token(compiled=False, recompute_norms=False) - _saved_bytes_per_token(compiled=False)
+    assert spared == 4 * (2 * a.dim + (a.n_heads + a.n_kv_heads) * a.head_dim) + 2 * a.dim
+
+
+@pytest.mark.slow
+def test_compiled_layer_saves_what_the_estimate_counts():
+    assert _saved_bytes_per_token(compiled=True) == layer_activation_bytes(_shapes(), 2, compiled=True)[0]
