@@ -14,8 +14,13 @@ bf16 ulp. ``--init-control`` adds that run (``fp32_from_fp32_init``) beside the 
 deviation from the fp32-master loss from step 50 on (per step, and of 10-step means), bytes per parameter
 counted from the parameters and optimizer state after training, median tokens/s/GPU and peak memory.
 
+``--fp8 RECIPE ...`` adds one run per FP8 recipe (``fp8_<recipe>``: fp32 masters, the decoder layers' Linears in
+float8, mirotrain/parallel/float8.py) to compare against the fp32-master run, whose matmuls are bf16 (issue 20:
+the FP8 loss within 1% of bf16 from step 50 to 300); ``--modes fp32`` leaves the bf16 modes out.
+
 Usage (GPU machine; ~5 minutes on 2x H200):
   python benchmarks/bf16_mode.py [--json $OUT/bf16_mode.json]
+  python benchmarks/bf16_mode.py --modes fp32 --fp8 tensorwise rowwise --control   # FP8 vs bf16 matmuls
   python benchmarks/bf16_mode.py --cpu-smoke          # tiny model, 3 steps per mode, gloo, 2 processes
 """
 
@@ -33,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from mirotrain.config.schema import FP8_RECIPES  # noqa: E402  (after the path to the repository)
 
 MODES = ("fp32", "bf16", "bf16_plain")
 REPORT_STEPS = (50, 100, 200, 300)
@@ -135,11 +142,11 @@ def run_worker(ns: argparse.Namespace) -> None:
     destroy_distributed()
 
 
-def run_mode(ns: argparse.Namespace, work: Path, cfg: dict, label: str, mode: str) -> dict:
-    """Train ``mode`` under torchrun in ``work/label``; its per-step losses and rates (metrics.jsonl) and the
-    worker's counts."""
+def run_mode(ns: argparse.Namespace, work: Path, cfg: dict, label: str, mode: str, **keys: object) -> dict:
+    """Train ``mode`` (with the further config ``keys``) under torchrun in ``work/label``; its per-step losses and
+    rates (metrics.jsonl) and the worker's counts."""
     out = work / label
-    cfg = {**cfg, "output_dir": str(out), "master_weights": mode}
+    cfg = {**cfg, "output_dir": str(out), "master_weights": mode, **keys}
     path = work / f"{label}.json"
     path.write_text(json.dumps(cfg))
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -196,6 +203,8 @@ def main() -> None:
                         "each run draws the random init itself (the fp32-master run keeps it in fp32)")
     p.add_argument("--init-control", action="store_true",
                    help="with --init bf16, also run fp32 masters from the fp32 random init (fp32_from_fp32_init)")
+    p.add_argument("--fp8", nargs="+", default=[], choices=FP8_RECIPES, metavar="RECIPE",
+                   help=f"also run fp32 masters with FP8 Linears, one run per recipe ({', '.join(FP8_RECIPES)})")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--work", help="working directory (default: a new temporary one)")
     p.add_argument("--json", help="also write the results here")
@@ -209,11 +218,16 @@ def main() -> None:
         ns.nproc, ns.seq, ns.steps = 2, 256, 3
     if "fp32" not in ns.modes:
         p.error("--modes must include fp32 (the reference)")
+    if ns.fp8 and ns.cpu_smoke:
+        p.error("--fp8 needs a GPU with float8 matmuls; --cpu-smoke runs on the CPU")
     work = Path(ns.work) if ns.work else Path(tempfile.mkdtemp(prefix="mirotrain-bf16-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     cfg = prepare(ns, work)
     runs = [(mode, mode) for mode in ns.modes] + ([("fp32_rerun", "fp32")] if ns.control else [])
     results = {label: run_mode(ns, work, cfg, label, mode) for label, mode in runs}
+    for recipe in ns.fp8:
+        results[f"fp8_{recipe}"] = run_mode(ns, work, cfg, f"fp8_{recipe}", "fp32", enable_fp8_training=True,
+                                            fp8_recipe_name=recipe)
     if ns.init_control and ns.init == "bf16":
         fp32_init = {k: v for k, v in cfg.items() if k != "checkpointer"}
         results["fp32_from_fp32_init"] = run_mode(ns, work, fp32_init, "fp32_from_fp32_init", "fp32")

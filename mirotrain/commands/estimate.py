@@ -206,7 +206,7 @@ def settled_plan(cfg: TrainConfig, gpu_known: bool) -> MemoryPlan | None:
     asks this first, so a settled plan costs no meta model and no collective (mirotrain/training/builders.py);
     ``memory_plan`` asks it too, so these rules live here only."""
     mode, option = resolve_ac(cfg.model.enable_activation_checkpointing, cfg.model.ac_mode, cfg.model.ac_option)
-    tiles = cfg.model.mlp_tiles
+    tiles = cfg.model.planned_mlp_tiles()
     if mode == "auto" and not gpu_known:
         mode, option = "full", None
     if tiles == "auto" and (not gpu_known or cfg.model.keeps_matmul_outputs()):
@@ -239,7 +239,7 @@ def memory_plan(model: torch.nn.Module, cfg: TrainConfig, world_size: int, gpu_b
         return settled
     limit = MEMORY_WARN_FRACTION * gpu_bytes
     mode, option = resolve_ac(cfg.model.enable_activation_checkpointing, cfg.model.ac_mode, cfg.model.ac_option)
-    tiles = cfg.model.mlp_tiles
+    tiles = cfg.model.planned_mlp_tiles()
     choices = (1,) if model.args.is_moe else MLP_TILE_CHOICES if tiles == "auto" else (int(tiles),)
     if mode == "auto":
         return _most_layers_plan(model, cfg, world_size, choices, limit)

@@ -68,6 +68,8 @@ def _print_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace
         _print_pairs_per_step(cfg, ns, dp)
     _print_memory(estimate, cfg, ns)
     _print_memory_plan(model, cfg, ns, estimate)
+    if cfg.model.enable_fp8_training:
+        _print_fp8(model, cfg, ns)
     if cfg.checkpoint.auto_resume:
         ckpt = checkpoint_footprint(model, cfg, ns.world_size, ns.gpus_per_node)
         keep = cfg.checkpoint.keep_last_n_checkpoints
@@ -174,6 +176,21 @@ def _print_memory_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Na
     print(f"plan:        {how}: each MLP runs in {plan.mlp_tiles} tiles of its hidden width, recomputed in "
           f"its backward: ~{(untiled - estimate.total) / GIB:.1f} GiB less per GPU for one more MLP forward per "
           "step (set mlp_tiles: 1 to turn it off)")
+
+
+def _print_fp8(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace) -> None:
+    """Which Linears run float8 matmuls with which recipe (mirotrain/parallel/float8.py), what stays in the
+    compute dtype, and what is checked only at start-up."""
+    from mirotrain.parallel.float8 import is_fp8_linear, recipe_of
+
+    recipe = recipe_of(cfg.model.fp8_recipe_name)
+    converted = sum(is_fp8_linear(m, fqn) for fqn, m in model.named_modules())
+    kept = "embedding, LM head, norms" + (", MoE router and experts" if model.args.is_moe else "")
+    gather = ("weights all-gathered in fp8, scales after each optimizer step" if recipe == "tensorwise"
+              and ns.world_size > 1 else "weights all-gathered in the compute dtype")
+    print(f"fp8:         enable_fp8_training: {recipe} float8 matmuls in {converted} Linears (attention q/k/v/o and "
+          f"dense MLPs of {model.args.n_layers} decoder layers); {kept} in {cfg.run.dtype}; {gather}; needs compute "
+          "capability >= 8.9 (checked at start-up); the memory estimate above counts bf16 matmuls")
 
 
 def _print_checkpoint_host_memory(cfg: TrainConfig, per_node_gib: float) -> None:

@@ -33,6 +33,8 @@ LOCAL_FORMATS = ("json", "jsonl", "parquet")
 # master_weights modes (mirotrain/optim/precision.py: MODES) and the AdamW keys the bf16 mode's optimizer takes
 MASTER_WEIGHTS = ("fp32", "bf16", "bf16_plain")
 COMPENSATED_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
+# fp8_recipe_name's values: torchao's float8 recipe names (mirotrain/parallel/float8.py applies them)
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 LOG_LEVELS = tuple(level for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") for level in (name, name.lower()))
 
 
@@ -142,9 +144,14 @@ class ModelConfig:
     attention_backend: str = key((str,), "auto", "auto | flash | varlen | sdpa (see mirotrain.modules.attention).",
                                  choices=("auto", "flash", "varlen", "sdpa"))
     use_flash_attention: bool = key((bool,), True, "Accepted for compatibility; see attention_backend.", note="ignored")
-    enable_fp8_training: bool = key((bool,), False, "FP8 training is not supported.", only=(False,))
-    fp8_recipe_name: str | None = key((str, type(None)), None, "Accepted for compatibility (FP8 unsupported).",
-                                      note="ignored")
+    enable_fp8_training: bool = key((bool,), False, "Float8 matmuls in the decoder layers' Linears (attention "
+                                    "q/k/v/o, dense MLP; not the embedding, LM head, MoE router or experts) with "
+                                    "torchao's float8 training (the gpu extra); CUDA with compute capability >= 8.9 "
+                                    "(mirotrain/parallel/float8.py). Checkpoints and HF exports stay as without.")
+    fp8_recipe_name: str | None = key((str, type(None)), None, "FP8 scaling recipe: tensorwise (null: the default; "
+                                      "weights all-gathered in fp8) | rowwise | rowwise_with_gw_hp; read only with "
+                                      "enable_fp8_training: True.",
+                                      choices=FP8_RECIPES + (None,))
     resize_token_embeddings: bool = key((bool,), False, "Qwen3 checkpoints already cover the tokenizer vocab.",
                                         only=(False,))
 
@@ -171,6 +178,11 @@ class ModelConfig:
             return bool(value.get("model", False)), bool(value.get("loss", False))
         return bool(value), bool(value)
 
+    def planned_mlp_tiles(self) -> int | str:
+        """``mlp_tiles`` as the memory plan reads it: with FP8 training the MLPs stay untiled (``auto`` is 1; a
+        tiled MLP would multiply the weights past the float8 Linears, and ``check`` refuses a count > 1)."""
+        return 1 if self.enable_fp8_training else self.mlp_tiles
+
     def keeps_matmul_outputs(self) -> bool:
         """Whether activation checkpointing is per-op selective with option ``op`` (it keeps matmul outputs for
         backward; with tiled MLPs that memory is not modelled), as ``resolve_ac`` reads the keys."""
@@ -178,8 +190,8 @@ class ModelConfig:
             return False
         return self.ac_mode == "selective" and self.ac_option in (None, "op")
 
-    def check(self) -> list[ConfigError]:
-        errors = []
+    def check(self, device: str) -> list[ConfigError]:
+        errors = self._fp8_errors(device)
         if self.enable_activation_offloading and not self.enable_activation_checkpointing:
             errors.append(ConfigError("enable_activation_offloading", "requires enable_activation_checkpointing: True"))
         if self.mlp_tiles != "auto" and not (isinstance(self.mlp_tiles, int) and self.mlp_tiles >= 1):
@@ -198,6 +210,19 @@ class ModelConfig:
             errors.append(ConfigError("loss_chunk_tokens", "set either loss_chunk_tokens (tokens per chunk) or "
                                       "unembed_chunk_size (number of chunks), not both"))
         return errors
+
+    def _fp8_errors(self, device: str) -> list[ConfigError]:
+        """FP8 needs a GPU (the card's compute capability is checked at start-up: mirotrain/parallel/float8.py)
+        and untiled MLPs (a tiled MLP multiplies the weights itself, past the float8 Linears)."""
+        if not self.enable_fp8_training:
+            return []
+        if device != "cuda":
+            return [ConfigError("enable_fp8_training", f"needs a CUDA GPU with float8 matmuls (compute capability "
+                                f">= 8.9: Ada, Hopper or newer), got device: {device}")]
+        if self.mlp_tiles not in ("auto", 1):
+            return [ConfigError("mlp_tiles", f"({self.mlp_tiles}) tiled MLPs would bypass enable_fp8_training's "
+                                "float8 Linears: use mlp_tiles: 1 (auto stays untiled with FP8)")]
+        return []
 
 
 @section

@@ -250,7 +250,8 @@ def _check_sections(cfg: dict, world_size: int, scope: Collection[str] | None, b
     if scope is not None:
         return errors
     master_weights = cfg.get("master_weights", "fp32")
-    for section_cls, extra in ((ParallelConfig, (world_size,)), (ModelConfig, ()), (RunConfig, ()),
+    device = cfg.get("device", RunConfig.device)
+    for section_cls, extra in ((ParallelConfig, (world_size,)), (ModelConfig, (device,)), (RunConfig, ()),
                                (OptimConfig, (master_weights,))):
         names = {flat_name(f) for f in key_fields(section_cls)}
         if not names & bad:

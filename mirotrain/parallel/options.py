@@ -20,6 +20,8 @@ class ParallelizeOptions:
         cpu_offload: keep sharded parameters, gradients and optimizer state in host memory.
         reshard_after_forward: free gathered layer parameters after forward (ZeRO-3) or keep them (ZeRO-2).
         mlp_tiles: dense MLPs run in this many tiles, recomputed in backward (``parallel/mlp_tiling.py``).
+        fp8_recipe: the decoder layers' Linears run float8 matmuls with this torchao recipe (``parallel/float8.py``);
+            None: they stay in ``param_dtype``.
     """
 
     device_type: str
@@ -31,3 +33,4 @@ class ParallelizeOptions:
     cpu_offload: bool = False
     reshard_after_forward: bool = True
     mlp_tiles: int = 1
+    fp8_recipe: str | None = None

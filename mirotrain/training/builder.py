@@ -139,6 +139,9 @@ def _warn_unused_keys(cfg: TrainConfig) -> None:
         value = getattr(getattr(cfg, section), name)
         if spec.note == "ignored" and flat in cfg.written and value not in (None, False, spec.default):
             log.warning("Config key '%s' is accepted for compatibility and ignored: %s", flat, spec.doc)
+    if cfg.model.fp8_recipe_name is not None and not cfg.model.enable_fp8_training:
+        log.warning("Config key 'fp8_recipe_name' (%s) is read only with enable_fp8_training: True; ignored.",
+                    cfg.model.fp8_recipe_name)
     notice = master_weights_notice(cfg.run.dtype, cfg.written)
     if notice:
         log.info(notice)
@@ -201,6 +204,10 @@ def finish_run(cfg: TrainConfig, env: RunEnv, recipe: str, model: nn.Module, tra
     """The optimizer, the schedule over the run's steps, the loop's cadences, checkpoint meta and exports."""
     optim = cfg.optim
     optimizer = build_optimizer(optim.optimizer, model, cfg.run.master_weights)
+    if env.model_spec.fp8_recipe is not None:
+        from mirotrain.parallel.float8 import attach_scale_precompute
+
+        attach_scale_precompute(optimizer, model)
     steps = _steps_per_epoch(int(train_loader.steps_per_epoch), optim.gradient_accumulation_steps,
                              optim.max_steps_per_epoch)
     lr_scheduler = build_lr_scheduler(optim.lr_scheduler, optimizer, optim.epochs * steps)

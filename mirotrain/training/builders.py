@@ -43,6 +43,7 @@ class ModelSpec:
     reshard_after_forward: bool
     offload_activations: bool  # saved activations to host memory (CUDA only)
     mlp_tiles: int             # dense MLPs in this many tiles (mirotrain/parallel/mlp_tiling.py)
+    fp8_recipe: str | None = None  # float8 Linears in the decoder layers (mirotrain/parallel/float8.py); None: off
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, device: torch.device, world_size: int) -> "ModelSpec":
@@ -54,13 +55,14 @@ class ModelSpec:
             # of the vocabulary sums) follows the first chunk length it saw: a resumed run sees another one
             # first. Eager kernels choose from each call's own shape (mirotrain/training/determinism.py).
             compile_loss = False
+        fp8_recipe = _fp8_recipe(cfg, device)
         return cls(component=dict(m.component), attention_backend=m.attention_backend, ac_mode=plan.ac_mode,
                    ac_option=plan.ac_option, compile_model=compile_model, compile_loss=compile_loss,
                    dtype_name=cfg.run.dtype, master_weights=cfg.run.master_weights,
                    cpu_offload=cfg.parallel.fsdp_cpu_offload,
                    reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
                    offload_activations=m.enable_activation_offloading and device.type == "cuda",
-                   mlp_tiles=plan.mlp_tiles)
+                   mlp_tiles=plan.mlp_tiles, fp8_recipe=fp8_recipe)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,6 +75,19 @@ class ModelSpec:
     def init_device(self, device: torch.device) -> torch.device:
         """Where the parameters live (and a random init draws them)."""
         return torch.device("cpu") if self.cpu_offload else device
+
+
+def _fp8_recipe(cfg: TrainConfig, device: torch.device) -> str | None:
+    """The FP8 recipe the run uses (None: FP8 off); refused at start-up on a GPU without float8 matmuls, which
+    the config checks cannot see."""
+    if not cfg.model.enable_fp8_training:
+        return None
+    from mirotrain.parallel.float8 import fp8_device_problem, recipe_of
+
+    problem = fp8_device_problem(device)
+    if problem is not None:
+        raise ValueError(f"enable_fp8_training: {problem}; set enable_fp8_training: False")
+    return recipe_of(cfg.model.fp8_recipe_name)
 
 
 def build_meta_model(component: dict, attention_backend: str) -> nn.Module:
@@ -134,7 +149,7 @@ def build_model(spec: ModelSpec, layout: Layout, checkpointer: Any, seed: int) -
     family_of(args).parallelize(model, layout.meshes, ParallelizeOptions(
         device_type=layout.device.type, ac_mode=spec.ac_mode, ac_option=spec.ac_option, compile=spec.compile_model,
         param_dtype=spec.dtype, reduce_dtype=spec.precision.reduce_dtype, cpu_offload=spec.cpu_offload,
-        reshard_after_forward=spec.reshard_after_forward, mlp_tiles=spec.mlp_tiles))
+        reshard_after_forward=spec.reshard_after_forward, mlp_tiles=spec.mlp_tiles, fp8_recipe=spec.fp8_recipe))
     materialize(model, layout.device, spec.cpu_offload)
     if hf_config is not None:
         checkpointer.load_into(model)
@@ -143,9 +158,10 @@ def build_model(spec: ModelSpec, layout: Layout, checkpointer: Any, seed: int) -
         init_random(model, seed)
         log.info("checkpointer.checkpoint_dir is not set: random initialisation (seed %d)", seed)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("Model: %.3fB parameters, %d layers; AC=%s%s, mlp_tiles=%d, compile=%s, dtype=%s, master_weights=%s, "
+    log.info("Model: %.3fB parameters, %d layers; AC=%s%s, mlp_tiles=%d, compile=%s, dtype=%s%s, master_weights=%s, "
              "world=%d (dp=%d, sp=%d, ep=%d)", n_params / 1e9, args.n_layers, spec.ac_mode,
              f"({spec.ac_option})" if spec.ac_option else "", spec.mlp_tiles, spec.compile_model, spec.dtype_name,
+             f", fp8={spec.fp8_recipe}" if spec.fp8_recipe else "",
              spec.master_weights, layout.world_size, layout.dp_size, layout.sp_size, layout.meshes.dims.ep)
     return model
 

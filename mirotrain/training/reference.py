@@ -202,6 +202,9 @@ class ReferenceStage:
         # reuse an untiled cache nor the reverse; an untiled run keeps the key it had before (its caches stay valid).
         if spec.mlp_tiles > 1:
             extra["mlp_tiles"] = spec.mlp_tiles
+        # float8 matmuls change the log-probs far more than tiles do; keyed only when on, as the tiles are
+        if spec.fp8_recipe is not None:
+            extra["fp8_recipe"] = spec.fp8_recipe
         return reference_cache_key(model_dir, manifest, dtype=spec.dtype_name, attention_backend=spec.attention_backend,
                                    extra=extra)
 
