@@ -63,6 +63,8 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     ("tokenizer.max_seq_lenn=512", "config key 'tokenizer.max_seq_lenn': unknown key; did you mean 'max_seq_len'?"),
     ("epochs=0", "config key 'epochs': must be >= 1, got 0"),
     ("device=tpu", "config key 'device': must be one of cuda, cpu, got 'tpu'"),
+    ("compile={model: true, bogus: 1}", "config key 'compile': unknown keys ['bogus'] (known: loss, model, "
+                                        "optimizer_step, scale_grads)"),
 ])
 def test_validate_refuses_with_the_key_path(override, message, capsys):
     assert main(["validate", "--config", TINY_SFT, "--no-file-check", override]) == 2
