@@ -13,11 +13,11 @@
 #                                                      # routing vs HF at 6 layers; the deepest exact model, 10 steps
 #   bash benchmarks/gpu_session.sh moe48 moelayer      # 2 GPUs: full-depth 30B-A3B (bf16_plain), 10 steps; 1 GPU:
 #                                                      # a full-width 30B-A3B layer vs transformers, errors printed
-#   bash benchmarks/gpu_session.sh p1fp8 fp8loss       # 2 GPUs: P1 with FP8 (tensorwise beside HF, then rowwise);
-#                                                      # FP8 vs bf16-matmul loss, 300 steps of 0.6B (issue 20)
+#   bash benchmarks/gpu_session.sh p1fp8               # 2 GPUs: P1 with tensorwise FP8 beside HF (p1fp8row: rowwise)
+#   bash benchmarks/gpu_session.sh fp8loss             # 2 GPUs: FP8 vs bf16-matmul loss, 300 steps of 0.6B (issue 20)
 # Each stage's limit is overridable: CKPT_S, DPO_S, DPO40K_S, SFT14B_S, MOE_S, PROFILE_S, MIX_S, LONG_S, TESTS_S, P1_S, P2_S,
-# TILED_S, BF16_S, P1AUTO_S, MOE2_S (each of its two runs), MOE10_S, MOE48_S, MOELAYER_S, P1FP8_S (each of its
-# two runs), FP8LOSS_S (P1FP8_FLAGS: P1's flags at 2 GPUs)
+# TILED_S, BF16_S, P1AUTO_S, MOE2_S (each of its two runs), MOE10_S, MOE48_S, MOELAYER_S, P1FP8_S, P1FP8ROW_S,
+# FP8LOSS_S (P1FP8_FLAGS: P1's flags at 2 GPUs)
 # (MOE2_LAYERS, MOE10_LAYERS: the depth of our deep row),
 # CALIB_S (CALIB_CASES and CALIB_ARGS pass --cases and further flags to benchmarks/memory_calibration.py).
 set -u
@@ -81,14 +81,15 @@ for s in "$@"; do
     p1auto)  # 2 GPUs: P1 at 2 GPUs with the bf16 mode and ac_mode: auto (no recompute where it fits, issue 20)
       stage p1auto "${P1AUTO_S:-300}" python3 benchmarks/sft.py --size 8B --seq 16384 --nproc 2 --ac auto \
         --master-weights bf16 --chunk 2048 --steps 4 --warmup 2 --json "$OUT/p1auto.json" ;;
-    p1fp8)  # 2 GPUs: P1 with FP8 Linears (issue 20: >= 1.6x HF-FSDP2+Liger): tensorwise beside HF, rowwise alone
-      stage p1fp8_tensorwise "${P1FP8_S:-330}" python3 benchmarks/sft.py $P1FP8_FLAGS --fp8 tensorwise --steps 4 \
-        --warmup 2 --json "$OUT/p1fp8_tensorwise.json"
-      stage p1fp8_rowwise "${P1FP8_S:-330}" python3 benchmarks/sft.py $P1FP8_FLAGS --fp8 rowwise --no-baseline \
-        --steps 4 --warmup 2 --json "$OUT/p1fp8_rowwise.json" ;;
+    p1fp8)  # 2 GPUs: P1 with tensorwise FP8 Linears beside HF-FSDP2+Liger (issue 20: >= 1.6x)
+      stage p1fp8 "${P1FP8_S:-330}" python3 benchmarks/sft.py $P1FP8_FLAGS --fp8 tensorwise --steps 4 --warmup 2 \
+        --json "$OUT/p1fp8.json" ;;
+    p1fp8row)  # 2 GPUs: the same with the rowwise recipe, ours only
+      stage p1fp8row "${P1FP8ROW_S:-240}" python3 benchmarks/sft.py $P1FP8_FLAGS --fp8 rowwise --no-baseline \
+        --steps 4 --warmup 2 --json "$OUT/p1fp8row.json" ;;
     fp8loss)  # 2 GPUs: FP8 (tensorwise, rowwise) vs bf16 matmuls with fp32 masters, 300 steps of 0.6B on the demo
       # traces, the fp32 run twice for the run-to-run floor (issue 20: within 1% from step 50 to 300)
-      stage fp8loss "${FP8LOSS_S:-590}" python3 benchmarks/bf16_mode.py --modes fp32 --fp8 tensorwise rowwise \
+      stage fp8loss "${FP8LOSS_S:-570}" python3 benchmarks/bf16_mode.py --modes fp32 --fp8 tensorwise rowwise \
         --control --json "$OUT/fp8_loss.json" ;;
     tiled)  # 1 GPU: one 32B MLP at 40K tokens untiled, HF's, and in 4/8/16 tiles (mlp_tiles, issue 18)
       stage tiled "${TILED_S:-120}" python3 benchmarks/tiled_mlp.py --size 32B --tokens 40960 --json "$OUT/tiled_mlp.json" ;;
