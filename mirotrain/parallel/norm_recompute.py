@@ -24,4 +24,6 @@ def apply_norm_recompute(model: nn.Module) -> None:
     for layer in model.layers:
         for norm in layer.modules():
             if isinstance(norm, RMSNorm):
-                norm.forward = functools.partial(checkpoint, norm.forward, use_reentrant=False)
+                # a norm draws no random numbers: no RNG state to save and restore around its recompute
+                norm.forward = functools.partial(checkpoint, norm.forward, use_reentrant=False,
+                                                 preserve_rng_state=False)

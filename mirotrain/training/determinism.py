@@ -11,8 +11,8 @@ run-to-run differences on GPUs otherwise:
 - Deterministic algorithms, strictly (``torch.use_deterministic_algorithms(True)``, not ``warn_only``): flash
   attention's backward (SDPA's and ``varlen_attn``'s) accumulates dQ in a fixed order instead of with
   atomics, memory-efficient attention's backward uses one key split, SDPA stops choosing cuDNN attention, and
-  the backward of ``index_select`` / ``index_add`` / ``scatter_add`` (the loss's token selection, the MoE dispatch)
-  runs sorted kernels, also inside compiled graphs. An op without a deterministic kernel raises, naming
+  the backward of ``index_select`` / ``index_add`` / ``scatter_add`` (the loss's token selection, the MoE routing
+  counts) runs sorted kernels, also inside compiled graphs. An op without a deterministic kernel raises, naming
   itself, instead of making the run differ silently; with ``warn_only`` flash attention keeps its atomics.
 - cuDNN: deterministic algorithms only, none chosen by benchmarking.
 - Inductor (the compiled decoder layers): ``torch._inductor.config.deterministic`` (torch >= 2.9): no timing-based

@@ -1,8 +1,9 @@
 """The estimate's per-token activation count of a decoder layer (commands/step_memory.py:
 ``layer_activation_bytes``) against what a real Qwen3 layer saves for backward, counted with saved-tensor hooks
-in bf16: compiled, and eager as the trainer runs it (norms recomputed, mirotrain/parallel/norm_recompute.py). Every width differs (D, H·hd, KV·hd, F) so a tensor counted at the wrong width
-fails the comparison; the per-token statistics the estimate leaves out (norm rsqrt, attention log-sum-exp: at
-most H numbers a token) are left out of the count too."""
+in bf16: compiled, and eager as the trainer runs it (norms recomputed: mirotrain/parallel/norm_recompute.py).
+Every width differs (D, H·hd, KV·hd, F), so a tensor counted at the wrong width fails the comparison; the
+per-token statistics the estimate leaves out (norm rsqrt, attention log-sum-exp: at most H numbers a token) are
+left out of the count too."""
 
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 Fast: what the mode sets (environment, torch flags, the attention kernel and the loss's compilation) and that it
 refuses an environment that would undo it. Slow: `mirotrain sft` under torchrun (2 ranks, gloo, tiny fp32
 Qwen3) with the mode, run twice, is bitwise equal (losses, grad norms, LRs, final weights), and a run SIGKILLed
-after a step checkpoint and restarted equals both. The same on 2 GPUs: tests/gpu/test_deterministic_gpu.py.
+after a step checkpoint and restarted equals both. CPU runs are bitwise reproducible with or without the mode,
+so the slow tests check that the mode's settings (strict deterministic algorithms, the eager loss) break
+nothing on the resume path; what the mode buys is proven on 2 GPUs: tests/gpu/test_deterministic_gpu.py.
 """
 
 from __future__ import annotations

@@ -48,5 +48,5 @@ def test_a_settled_plan_builds_no_model_and_asks_no_card(device, overrides, plan
 def test_an_auto_setting_on_a_gpu_asks_the_card(overrides):
     """The other side: with something to decide on CUDA the trainer reads the card (which fails here), so the
     test above can tell the two apart."""
-    with pytest.raises((RuntimeError, AssertionError)):
+    with pytest.raises((RuntimeError, AssertionError), match="CUDA"):
         _spec("cuda", *overrides)
