@@ -2,11 +2,13 @@
 casts and scales, a float matmul instead of ``torch._scaled_mm``): which Linears it converts, that names and
 state-dict keys stay, the quantize-dequantize math against a float64 reference, the distance to the plain
 model, and (gloo) the FSDP fp8 all-gather against the unsharded float8 model, with DCP checkpoints the plain
-model reads. The float8 GEMMs themselves are compared on GPU in tests/gpu/test_float8_gpu.py."""
+model reads and HF exports equal to the plain model's. The float8 GEMMs themselves are compared on GPU in
+tests/gpu/test_float8_gpu.py."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +117,7 @@ def _sharded_worker(rank: int, world: int, tmp_dir: str) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
+    from mirotrain.models.hf_weights import save_pretrained
     from mirotrain.parallel.float8 import attach_scale_precompute
     from mirotrain.parallel.fsdp import apply_fsdp
 
@@ -149,6 +152,15 @@ def _sharded_worker(rank: int, world: int, tmp_dir: str) -> None:
     dcp.load(target, checkpoint_id=f"{tmp_dir}/dcp")
     for name, value in target["model"].items():
         assert torch.equal(value.full_tensor(), full[name]), name
+    # and the HF export of the float8 model is the plain model's, file for file
+    exports = {label: Path(tmp_dir, label) for label in ("fp8", "plain")}
+    save_pretrained(sharded, exports["fp8"], dtype=torch.bfloat16)
+    save_pretrained(plain, exports["plain"], dtype=torch.bfloat16)
+    if rank == 0:
+        files = sorted(p.name for p in exports["plain"].iterdir())
+        assert sorted(p.name for p in exports["fp8"].iterdir()) == files and "model.safetensors" in files
+        for name in files:
+            assert (exports["fp8"] / name).read_bytes() == (exports["plain"] / name).read_bytes(), name
 
 
 @pytest.mark.slow  # 2 processes in one gloo group
