@@ -30,8 +30,12 @@ MARKER = "COMPLETE"
 META = "meta.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 # ``epoch_{E}``: the directory MiroTrain nested its step checkpoints in, and the name of this trainer's per-epoch
-# HF exports and their links (mirotrain/training/export.py)
-EPOCH_NAME = re.compile(r"^epoch_(\d+)$")
+# HF exports and their links (mirotrain/training/export.py): written by ``epoch_dir_name``, read by EPOCH_DIR_RE
+EPOCH_DIR_RE = re.compile(r"^epoch_(\d+)$")
+
+
+def epoch_dir_name(epoch: int) -> str:
+    return f"epoch_{epoch}"
 DCP_METADATA = ".metadata"
 
 
@@ -140,7 +144,7 @@ def _epoch_dirs(output_dir: Path) -> list[tuple[int, Path]]:
     if not output_dir.is_dir():
         return []
     found = [(int(m.group(1)), child) for child in output_dir.iterdir()
-             if (m := EPOCH_NAME.match(child.name)) and child.is_dir()]
+             if (m := EPOCH_DIR_RE.match(child.name)) and child.is_dir()]
     return sorted(found)
 
 
@@ -148,7 +152,7 @@ def mirotrain_step_dir(path: str | Path) -> MiroTrainStepDir | None:
     """``path`` as a MiroTrain step checkpoint (``.../epoch_E/step_S`` with a DCP ``.metadata`` and no
     ``meta.json`` of ours), else None."""
     path = Path(path)
-    step, epoch = _STEP_RE.match(path.name), EPOCH_NAME.match(path.parent.name)
+    step, epoch = _STEP_RE.match(path.name), EPOCH_DIR_RE.match(path.parent.name)
     if step and epoch and (path / DCP_METADATA).is_file() and not (path / META).exists():
         return MiroTrainStepDir(int(epoch.group(1)), int(step.group(1)), path)
     return None

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mirotrain.checkpoint.layout import EPOCH_NAME
+from mirotrain.checkpoint.layout import EPOCH_DIR_RE, epoch_dir_name
 from mirotrain.models.hf_writer import make_public_dirs
 
 log = logging.getLogger("mirotrain.train")
@@ -60,7 +60,7 @@ class HFExport:
         """The epoch whose end export ``name`` is: ``epoch_{k}`` -> k, ``final`` -> the last epoch."""
         if name == "final":
             return self.epochs - 1
-        match = EPOCH_NAME.match(name)
+        match = EPOCH_DIR_RE.match(name)
         if match is None:
             raise ValueError(f"HF export name {name!r}: expected 'final' or 'epoch_<k>'")
         return int(match.group(1))
@@ -77,8 +77,8 @@ class HFExport:
         if is_main:
             log.info("Saved HF weights to %s", out)
             if name == "final" and self.every_epoch:
-                link_tree(out, self.root / f"epoch_{epoch}")
-            link_epoch_dir(out, self.output_dir / f"epoch_{epoch}")
+                link_tree(out, self.root / epoch_dir_name(epoch))
+            link_epoch_dir(out, self.output_dir / epoch_dir_name(epoch))
         dist.barrier()
         return out
 

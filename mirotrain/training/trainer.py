@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from mirotrain.checkpoint.layout import epoch_dir_name
 from mirotrain.data.batch import SFTBatch
 from mirotrain.training.builder import RunParts
 from mirotrain.training.checkpointing import resume
@@ -157,7 +158,7 @@ class Trainer:
         if self.val_loader is not None and self._last_val_step != self.state.step:
             self._log_val(self.state.step)
         if self.parts.export.every_epoch and self.state.epoch < self.loop.epochs:
-            self.export_hf(f"epoch_{epoch}")
+            self.export_hf(epoch_dir_name(epoch))
 
     # -------------------------------------------------------------------------------- validation
 

@@ -193,7 +193,8 @@ def test_convert_refuses_mirotrain_step_checkpoints_with_the_same_line(mirotrain
 
 
 def test_an_export_name_is_final_or_an_epoch_dir_name(tmp_path):
-    """Export names and output_dir's epoch directories share one spelling (checkpoint/layout.py: EPOCH_NAME)."""
+    """Export names and output_dir's epoch directories share one spelling (checkpoint/layout.py:
+    ``epoch_dir_name`` writes it, ``EPOCH_DIR_RE`` reads it)."""
     export = HFExport(tmp_path, None, None, "5GB", torch.float32, every_epoch=True, epochs=3)
     assert (export.epoch_of("epoch_1"), export.epoch_of("final")) == (1, 2)
     for name in ("epoch_", "epoch_1/", "step_1"):
