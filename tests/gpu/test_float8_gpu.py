@@ -6,8 +6,10 @@ Tolerances: round-to-nearest with p mantissa bits leaves a relative RMS error of
 ~0.75 (the mean of 1/mantissa) on random data: ~0.026 for e4m3 (p = 3), ~0.052 for e5m2 (p = 2), ~0.0015 for
 bf16. A matmul of two independently rounded operands adds them in quadrature: ~0.037 for e4m3 x e4m3, ~0.058
 for e5m2 x e4m3 (the tensorwise recipe's gradients); measured on CPU with torchao's emulation: 0.0375 and
-0.0589. The bounds are those with ~20% room; the hardware and the emulation share the quantisation and differ
-only in accumulation and the bf16 rounding of the output (< 1e-2).
+0.0589. The bounds are those with ~20% room. The hardware and the emulation share the quantisation and differ
+only in accumulation and the bf16 rounding of the output: under 2e-2 (Hopper's fast fp8 accumulation, which
+the tensorwise forward uses, keeps ~14 bits: ~0.5% over K = 4096, at most ~2%), half the quantisation error,
+so a scale or cast that differs from the emulation's fails.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from mirotrain.parallel.float8 import apply_float8_training, fp8_device_problem
 
 E4M3_PAIR, E5M2_PAIR, BF16_PAIR = 0.045, 0.07, 0.005
+EMULATION = 2e-2
 # (output, input gradient, weight gradient) bounds per recipe: rowwise casts gradients to e4m3 too,
 # rowwise_with_gw_hp keeps the weight gradient's GEMM in bf16
 BOUNDS = {"tensorwise": (E4M3_PAIR, E5M2_PAIR, E5M2_PAIR), "rowwise": (E4M3_PAIR, E4M3_PAIR, E4M3_PAIR),
@@ -68,7 +71,7 @@ def test_float8_linear_against_float64_emulation_and_bf16(fp8_cuda, recipe):
                                                    BOUNDS[recipe]):
         assert _rel(plain, want) < BF16_PAIR, name
         assert _rel(got, want) < bound, (name, _rel(got, want))
-        assert _rel(got, emu) < 1e-2, (name, _rel(got, emu))
+        assert _rel(got, emu) < EMULATION, (name, _rel(got, emu))
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
