@@ -1,6 +1,6 @@
 """Forced balanced routing and an expert-load meter for MoE benchmarks, the same for our model and transformers'.
 
-Balanced routing (Megatron's forced load balancing, for measuring speed without the imbalance of random
+Balanced routing (every expert forced to the same load, for measuring speed without the imbalance of random
 routers): inside every router's forward the gate's logits ``z = F.linear(x, W_g)`` are replaced by
 ``z * 0 + P`` with the fixed pattern P[t, e] = 1 when expert e is in token t's round-robin slice
 ``{(t*k + j) mod E : j < k}``, else 0. Everything after the gate is the model's own code: the softmax, the
