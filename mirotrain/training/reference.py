@@ -202,6 +202,8 @@ class ReferenceStage:
         # reuse an untiled cache nor the reverse; an untiled run keeps the key it had before (its caches stay valid).
         if spec.mlp_tiles > 1:
             extra["mlp_tiles"] = spec.mlp_tiles
+        # Not keyed: compiled or eager layers and the deterministic mode's kernels, which change only the order of
+        # additions inside a kernel (as much as two GPU runs of one config differ): such caches stay shared.
         # float8 matmuls change the log-probs far more than tiles do; keyed only when on, as the tiles are
         if spec.fp8_recipe is not None:
             extra["fp8_recipe"] = spec.fp8_recipe
