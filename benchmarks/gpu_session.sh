@@ -67,7 +67,7 @@ for s in "$@"; do
       TAIL=6 stage moe48 "${MOE48_S:-170}" torchrun --standalone --nproc_per_node 2 benchmarks/moe.py $MOE2_FLAGS \
         --skip-hf --layers 48 --master-weights bf16_plain --routing balanced --steps 10 --json "$OUT/moe48.json" ;;
     moelayer)  # issue 19: bf16 parity of one full-width 30B-A3B layer with transformers' (-s: the errors it prints)
-      TAIL=8 stage moelayer "${MOELAYER_S:-180}" python3 -m pytest -p no:cacheprovider tests/gpu/test_moe_layer_gpu.py \
+      TAIL=10 stage moelayer "${MOELAYER_S:-180}" python3 -m pytest -p no:cacheprovider tests/gpu/test_moe_layer_gpu.py \
         -m gpu -o addopts="" -q -s -rs ;;
     profile) TAIL=40 stage profile "${PROFILE_S:-150}" python3 benchmarks/profile_sft.py $P1_FLAGS --warmup 2 ;;
     mix)   stage mix "${MIX_S:-150}" python3 benchmarks/sft.py $P1_FLAGS --steps 3 --warmup 3 --mix-mean 3072 \
