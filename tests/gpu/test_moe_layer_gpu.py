@@ -9,8 +9,8 @@ transformers' layer in float64 (SDPA's math kernel, the per-expert loop).
 Routing and arithmetic are judged apart. Top-k is discontinuous: where a token's 8th and 9th experts are
 near-tied, bf16 rounding upstream of the router (or in it: transformers' gate runs in bf16, ours in fp32) can
 pick a different 8th expert than the float64 reference, and that token's MoE output then differs by a whole
-expert's share. On CPU at 30B-A3B width (32 experts, 1024 tokens) 1.5-2% of the tokens flip, and their few
-tokens carry 80% of the MoE output's L2 error, so an all-token comparison counts flips, not rounding. Hence:
+expert's share. On CPU at 30B-A3B width (128 experts, 512 tokens) 3-4% of the tokens flip and carry about
+99% of the MoE output's squared L2 error, so an all-token comparison counts flips, not rounding. Hence:
 
 - routing: the tokens whose expert set differs from the reference's; ours may flip at most ``SLACK`` times
   as many as transformers';
