@@ -188,7 +188,8 @@ def report(results: dict[str, dict]) -> None:
     print("final losses: " + ", ".join(f"{m} {r['losses'][last]:.4f}" for m, r in results.items()))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's flags, checked; tests/gpu builds its runs through them too, so a new flag reaches both."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--seq", type=int, default=8192, help="tokens per packed row (one row per GPU per step)")
@@ -210,16 +211,23 @@ def main() -> None:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--worker-config", help=argparse.SUPPRESS)
-    ns = p.parse_args()
+    ns = p.parse_args(argv)
     if ns.worker_config:
-        run_worker(ns)
-        return
+        return ns
     if ns.cpu_smoke:
         ns.nproc, ns.seq, ns.steps = 2, 256, 3
     if "fp32" not in ns.modes:
         p.error("--modes must include fp32 (the reference)")
     if ns.fp8 and ns.cpu_smoke:
         p.error("--fp8 needs a GPU with float8 matmuls; --cpu-smoke runs on the CPU")
+    return ns
+
+
+def main() -> None:
+    ns = parse_args()
+    if ns.worker_config:
+        run_worker(ns)
+        return
     work = Path(ns.work) if ns.work else Path(tempfile.mkdtemp(prefix="mirotrain-bf16-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     cfg = prepare(ns, work)

@@ -14,7 +14,6 @@ and (for the resumed run) two 7 GB step checkpoints: about 4-5 minutes on 2x H20
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -68,11 +67,10 @@ def _step_time(out: Path) -> float:
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_deterministic_mode_is_bitwise_reproducible_and_resumable_on_two_gpus(tmp_path):
-    from benchmarks.bf16_mode import prepare
+    from benchmarks.bf16_mode import parse_args, prepare
     from sft_helpers import assert_same_training, read_metrics
 
-    ns = argparse.Namespace(cpu_smoke=False, nproc=NPROC, seq=SEQ, steps=STEPS, lr=4e-5, no_compile=False,
-                            init="fp32")
+    ns = parse_args(["--nproc", str(NPROC), "--seq", str(SEQ), "--steps", str(STEPS), "--init", "fp32"])
     base = prepare(ns, tmp_path)  # demo traces packed into SEQ-token rows; exactly STEPS steps
     deterministic = {**base, "cudnn_deterministic_mode": True}
     first = _launch(tmp_path, "first", deterministic)
