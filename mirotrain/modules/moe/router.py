@@ -39,8 +39,10 @@ def _recomputing_in_backward() -> bool:
     The recomputation must not replace ``stats``: the loss was formed from the forward's sums, and a recomputed
     ``prob_sum`` would keep the recomputed graph alive through the module (everything the layer saved up to the
     router: its attention half) until the next forward, in every layer at once by the end of the backward
-    (~1.3 GiB per full-width 30B-A3B layer at 16K tokens). Under torch.compile's tracing this is the forward
-    (the recomputation of an eagerly checkpointed layer runs in eager mode, in the backward)."""
+    (~1.3 GiB per full-width 30B-A3B layer at 16K tokens). The sums are still computed there (with a token mask
+    they save tensors, and checkpointing checks that the recomputation saves what the forward saved), then
+    dropped. Under torch.compile's tracing this is the forward (the recomputation of an eagerly checkpointed
+    layer runs in eager mode, in the backward)."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
@@ -78,8 +80,9 @@ class TopKRouter(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k]
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        stats = self._statistics(logits, probs, experts, token_mask)  # also recomputed: it saves tensors too
         if not _recomputing_in_backward():
-            self.stats = self._statistics(logits, probs, experts, token_mask)
+            self.stats = stats
         return weights, experts
 
     def _statistics(self, logits: torch.Tensor, probs: torch.Tensor, experts: torch.Tensor,

@@ -6,6 +6,7 @@ up to the router) nothing ever ran, so every layer held that graph from its back
 (~1.3 GiB per full-width 30B-A3B layer at 16K tokens). The statistics of the forward stay; the gradients equal
 a model without activation checkpointing (fp32, so any difference is a recompute bug)."""
 
+import pytest
 import torch
 
 from mirotrain.models.qwen3_moe import qwen3_moe
@@ -23,9 +24,10 @@ def _model(ac: bool) -> torch.nn.Module:
     return model
 
 
-def _step(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[list, dict[str, torch.Tensor]]:
+def _step(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None
+          ) -> tuple[list, dict[str, torch.Tensor]]:
     """The routers' statistics after the forward and after the backward, and the gradients."""
-    loss = model.forward_hidden(tokens).float().pow(2).mean() + model.moe_aux_loss()
+    loss = model.forward_hidden(tokens, token_mask=mask).float().pow(2).mean() + model.moe_aux_loss()
     stats = [moe.router.stats for moe in model.moe_layers()]
     loss.backward()
     after = [moe.router.stats for moe in model.moe_layers()]
@@ -33,10 +35,12 @@ def _step(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[list, dict[str,
     return [stats, after], grads
 
 
-def test_recomputation_keeps_the_forward_statistics_and_the_gradients():
+@pytest.mark.parametrize("masked", [False, True])  # with a token mask the statistics save tensors of their own
+def test_recomputation_keeps_the_forward_statistics_and_the_gradients(masked):
     tokens = torch.randint(0, ARGS["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
-    _, want = _step(_model(ac=False), tokens)
-    (forward, after_backward), got = _step(_model(ac=True), tokens)
+    mask = (torch.arange(24) < 20).expand(2, 24).long() if masked else None
+    _, want = _step(_model(ac=False), tokens, mask)
+    (forward, after_backward), got = _step(_model(ac=True), tokens, mask)
     assert all(a is f for a, f in zip(after_backward, forward)), "a recomputation replaced router.stats"
     assert got.keys() == want.keys()
     for name, g in got.items():
