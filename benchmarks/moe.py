@@ -233,7 +233,9 @@ def release_memory(model, opt: torch.optim.Optimizer) -> None:
 
 def busiest_rank_load(model, ep: int) -> float:
     """The worst layer's busiest EP rank: the rows its experts received in the last forward over the mean over
-    the EP ranks (a collective). The step waits for that rank; 1.00 = every rank computes the same rows."""
+    the EP ranks (a collective). The step waits for that rank; 1.00 = every rank computes the same rows. Loads are
+    summed over the whole world: with EP smaller than the world the EP groups' loads add up, and the ratio is
+    that of their sum (as run here, EP = world)."""
     from mirotrain.modules.moe import expert_load
 
     load = expert_load([moe.router.stats for moe in model.moe_layers()], dist.group.WORLD)  # [L, E]
