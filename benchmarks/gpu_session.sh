@@ -13,10 +13,12 @@
 #                                                      # routing vs HF at 6 layers; the deepest exact model, 10 steps
 #   bash benchmarks/gpu_session.sh moe48 moelayer      # 2 GPUs: full-depth 30B-A3B (bf16_plain), 10 steps; 1 GPU:
 #                                                      # a full-width 30B-A3B layer vs transformers, errors printed
+#   bash benchmarks/gpu_session.sh moemfu moe20          # 2 GPUs: ours without AC beside HF at 6 layers (balanced,
+#                                                      # random routing); ours at 20 and 6 layers with full AC
 #   bash benchmarks/gpu_session.sh p1fp8               # 2 GPUs: P1 with tensorwise FP8 beside HF (p1fp8row: rowwise)
 #   bash benchmarks/gpu_session.sh fp8loss             # 2 GPUs: FP8 vs bf16-matmul loss, 300 steps of 0.6B (issue 20)
 # Each stage's limit is overridable: CKPT_S, DPO_S, DPO40K_S, SFT14B_S, MOE_S, PROFILE_S, MIX_S, LONG_S, TESTS_S, P1_S, P2_S,
-# TILED_S, BF16_S, P1AUTO_S, MOE2_S (each of its two runs), MOE10_S, MOE48_S, MOELAYER_S, P1FP8_S, P1FP8ROW_S,
+# TILED_S, BF16_S, P1AUTO_S, MOE2_S (each of its two runs), MOEMFU_S (each run), MOE20_S, MOE10_S, MOE48_S, MOELAYER_S, P1FP8_S, P1FP8ROW_S,
 # FP8LOSS_S (P1FP8_FLAGS: P1's flags at 2 GPUs)
 # (MOE2_LAYERS, MOE10_LAYERS: the depth of our deep row),
 # CALIB_S (CALIB_CASES and CALIB_ARGS pass --cases and further flags to benchmarks/memory_calibration.py).
@@ -59,6 +61,15 @@ for s in "$@"; do
         TAIL=12 stage "moe2_$routing" "${MOE2_S:-190}" torchrun --standalone --nproc_per_node 2 benchmarks/moe.py \
           $MOE2_FLAGS --layers "${MOE2_LAYERS:-20}" --hf-layers 6 --routing "$routing" --json "$OUT/moe2_$routing.json"
       done ;;
+    moemfu)  # issue 19: ours without activation checkpointing beside HF at 6 layers, 16K tokens/GPU, EP=2
+      # (MOEMFU_ROUTING: balanced, random or both, in that order)
+      for routing in ${MOEMFU_ROUTING:-balanced random}; do
+        TAIL=8 stage "moemfu_$routing" "${MOEMFU_S:-170}" torchrun --standalone --nproc_per_node 2 benchmarks/moe.py \
+          $MOE2_FLAGS --layers 6 --hf-layers 6 --ac none --routing "$routing" --json "$OUT/moemfu_$routing.json"
+      done ;;
+    moe20)  # issue 19: ours alone at 20 and 6 layers, full AC, fp32 (the peaks against the estimate)
+      TAIL=8 stage moe20 "${MOE20_S:-190}" torchrun --standalone --nproc_per_node 2 benchmarks/moe.py $MOE2_FLAGS \
+        --layers 20 --hf-layers 6 --skip-hf --routing balanced --json "$OUT/moe20.json" ;;
     moe10)  # issue 19: the deepest model the exact bf16 mode fits (auto: 39 layers), balanced routing, 10 steps
       TAIL=6 stage moe10 "${MOE10_S:-150}" torchrun --standalone --nproc_per_node 2 benchmarks/moe.py $MOE2_FLAGS \
         --skip-hf --layers "${MOE10_LAYERS:-auto}" --master-weights bf16 --routing balanced --steps 10 \

@@ -3,10 +3,10 @@
 What runs (one `torchrun`, every rank one GPU, one row of --seq random tokens per rank per step):
   1. mirotrain, EP = --ep (default: the world), 30B-A3B layer shapes at full width (hidden 2048, 128 experts
      of 768, top-8, 32/4 heads) with --layers layers ("auto": the deepest model that fits, below), the
-     trainer's path: expert sharding -> full activation checkpointing -> FSDP2 (bf16 compute; --master-weights
-     fp32: fp32 master weights and reduce, torch's fused AdamW; bf16: bf16 weights and reduce with the
-     compensated AdamW; bf16_plain: bf16 with torch's AdamW, mirotrain/optim/precision.py; experts over "edp"
-     with the DP-size divide factor), fused chunked linear CE + router aux loss (coef 0.001, statistics over
+     trainer's path: expert sharding -> activation checkpointing (--ac: full, or none) -> FSDP2 (bf16
+     compute; --master-weights fp32: fp32 master weights and reduce, torch's fused AdamW; bf16: bf16 weights
+     and reduce with the compensated AdamW; bf16_plain: bf16 with torch's AdamW, mirotrain/optim/precision.py;
+     experts over "edp" with the DP-size divide factor), fused chunked linear CE + router aux loss (coef 0.001, statistics over
      all ranks), global-norm clipping. Once with the grouped expert backend (torch._grouped_mm) at that
      depth, then grouped_mm and the per-expert loop at --hf-layers layers (same depth as the HF row; the
      grouped-mm speed-up is the ratio of these two).
@@ -83,9 +83,17 @@ def dispatch_copy_bytes(shape: dict, tokens: int, compute_bytes: int = 2) -> int
     return (6 * k * d + k * f) * compute_bytes * tokens
 
 
-def estimated_peak_bytes(layers: int, world: int, ep: int, seq: int, master_weights: str) -> int:
-    """`mirotrain validate`'s per-GPU estimate of our row (the shipped 2x H200 config at this layout) plus the
-    MoE dispatch copies."""
+def dispatch_saved_bytes(shape: dict, tokens: int, compute_bytes: int = 2) -> int:
+    """The part of ``dispatch_copy_bytes`` a layer keeps until its backward, (3kD + kF) per token: without
+    activation checkpointing every layer holds it at once."""
+    k, d, f = shape["top_k"], shape["dim"], shape["moe_hidden"]
+    return (3 * k * d + k * f) * compute_bytes * tokens
+
+
+def estimated_peak_bytes(layers: int, world: int, ep: int, seq: int, master_weights: str, ac: str = "full") -> int:
+    """`mirotrain validate`'s per-GPU estimate of our row (the shipped 2x H200 config at this layout, ``ac`` its
+    ``ac_mode``) plus the MoE dispatch copies: one layer's with full AC, and with none (every layer kept) each
+    other layer's saved part too."""
     from mirotrain.commands.estimate import estimate_memory
     from mirotrain.config import instantiate, load_config
     from mirotrain.config.tree import TrainConfig
@@ -94,21 +102,23 @@ def estimated_peak_bytes(layers: int, world: int, ep: int, seq: int, master_weig
     raw = load_config(SHIPPED_CONFIG, [
         f"model.n_layers={layers}", f"master_weights={master_weights}", f"moe_expert_parallel_size={ep}",
         "ulysses_sequence_parallel_size=1", f"dataset.packed_seq_len={seq}", f"tokenizer.max_seq_len={seq}",
-        "gradient_accumulation_steps=1", f"loss_chunk_tokens={DEFAULT_CHUNK_TOKENS}"])  # our LinearCrossEntropyLoss()
+        "gradient_accumulation_steps=1", f"loss_chunk_tokens={DEFAULT_CHUNK_TOKENS}",  # our LinearCrossEntropyLoss()
+        f"ac_mode={ac}"])
     with torch.device("meta"):
         model = instantiate(raw["model"])
     estimate = estimate_memory(model, TrainConfig.from_dict(raw), world)
-    return estimate.total + dispatch_copy_bytes(FULL, seq)
+    kept_dispatch = (layers - 1) * dispatch_saved_bytes(FULL, seq) if ac == "none" else 0
+    return estimate.total + dispatch_copy_bytes(FULL, seq) + kept_dispatch
 
 
-def auto_layers(world: int, ep: int, seq: int, gpu_bytes: int, master_weights: str) -> int:
+def auto_layers(world: int, ep: int, seq: int, gpu_bytes: int, master_weights: str, ac: str) -> int:
     """The deepest 30B-A3B (at most 48 layers) whose estimated peak stays under 90% of the GPU (at least 1)."""
     from mirotrain.commands.estimate import MEMORY_WARN_FRACTION
 
     low, high = 1, FULL["layers"]
     while low < high:  # the estimate grows with depth
         mid = (low + high + 1) // 2
-        if estimated_peak_bytes(mid, world, ep, seq, master_weights) <= MEMORY_WARN_FRACTION * gpu_bytes:
+        if estimated_peak_bytes(mid, world, ep, seq, master_weights, ac) <= MEMORY_WARN_FRACTION * gpu_bytes:
             low = mid
         else:
             high = mid - 1
@@ -163,7 +173,7 @@ def run_ours(ns, shape: dict, layers: int, backend: str, device: torch.device) -
     mode = MODES[ns.master_weights]
     model = build_ours(shape, layers, backend, ns.seq, device, mode.param_dtype)
     parallelize_qwen3_moe(model, meshes, ParallelizeOptions(
-        device_type=device.type, ac_mode="full", reduce_dtype=mode.reduce_dtype,
+        device_type=device.type, ac_mode=ns.ac, reduce_dtype=mode.reduce_dtype,
         param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32))
     model.to_empty(device=device)
     model.rope.to(device)
@@ -209,10 +219,10 @@ def run_ours(ns, shape: dict, layers: int, backend: str, device: torch.device) -
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return dict(system="mirotrain", gpus=world, ep=ep, layers=layers, seq=ns.seq, experts=backend,
-                routing=ns.routing, master_weights=ns.master_weights, step_s=step_s, tok_s_gpu=ns.seq / step_s,
+                routing=ns.routing, master_weights=ns.master_weights, ac=ns.ac, step_s=step_s, tok_s_gpu=ns.seq / step_s,
                 peak_gib=peak, reserved_gib=reserved, loss=loss_value,
                 max_over_mean_load=load["moe/max_over_mean_load"], rank_max_over_mean=rank_load,
-                estimated_gib=estimated_peak_bytes(layers, world, ep, ns.seq, ns.master_weights) / 2**30
+                estimated_gib=estimated_peak_bytes(layers, world, ep, ns.seq, ns.master_weights, ns.ac) / 2**30
                 if device.type == "cuda" else 0.0)
 
 
@@ -329,7 +339,7 @@ def add_mfu(row: dict, shape: dict, peak_tflops: float) -> dict:
 
 def format_table(rows: list[dict], peak_tflops: float) -> str:
     head = ("system", "GPUs", "EP", "layers", "seq", "experts", "routing", "load max/mean", "rank max/mean",
-            "weights", "tok/s/GPU", "TFLOP/s", "MFU(meas)", "MFU(989)", "tok/s/GPU@48L", "peak GiB", "est. GiB",
+            "weights", "AC", "tok/s/GPU", "TFLOP/s", "MFU(meas)", "MFU(989)", "tok/s/GPU@48L", "peak GiB", "est. GiB",
             "step s")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
@@ -339,7 +349,7 @@ def format_table(rows: list[dict], peak_tflops: float) -> str:
         lines.append(" | ".join(str(v) for v in (
             r["system"], r["gpus"], r["ep"], r["layers"], r["seq"], r["experts"], r["routing"],
             f"{r['max_over_mean_load']:.2f}", f"{r['rank_max_over_mean']:.2f}" if "rank_max_over_mean" in r else "-",
-            r["master_weights"], f"{r['tok_s_gpu']:.0f}",
+            r["master_weights"], r.get("ac", "full"), f"{r['tok_s_gpu']:.0f}",
             f"{r['tflops']:.1f}", f"{100 * r['mfu_measured']:.1f}%", f"{100 * r['mfu_nominal']:.1f}%",
             f"{r['tok_s_gpu_48l']:.0f}", f"{r['peak_gib']:.1f}", f"{r.get('estimated_gib', 0.0):.1f}",
             f"{r['step_s']:.3f}")))
@@ -377,6 +387,9 @@ def main() -> None:
                         help="the routers' own choices, or every expert the same load (ours and HF alike)")
     parser.add_argument("--master-weights", choices=("fp32", "bf16", "bf16_plain"), default="fp32",
                         help="what our sharded weights and AdamW state are kept in (mirotrain/optim/precision.py)")
+    parser.add_argument("--ac", choices=("full", "none"), default="full",
+                        help="our layers' activation checkpointing (ac_mode): full recomputes each layer's forward "
+                             "in its backward; none keeps every layer's activations (shallow models at 16K fit)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, 1 CPU process (gloo)")
     ns = parser.parse_args()
@@ -403,7 +416,7 @@ def main() -> None:
     ep = ns.ep or world
     if ns.layers == "auto":
         layers = TINY["layers"] if ns.cpu_smoke else auto_layers(
-            world, ep, ns.seq, torch.cuda.get_device_properties(device).total_memory, ns.master_weights)
+            world, ep, ns.seq, torch.cuda.get_device_properties(device).total_memory, ns.master_weights, ns.ac)
         if rank == 0:
             print(f"--layers auto: {layers} layers (validate's estimate + dispatch copies under 90% of the GPU)",
                   flush=True)
