@@ -3,7 +3,8 @@
 Same setup as benchmarks/sft.py (synthetic packed rows, the real SFTTrainer); prints the step time and the
 kernels that take the most self device time, grouped coarsely (attention, matmul, loss, optimizer, FSDP
 copies, element-wise), so docs/perf-notes.md can say what the remaining time is.
-Usage: python benchmarks/profile_sft.py --size 1.7B --seq 16384 [--no-compile] [--ac selective] [--trace DIR]
+Usage: python benchmarks/profile_sft.py --size 1.7B --seq 16384 [--ac selective --ac-option attention] [--fp8]
+       [--trace DIR]   (the trainer flags are benchmarks/sft.py's)
 """
 
 from __future__ import annotations
@@ -79,21 +80,11 @@ def worker(ns: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    from benchmarks.sft import write_rows
+    from benchmarks.sft import add_trainer_args, write_rows
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="1.7B")
-    p.add_argument("--seq", type=int, default=16384)
-    p.add_argument("--docs", type=int, default=1)
+    add_trainer_args(p)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--chunk", type=int, default=4096)
-    p.add_argument("--loss", choices=("chunked", "liger"), default="chunked")
-    p.add_argument("--ac", choices=("full", "selective"), default="full")
-    p.add_argument("--ac-option", default="op")
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--sp", type=int, default=1)
-    p.add_argument("--nproc", type=int, default=1, help="GPUs (FSDP over all of them)")
-    p.add_argument("--tokenizer")
     p.add_argument("--trace", help="directory for a chrome trace of the profiled step")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)

@@ -194,18 +194,14 @@ def hf_baseline(ns: argparse.Namespace) -> dict | None:
     return None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The benchmark's flags; tests/gpu builds its runs' configs from them, so a new flag reaches both."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_trainer_args(p: argparse.ArgumentParser) -> None:
+    """The flags ``base_config`` reads (the trainer's layout, loss, recompute, precision and FP8), shared with
+    benchmarks/profile_sft.py so a profile runs exactly the config a benchmark row ran."""
     p.add_argument("--size", default="1.7B", choices=sorted(BUILDERS))
     p.add_argument("--seq", type=int, default=16384)
     p.add_argument("--docs", type=int, default=1, help="documents per packed row (baselines train on 1)")
-    p.add_argument("--mix-mean", type=int, default=0,
-                   help="pack log-normal document lengths of this mean instead (P1's realistic case; no baseline)")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel size")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--chunk", type=int, default=4096, help="tokens per LM-head chunk (loss_chunk_tokens)")
     p.add_argument("--loss", choices=("chunked", "liger"), default="chunked")
     p.add_argument("--ac", choices=("full", "selective", "auto"), default="full",
@@ -216,8 +212,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp8", nargs="?", const="tensorwise", choices=FP8_RECIPES,
                    help="FP8 Linears in the decoder layers with this recipe (enable_fp8_training; default tensorwise)")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--tokenizer", help="Qwen3 tokenizer directory (default: bundled)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's flags; tests/gpu builds its runs' configs from them, so a new flag reaches both."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_trainer_args(p)
+    p.add_argument("--mix-mean", type=int, default=0,
+                   help="pack log-normal document lengths of this mean instead (P1's realistic case; no baseline)")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
