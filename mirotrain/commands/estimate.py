@@ -6,7 +6,7 @@ gradient reduce-scatter and the optimizer step. Each moment's bytes are split in
 
     sharded_state   the sharded weights and optimizer state, S·N/W less the gradients not produced yet
                     (S = state_bytes_per_param: fp32 masters 16, bf16 10, bf16_plain 8; on the host with
-                    fsdp_cpu_offload)
+                    fsdp_cpu_offload; the optimizer's 6 of bf16's 10 on the host with optimizer_state_offload)
     reference       DPO ``reference: live``: a frozen bf16 copy sharded like the policy, 2·N/W (``precompute``
                     reads the reference log-probs from the shards: 0)
     gathered_params the root (embedding, final norm, LM head) gathered for the whole step, and two decoder
@@ -111,6 +111,7 @@ class MemoryEstimate:
     tokens_per_gpu: int
     state_bytes_per_param: int
     offload: bool
+    optimizer_offload: bool   # optimizer_state_offload: the optimizer's state in host memory
     phase: str                # the moment of the step with the most bytes live
     sharded_state: int        # on the GPU (0 with offload)
     reference: int            # DPO live reference, on the GPU (0 with offload)
@@ -119,7 +120,8 @@ class MemoryEstimate:
     all_to_all: int
     loss: int
     buffers: int
-    host_state_per_rank: int  # with offload: state (+ reference) each rank keeps in host memory
+    host_state_per_rank: int  # state (+ reference) each rank keeps in host memory: all with offload, the
+                              # optimizer's with optimizer_offload
     host_activations_per_rank: int  # with enable_activation_offloading: the kept activations, pinned
 
     @property
@@ -130,7 +132,7 @@ class MemoryEstimate:
     def gib(self) -> dict[str, float]:
         """Every byte term in GiB plus ``total``; counts, flags and names as they are."""
         counts = {"objective", "plan", "params", "row_tokens", "tokens_per_gpu", "state_bytes_per_param", "offload",
-                  "phase"}
+                  "optimizer_offload", "phase"}
         out = {k: (v if k in counts else v / GIB) for k, v in asdict(self).items()}
         out["total"] = self.total / GIB
         return out
@@ -182,7 +184,9 @@ def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan: Memor
         all_to_all=_all_to_all(args, tokens, sp, compute),
         kept=kept_per_layer(shapes, compute, plan.ac_mode, plan.ac_option, plan.mlp_tiles, compiled),
         loss=loss_transient(shapes, compute, tokens, loss_kind(cfg, preference), loss_chunk(cfg, tokens, preference)),
-        optimizer=optimizer_transient(shapes, cfg.optim.optimizer, mode.name, world_size))
+        optimizer=optimizer_transient(shapes, cfg.optim.optimizer, mode.name, world_size,
+                                      cfg.run.optimizer_state_offload),
+        host_state_bytes=mode.optimizer_bytes if cfg.run.optimizer_state_offload else 0)
     return shapes, step, row, "dpo" if preference else "sft"
 
 
@@ -315,8 +319,10 @@ def estimate_memory(model: torch.nn.Module, cfg: TrainConfig, world_size: int,
     state = step.state_bytes * shapes.params // world_size
     return MemoryEstimate(
         objective=objective, plan=plan, params=shapes.params, row_tokens=row,
-        tokens_per_gpu=step.tokens, state_bytes_per_param=step.state_bytes, offload=step.offload, phase=phase,
-        **asdict(peak), host_state_per_rank=state + step.reference if step.offload else 0,
+        tokens_per_gpu=step.tokens, state_bytes_per_param=step.state_bytes, offload=step.offload,
+        optimizer_offload=step.host_state_bytes > 0, phase=phase, **asdict(peak),
+        host_state_per_rank=(state + step.reference if step.offload
+                             else step.host_state_bytes * shapes.params // world_size),
         host_activations_per_rank=step.tokens * sum(step.kept) if step.activations_on_host else 0,
     )
 

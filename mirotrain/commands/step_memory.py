@@ -29,6 +29,10 @@ With ``fsdp_cpu_offload`` the sharded state and the optimizer live on the host: 
 root and layers, the unsharded gradients and reduce buffers (the reduce-scatter output is copied to the host
 after it lands) and all activations: its peak is the loss in the forward or the backward.
 
+With ``optimizer_state_offload`` (``master_weights: bf16``) the optimizer's moments and compensation (6 of S = 10)
+live on the host and only the weights and gradients (4) stay sharded on the GPU; the optimizer step streams the
+state through the GPU chunk by chunk (``optimizer_transient``).
+
 With ``enable_activation_offloading`` the tensors each layer keeps from its forward to its backward go to pinned
 host memory (mirotrain/training/objectives.py: ``offloading``) and come back one layer at a time, when its
 backward needs them; what the backward recomputes stays on the GPU (the running layer's terms are unchanged).
@@ -185,14 +189,17 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def optimizer_transient(s: Shapes, optimizer: dict, master_weights: str, world_size: int) -> int:
+def optimizer_transient(s: Shapes, optimizer: dict, master_weights: str, world_size: int,
+                        state_offload: bool = False) -> int:
     """What the optimizer step allocates beyond the state: fused torch Adam(W) (the engine's default for them:
     ``runs_fused``) nothing; foreach one copy of the second moments (its sqrt); the compensated AdamW of ``master_weights: bf16``
     (mirotrain/optim/bf16_adamw.py) 16 bytes per element of its largest flat chunk (fp32 first and second
     moments plus the stochastic rounding's random bits and sum), a chunk being at most CHUNK_ELEMENTS or the
-    largest parameter's local shard (the embedding and LM head are updated alone)."""
+    largest parameter's local shard (the embedding and LM head are updated alone). With ``state_offload``
+    (``optimizer_state_offload``) 12 more: the chunk's bf16 moments and compensation copied in from the host
+    (6) and the next chunk's, copied in meanwhile (6, at most the size of this one's)."""
     if master_weights == "bf16":
-        return 16 * max(min(CHUNK_ELEMENTS, s.params // world_size), s.largest_local)
+        return (28 if state_offload else 16) * max(min(CHUNK_ELEMENTS, s.params // world_size), s.largest_local)
     if runs_fused(optimizer):
         return 0
     moment = FP32 if master_weights == "fp32" else 2
@@ -220,6 +227,7 @@ class Step:
     kept: list[int]
     loss: int
     optimizer: int
+    host_state_bytes: int = 0  # of state_bytes, what stays in host memory (optimizer_state_offload: the moments)
 
 
 def step_moments(s: Shapes, st: Step) -> dict[str, Terms]:
@@ -227,7 +235,7 @@ def step_moments(s: Shapes, st: Step) -> dict[str, Terms]:
     c, g, w, T = st.compute_bytes, st.grad_bytes, st.world_size, st.tokens
     on_gpu = 0 if st.offload else 1
     kept = [0] * len(st.kept) if st.activations_on_host else st.kept
-    weights_and_moments = on_gpu * (st.state_bytes - g) * s.params // w
+    weights_and_moments = on_gpu * (st.state_bytes - st.host_state_bytes - g) * s.params // w
     all_grads = on_gpu * g * s.params // w
     layer_grads = on_gpu * g * (s.params - s.root_params) // w
     earlier_grads = all_grads if st.grad_accum > 1 else 0

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mirotrain.checkpoint.host_memory import available_host_bytes, plan_host_memory
+from mirotrain.checkpoint.host_memory import HOST_MEMORY_FRACTION, available_host_bytes, plan_host_memory
 from mirotrain.commands.errors import add_debug_flag, reports_user_errors
 from mirotrain.commands.estimate import (GIB, MEMORY_WARN_FRACTION, MemoryEstimate, checkpoint_footprint,
                                          estimate_memory, step_terms)
@@ -70,6 +70,7 @@ def _print_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace
     _print_memory_plan(model, cfg, ns, estimate)
     if cfg.model.enable_fp8_training:
         _print_fp8(model, cfg, ns)
+    staging = 0.0
     if cfg.checkpoint.auto_resume:
         ckpt = checkpoint_footprint(model, cfg, ns.world_size, ns.gpus_per_node)
         keep = cfg.checkpoint.keep_last_n_checkpoints
@@ -78,6 +79,9 @@ def _print_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace
         print(f"checkpoints: ~{ckpt['size']:.0f} GiB each on disk (keep {keep}: up to "
               f"~{(keep + 1) * ckpt['size']:.0f} GiB while the next one is written){host}")
         _print_checkpoint_host_memory(cfg, ckpt["host_per_node"])
+        staging = ckpt["host_per_node"] if cfg.checkpoint.enable_async_checkpointing else 0.0
+    if estimate.optimizer_offload:
+        _print_host_memory(estimate, ns, staging)
 
 
 def _print_pairs_per_step(cfg: TrainConfig, ns: argparse.Namespace, dp: int) -> None:
@@ -139,12 +143,16 @@ def _print_memory(estimate: MemoryEstimate, cfg: TrainConfig, ns: argparse.Names
     print("memory/GPU:  ~{total:.1f} GiB at the {phase} (sharded state {sharded_state:.1f}, gathered params "
           "{gathered_params:.1f}, activations {activations:.1f}, loss {loss:.1f}".format(**mem) + f"{extra})")
     where = "GPU"
+    ranks = min(ns.gpus_per_node, ns.world_size)
     if estimate.offload:
-        ranks = min(ns.gpus_per_node, ns.world_size)
         where = (f"host (fsdp_cpu_offload): ~{mem['host_state_per_rank'] * ranks:.1f} GiB of host memory per node of "
                  f"{ranks} GPUs")
+    elif estimate.optimizer_offload:
+        held = MODES[cfg.run.master_weights].optimizer_bytes
+        where = (f"GPU: weights and gradients {estimate.state_bytes_per_param - held}; AdamW moments and compensation "
+                 f"{held} in host memory (optimizer_state_offload): ~{mem['host_state_per_rank'] * ranks:.1f} GiB "
+                 f"pinned per node of {ranks} GPUs, streamed through each GPU at every step")
     if estimate.host_activations_per_rank:
-        ranks = min(ns.gpus_per_node, ns.world_size)
         print(f"activations: offloaded (enable_activation_offloading): ~{mem['host_activations_per_rank'] * ranks:.1f} "
               f"GiB of pinned host memory per node of {ranks} GPUs")
     mode = MODES[cfg.run.master_weights]
@@ -191,6 +199,33 @@ def _print_fp8(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace)
     print(f"fp8:         enable_fp8_training: {recipe} float8 matmuls in {converted} Linears (attention q/k/v/o and "
           f"dense MLPs of {model.args.n_layers} decoder layers); {kept} in {cfg.run.dtype}; {gather}; needs compute "
           "capability >= 8.9 (checked at start-up); the memory estimate above counts bf16 matmuls")
+
+
+def _print_host_memory(estimate: MemoryEstimate, ns: argparse.Namespace, staging_gib: float) -> None:
+    """With ``optimizer_state_offload``: the host memory a node's ranks hold, added up (the pinned optimizer
+    state and offloaded activations, the async checkpoint staging), and what a node like this one would do with
+    it. The step checkpointer measures the available memory after the first step, the state already allocated,
+    and saves synchronously when the staging does not fit in its share of the rest
+    (``checkpoint/host_memory.py``); validate predicts that from this host's available memory."""
+    mem = estimate.gib()
+    ranks = min(ns.gpus_per_node, ns.world_size)
+    pinned = (mem["host_state_per_rank"] + mem["host_activations_per_rank"]) * ranks
+    terms = (("optimizer state", mem["host_state_per_rank"] * ranks),
+             ("offloaded activations", mem["host_activations_per_rank"] * ranks), ("async checkpoint staging", staging_gib))
+    available = available_host_bytes()
+    have = "unknown" if available is None else f"{available / GIB:.0f} GiB"
+    print(f"host memory: ~{pinned + staging_gib:.1f} GiB per node of {ranks} GPUs ("
+          + " + ".join(f"{label} {gib:.1f}" for label, gib in terms if gib) + f"; available on this host: {have})")
+    if available is None:
+        return
+    available_gib = available / GIB
+    if pinned > HOST_MEMORY_FRACTION * available_gib:
+        print(f"warning:     on a node like this one the pinned host memory (~{pinned:.1f} GiB) is above "
+              f"{HOST_MEMORY_FRACTION:.0%} of the {available_gib:.0f} GiB available: expect the host to run out of "
+              "memory at the first step; use more GPUs (splits the state) or drop optimizer_state_offload")
+    elif staging_gib > HOST_MEMORY_FRACTION * (available_gib - pinned):
+        print("warning:     on a node like this one step checkpoints would be saved synchronously: the async "
+              "staging buffers do not fit beside the offloaded optimizer state")
 
 
 def _print_checkpoint_host_memory(cfg: TrainConfig, per_node_gib: float) -> None:

@@ -98,6 +98,12 @@ class RunConfig:
                               "and AdamW moments plus a bf16 compensation that keeps small updates: 10) | bf16_plain "
                               "(bf16, updates rounded to nearest as MiroTrain did: 8). bf16 modes need dtype: bf16.",
                               choices=MASTER_WEIGHTS)
+    optimizer_state_offload: bool = key((bool,), False, "master_weights: bf16 only: keep the AdamW moments and "
+                                        "compensation (6 of its 10 bytes/param) in pinned host memory and stream them "
+                                        "through the GPU chunk by chunk at each optimizer step; the weights and "
+                                        "gradients (4 bytes/param) stay on the GPU. Bitwise equal to keeping them on "
+                                        "the GPU; costs the copies of 6 bytes/param each way per step. Excludes "
+                                        "fsdp_cpu_offload.")
     seed: int | None = key((int, type(None)), None, "Random seed; null draws one, logs it and stores it for resume.", low=0)
     cudnn_deterministic_mode: bool = key((bool,), False, "Deterministic mode: the same config, seed, world size and "
                                          "hardware give bitwise-equal losses and weights, also across a kill and "
@@ -106,11 +112,21 @@ class RunConfig:
                                          "attention, the loss uncompiled (mirotrain/training/determinism.py); "
                                          "slower steps (docs/training.md, 'Deterministic mode').")
 
-    def check(self) -> list[ConfigError]:
+    def check(self, fsdp_cpu_offload: bool) -> list[ConfigError]:
+        """The bf16 modes compute in bf16; ``optimizer_state_offload`` moves the compensated AdamW's state, which
+        only ``master_weights: bf16`` has, and ``fsdp_cpu_offload`` already keeps all state on the host."""
+        errors = []
         if self.master_weights != "fp32" and self.dtype != "bf16":
-            return [ConfigError("master_weights", f"{self.master_weights} keeps bf16 weights and needs dtype: bf16, "
-                                f"got dtype: {self.dtype}")]
-        return []
+            errors.append(ConfigError("master_weights", f"{self.master_weights} keeps bf16 weights and needs dtype: "
+                                      f"bf16, got dtype: {self.dtype}"))
+        if self.optimizer_state_offload and self.master_weights != "bf16":
+            errors.append(ConfigError("optimizer_state_offload", "moves the moments and compensation of the "
+                                      "compensated AdamW (master_weights: bf16) to host memory; got master_weights: "
+                                      f"{self.master_weights}"))
+        if self.optimizer_state_offload and fsdp_cpu_offload:
+            errors.append(ConfigError("optimizer_state_offload", "excludes fsdp_cpu_offload, which keeps the whole "
+                                      "sharded state (weights, gradients and optimizer) in host memory already"))
+        return errors
 
 
 # ``compile`` as a mapping: which parts to compile (MiroTrain's configs also name optimizer_step and scale_grads,

@@ -251,7 +251,8 @@ def _check_sections(cfg: dict, world_size: int, scope: Collection[str] | None, b
         return errors
     master_weights = cfg.get("master_weights", "fp32")
     device = cfg.get("device", RunConfig.device)
-    for section_cls, extra in ((ParallelConfig, (world_size,)), (ModelConfig, (device,)), (RunConfig, ()),
+    for section_cls, extra in ((ParallelConfig, (world_size,)), (ModelConfig, (device,)),
+                               (RunConfig, (cfg.get("fsdp_cpu_offload") is True,)),
                                (OptimConfig, (master_weights,))):
         names = {flat_name(f) for f in key_fields(section_cls)}
         if not names & bad:

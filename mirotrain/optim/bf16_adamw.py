@@ -21,6 +21,12 @@ few dozen kernels per chunk (not per parameter: a per-parameter loop launched ~2
 model's ~300 tensors every step) and copied back with ``_foreach_copy_``. The extra memory is ~30 bytes per
 element of one chunk (about 2 GiB), never a copy of the model.
 
+With ``offload_state`` (config key ``optimizer_state_offload``) the moments and the compensation buffer, 6 of the
+10 bytes per parameter, live in host memory and pass through the device chunk by chunk: each chunk's state is
+copied in before its update and back after it (mirotrain/optim/host_state.py), so the device holds the bf16
+weights and gradients and one or two chunks' state. The arithmetic is the same, on the same device, with the
+same random bits: a run with the state offloaded is bitwise equal to one without.
+
 Why not a library: torchao 0.18 has stochastic rounding only in the private ``torchao.optim._AdamW`` (documented
 for its quantized training), compiles every parameter shape with torch.compile (59 s for a two-layer toy on
 CPU) and is not in the GPU image; torch-optimi 0.3.3's Kahan AdamW fails on FSDP2 parameters
@@ -37,6 +43,8 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
+
+from mirotrain.optim.host_state import StateStream, StreamedState, host_zeros_like
 
 # fp32 bits below a bf16's mantissa
 _LOW_BITS = 16
@@ -85,17 +93,45 @@ def _chunks(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
         yield chunk
 
 
+# the state tensors of a parameter besides its step counter, all in the parameter's dtype
+STATE_NAMES = ("exp_avg", "exp_avg_sq", "compensation")
+
+
+class _ResidentState:
+    """A chunk's state where its parameters are: read into fp32 flat buffers, written back in place."""
+
+    def __init__(self, states: list[dict]):
+        self.states = states
+
+    def flat(self, name: str) -> torch.Tensor:
+        return _flat([s[name] for s in self.states])
+
+    def store(self, name: str, flat: torch.Tensor) -> None:
+        _write_back([s[name] for s in self.states], flat)
+
+
 class CompensatedAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected moments, torch's update formula) for bf16 parameters with
     a compensated weight update; see the module docstring. State per parameter: ``step`` (fp32 scalar, as
-    torch's AdamW), ``exp_avg``, ``exp_avg_sq`` and ``compensation``, all in the parameter's dtype."""
+    torch's AdamW), ``exp_avg``, ``exp_avg_sq`` and ``compensation``, all in the parameter's dtype.
+
+    ``offload_state``: the three state tensors live in host memory (page-locked where the parameter is on a
+    GPU) and each step streams them through the parameter's device chunk by chunk
+    (mirotrain/optim/host_state.py); the results are bitwise those of the resident state."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, offload_state: bool = False):
         if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"CompensatedAdamW: invalid lr={lr}, betas={betas}, eps={eps} or "
                              f"weight_decay={weight_decay}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        self.offload_state = offload_state
+        self._streams: dict[torch.device, StateStream] = {}
+
+    def _zeros_like(self, p: torch.Tensor) -> torch.Tensor:
+        if self.offload_state:
+            return host_zeros_like(p, pin=local_shard(p).device.type == "cuda")
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -103,6 +139,7 @@ class CompensatedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work: list[tuple[list[torch.Tensor], dict, int]] = []
         for group in self.param_groups:
             # parameters that can share flat buffers: same device and dtype, same step count (bias correction)
             buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
@@ -112,37 +149,78 @@ class CompensatedAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    for name in ("exp_avg", "exp_avg_sq", "compensation"):
-                        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    for name in STATE_NAMES:
+                        state[name] = self._zeros_like(p)
                 state["step"] += 1
                 shard = local_shard(p)
                 buckets[(shard.device, shard.dtype, int(state["step"].item()))].append(p)  # CPU step: no sync
-            for (_, _, t), params in buckets.items():
-                for chunk in _chunks(params):
-                    self._update(chunk, group, t)
+            work.extend((chunk, group, t) for (_, _, t), params in buckets.items() for chunk in _chunks(params))
+        if self.offload_state:
+            self._update_streamed(work)
+        else:
+            for chunk, group, t in work:
+                self._update(chunk, group, t, _ResidentState([self.state[p] for p in chunk]))
         return loss
 
-    def _update(self, params: list[torch.Tensor], group: dict, t: int) -> None:
-        """One AdamW step of ``params`` (their ``t``-th) on flat fp32 copies of their shards."""
+    def _update_streamed(self, work: list[tuple[list[torch.Tensor], dict, int]]) -> None:
+        """``_update`` of every chunk with its state fetched from the host, the next chunk's fetch overlapping
+        this chunk's update; returns once the new state is back in host memory."""
+        def fetch(chunk: list[torch.Tensor]) -> StreamedState:
+            device = local_shard(chunk[0]).device
+            stream = self._streams.setdefault(device, StateStream(device))
+            return stream.prefetch({name: [self.state[p][name] for p in chunk] for name in STATE_NAMES})
+
+        pending = fetch(work[0][0]) if work else None
+        for i, (chunk, group, t) in enumerate(work):
+            current, pending = pending, fetch(work[i + 1][0]) if i + 1 < len(work) else None
+            self._update(chunk, group, t, current)
+        for stream in self._streams.values():
+            stream.finish()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, except that with ``offload_state`` the loaded state is copied into the host tensors
+        (torch's load moves every state tensor to its parameter's device: the whole state onto the GPU)."""
+        if not self.offload_state:
+            super().load_state_dict(state_dict)
+            return
+        params = {pid: p for group, saved in zip(self.param_groups, state_dict["param_groups"])
+                  for pid, p in zip(saved["params"], group["params"])}
+        held = {pid: {k: v for k, v in values.items() if k in STATE_NAMES}
+                for pid, values in state_dict["state"].items()}
+        live = {p: dict(values) for p, values in self.state.items()}
+        super().load_state_dict({**state_dict, "state": {
+            pid: {k: v for k, v in values.items() if k not in STATE_NAMES} for pid, values in state_dict["state"].items()}})
+        for pid, values in held.items():
+            p = params[pid]
+            for name, value in values.items():
+                target = live.get(p, {}).get(name)
+                if target is None or local_shard(target).shape != local_shard(value).shape:
+                    target = self._zeros_like(p)
+                if target is not value:  # a checkpoint loaded in place (DCP) hands back the live tensors
+                    local_shard(target).copy_(local_shard(value))
+                self.state[p][name] = target
+
+    def _update(self, params: list[torch.Tensor], group: dict, t: int,
+                state: _ResidentState | StreamedState) -> None:
+        """One AdamW step of ``params`` (their ``t``-th) on flat fp32 copies of their shards and of their state
+        (``state``: where it lives, on their device or streamed from the host)."""
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        states = [self.state[p] for p in params]
-        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        compensations = [s["compensation"] for s in states]
 
         grad = _flat([p.grad for p in params])
-        m = _flat(exp_avgs).lerp_(grad, 1 - beta1)
-        _write_back(exp_avgs, m)  # rounded to nearest
-        v = _flat(exp_avg_sqs).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m = state.flat("exp_avg").lerp_(grad, 1 - beta1)
+        state.store("exp_avg", m)  # rounded to nearest
+        v = state.flat("exp_avg_sq").mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         del grad
-        _write_back(exp_avg_sqs, stochastic_round_bf16(v) if exp_avg_sqs[0].dtype == torch.bfloat16 else v)
+        dtype = local_shard(params[0]).dtype  # the state's too
+        state.store("exp_avg_sq", stochastic_round_bf16(v) if dtype == torch.bfloat16 else v)
         # update = -lr · (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) - lr · wd · weight
         update = m.div_(v.sqrt_().div_(math.sqrt(1 - beta2**t)).add_(eps)).mul_(-lr / (1 - beta1**t))
         del v
         old = _flat(params)
         if wd:
             update.add_(old, alpha=-lr * wd)
-        update.add_(_flat(compensations))
+        update.add_(state.flat("compensation"))
         total = old.add_(update)                 # the exact new weights, in fp32
-        rounded = total.to(local_shard(params[0]).dtype)
+        rounded = total.to(dtype)
         _write_back(params, rounded)
-        _write_back(compensations, total.sub_(rounded))  # what the rounding dropped, carried to the next step
+        state.store("compensation", total.sub_(rounded))  # what the rounding dropped, carried to the next step

@@ -35,6 +35,12 @@ class PrecisionMode:
     checkpoint_bytes: int      # weight + optimizer state (gradients are not saved)
     holds: str                 # what the state is, for `mirotrain validate`
 
+    @property
+    def optimizer_bytes(self) -> int:
+        """The optimizer's state per parameter (the state less the weight and its gradient): what
+        ``optimizer_state_offload`` keeps in host memory in the ``bf16`` mode (moments and compensation: 6)."""
+        return self.state_bytes - 2 * self.param_dtype.itemsize
+
 
 MODES: dict[str, PrecisionMode] = {
     "fp32": PrecisionMode("fp32", torch.float32, torch.float32, 16, 12,
@@ -55,13 +61,15 @@ def runs_fused(node: dict) -> bool:
     return (name.endswith("AdamW") or name.endswith("Adam")) and not node.get("foreach")
 
 
-def build_compensated_adamw(node: dict, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+def build_compensated_adamw(node: dict, params: Iterable[nn.Parameter], offload_state: bool = False
+                            ) -> torch.optim.Optimizer:
     """The ``bf16`` mode's optimizer with the section's hyper-parameters (torch AdamW's defaults otherwise; the
-    section's other keys are refused by the config check, ``OptimConfig.check``)."""
+    section's other keys are refused by the config check, ``OptimConfig.check``); ``offload_state``: its moments
+    and compensation in host memory (config key ``optimizer_state_offload``)."""
     kwargs = {k: node[k] for k in COMPENSATED_ADAMW_KEYS if k in node}
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    return CompensatedAdamW(params, **kwargs)
+    return CompensatedAdamW(params, offload_state=offload_state, **kwargs)
 
 
 def measured_bytes_per_param(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:

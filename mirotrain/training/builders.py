@@ -13,6 +13,7 @@ from torch import nn
 
 from mirotrain.config import instantiate
 from mirotrain.config.tree import TrainConfig, replace_section
+from mirotrain.optim.bf16_adamw import local_shard
 from mirotrain.optim.precision import MODES, PrecisionMode, build_compensated_adamw, runs_fused
 from mirotrain.training.layout import Layout
 
@@ -224,14 +225,23 @@ def init_random(model: nn.Module, seed: int) -> None:
 # ------------------------------------------------------------------------------------------------ optim
 
 
-def build_optimizer(node: dict, model: nn.Module, master_weights: str) -> torch.optim.Optimizer:
+def build_optimizer(node: dict, model: nn.Module, master_weights: str, state_offload: bool = False
+                    ) -> torch.optim.Optimizer:
     """The configured optimizer over all parameters; Adam(W) is fused by default (torch has fused CPU and
     CUDA kernels; CPU-resident parameters under fsdp_cpu_offload use the CPU kernel). ``master_weights: bf16``
-    runs the compensated AdamW with the section's hyper-parameters instead (mirotrain/optim/precision.py)."""
+    runs the compensated AdamW with the section's hyper-parameters instead (mirotrain/optim/precision.py), its
+    state in host memory with ``state_offload`` (``optimizer_state_offload``, which the config check allows
+    only in that mode)."""
     node = dict(node)
     node.pop("params", None)
     if master_weights == "bf16":
-        return build_compensated_adamw(node, [p for p in model.parameters() if p.requires_grad])
+        params = [p for p in model.parameters() if p.requires_grad]
+        if state_offload:
+            host = MODES["bf16"].optimizer_bytes * sum(local_shard(p).numel() for p in params)
+            log.info("optimizer_state_offload: the AdamW moments and compensation (%.1f GiB on this rank) live in "
+                     "host memory, allocated at the first step and streamed through the GPU at every step",
+                     host / 2**30)
+        return build_compensated_adamw(node, params, state_offload)
     if node.get("fused") is None and runs_fused(node):
         node["fused"] = True
     return instantiate(node, params=[p for p in model.parameters() if p.requires_grad])

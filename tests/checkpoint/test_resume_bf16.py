@@ -1,7 +1,10 @@
 """Auto-resume with ``master_weights: bf16``: `mirotrain sft` under torchrun (2 ranks, gloo, bf16 compute on CPU),
 SIGKILLed after step 6 and restarted from its step-4 checkpoint, must reproduce the uninterrupted run bit for
 bit. That needs the bf16 moments and the compensation buffer in the step checkpoint (sharded, like the weights)
-and each rank's RNG state restored, since the second moment's stochastic rounding draws from it."""
+and each rank's RNG state restored, since the second moment's stochastic rounding draws from it. With
+``optimizer_state_offload`` in the killed run only (moments and compensation in host tensors, DTensors like the
+weights' shards, streamed through the update: mirotrain/optim/host_state.py) it must equal the uninterrupted run
+that keeps them beside the weights: offloading changes no bit, and its state survives the checkpoint."""
 
 import sys
 from pathlib import Path
@@ -17,20 +20,21 @@ pytestmark = pytest.mark.slow  # `mirotrain sft` under torchrun, killed and rest
 STEPS, EVERY, KILL_AFTER = 12, 4, 6
 
 
-def _config(tmp: Path, shards: str, name: str) -> Path:
+def _config(tmp: Path, shards: str, name: str, **keys) -> Path:
     cfg = tiny_config(tmp / name, shards, auto_resume=True, checkpoint_steps_for_auto_resume=EVERY, seed=5,
-                      dtype="bf16", master_weights="bf16")
+                      dtype="bf16", master_weights="bf16", **keys)
     return write_config(cfg, tmp / f"{name}.yaml")
 
 
-def test_bf16_mode_killed_and_resumed_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("faulted_keys", [{}, {"optimizer_state_offload": True}], ids=["resident", "offloaded"])
+def test_bf16_mode_killed_and_resumed_equals_uninterrupted(tmp_path, faulted_keys):
     from torch.distributed.checkpoint import FileSystemReader
 
     shards = write_shards(tmp_path / "shards", n_rows=2 * STEPS, seq_len=64, seed=3)
     clean = run_sft(_config(tmp_path, shards, "clean"), nproc=2)
     assert_ok(clean)
 
-    faulted = _config(tmp_path, shards, "faulted")
+    faulted = _config(tmp_path, shards, "faulted", **faulted_keys)
     marker = tmp_path / "fault.marker"
     first = run_sft(faulted, nproc=2, env={"MIROTRAIN_FAULT_AFTER_STEP": str(KILL_AFTER),
                                            "MIROTRAIN_FAULT_MARKER": str(marker)})
@@ -43,6 +47,7 @@ def test_bf16_mode_killed_and_resumed_equals_uninterrupted(tmp_path):
 
     resumed = run_sft(faulted, nproc=2)
     assert_ok(resumed)
+    assert ("optimizer_state_offload: the AdamW moments" in resumed.stdout + resumed.stderr) == bool(faulted_keys)
     assert f"step_{EVERY}: step {EVERY}" in resumed.stdout + resumed.stderr
 
     want, got = read_metrics(tmp_path / "clean"), read_metrics(tmp_path / "faulted")

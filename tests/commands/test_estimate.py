@@ -330,3 +330,56 @@ def test_ac_option_or_activation_offloading_with_ac_mode_auto_is_refused(capsys)
 def test_mlp_tiles_the_model_cannot_take_are_refused(config, tiles, message, capsys):
     assert validate(["--config", str(config), "--world-size", "8", "--no-file-check", f"mlp_tiles={tiles}"]) == 2
     assert f"config key 'mlp_tiles': {message}" in capsys.readouterr().err
+
+
+def test_optimizer_state_offload_keeps_weights_and_gradients_on_the_gpu(model):
+    """master_weights: bf16 with optimizer_state_offload: of the 10 bytes/param, the weights and gradients (4)
+    stay sharded on the GPU and the moments and compensation (6) are in host memory; the optimizer step streams
+    them through the GPU, 12 bytes per element of its largest chunk more (this chunk's state and the next's)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    resident = step_terms(model, _cfg(SFT_8B, "master_weights=bf16"), WORLD)
+    cfg = _cfg(SFT_8B, "master_weights=bf16", "optimizer_state_offload=True")
+    offloaded = step_terms(model, cfg, WORLD)
+    assert offloaded["optimizer step"].sharded_state == 4 * n_params // WORLD
+    assert offloaded["loss in the forward"].sharded_state == 2 * n_params // WORLD
+    assert offloaded["optimizer step"].buffers == 28 * (151936 * 4096 // WORLD)
+    for moment, terms in offloaded.items():
+        assert terms.activations == resident[moment].activations and terms.loss == resident[moment].loss
+        assert resident[moment].sharded_state - terms.sharded_state == 6 * n_params // WORLD
+    estimate = estimate_memory(model, cfg, WORLD)
+    assert estimate.optimizer_offload and not estimate.offload and estimate.state_bytes_per_param == 10
+    assert estimate.host_state_per_rank == 6 * n_params // WORLD
+    assert estimate_memory(model, _cfg(SFT_8B, "master_weights=bf16"), WORLD).host_state_per_rank == 0
+
+
+def test_validate_reports_the_offloaded_optimizer_state_and_the_host_memory(capsys):
+    """Full-depth Qwen3-30B-A3B on 2 GPUs at 16K tokens each: ~57 GiB of bf16 weights and gradients per GPU,
+    6 B/param × 30.53B = 170.6 GiB of pinned optimizer state on the node, plus 8 B/param of async checkpoint
+    staging; the host line adds them up."""
+    moe = CONFIG_ROOT / "qwen3_moe" / "30B_A3B_full_sft_2xH200.yaml"
+    args = ["--config", str(moe), "--world-size", "2", "--gpus-per-node", "2", "--gpu-memory-gib", "139",
+            "--no-file-check", "ulysses_sequence_parallel_size=1", "dataset.packed_seq_len=16384",
+            "tokenizer.max_seq_len=16384", "gradient_accumulation_steps=1", "loss_chunk_tokens=4096",
+            "master_weights=bf16", "optimizer_state_offload=True"]
+    assert validate(args) == 0
+    out = {line[:12]: line for line in capsys.readouterr().out.splitlines()}
+    assert out["memory/GPU: "].startswith("memory/GPU:  ~62.3 GiB at the end of the backward (sharded state 56.3,")
+    assert out["state:      "].endswith("sharded over 2 ranks, on the GPU: weights and gradients 4; AdamW moments and "
+                                        "compensation 6 in host memory (optimizer_state_offload): ~170.6 GiB pinned "
+                                        "per node of 2 GPUs, streamed through each GPU at every step")
+    assert out["host memory:"].startswith("host memory: ~398.1 GiB per node of 2 GPUs (optimizer state 170.6 + async "
+                                          "checkpoint staging 227.5; available on this host: ")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("dtype=bf16", "master_weights=bf16_plain"), "moves the moments and compensation of the compensated AdamW "
+                                                  "(master_weights: bf16) to host memory; got master_weights: bf16_plain"),
+    (("master_weights=fp32",), "moves the moments and compensation of the compensated AdamW (master_weights: "
+                               "bf16) to host memory; got master_weights: fp32"),
+    (("dtype=bf16", "master_weights=bf16", "fsdp_cpu_offload=True"),
+     "excludes fsdp_cpu_offload, which keeps the whole sharded state (weights, gradients and optimizer) in host memory"),
+])
+def test_optimizer_state_offload_needs_the_bf16_mode_without_fsdp_cpu_offload(capsys, overrides, message):
+    tiny = str(CONFIG_ROOT / "tiny" / "sft.yaml")
+    assert validate(["--config", tiny, "--no-file-check", "optimizer_state_offload=True", *overrides]) == 2
+    assert f"config key 'optimizer_state_offload': {message}" in capsys.readouterr().err

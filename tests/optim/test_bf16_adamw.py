@@ -103,3 +103,52 @@ def test_parameters_split_into_chunks_update_as_one_flat_buffer(monkeypatch):
     apart = train()
     assert all(torch.equal(a, b) for a, b in zip(together, apart))
     assert not torch.equal(together[0], start[0])
+
+
+def _train_bf16(offload_state: bool, steps: int = 6) -> tuple[list[torch.nn.Parameter], CompensatedAdamW]:
+    """Two parameter groups of bf16 shards (one empty) updated ``steps`` times with fixed gradients."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(7, 5), (3,), (0, 4), (4, 2, 3)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in shapes]
+    opt = CompensatedAdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], lr=1e-2,
+                           weight_decay=0.1, offload_state=offload_state)
+    torch.manual_seed(0)  # the stochastic rounding's bits
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+        opt.step()
+    return params, opt
+
+
+def test_offloaded_state_updates_bitwise_as_the_resident_state(monkeypatch):
+    """offload_state keeps the moments and compensation in their own host tensors and streams them through the
+    chunked update (mirotrain/optim/host_state.py); weights and state equal the resident run's bit for bit, with
+    chunks of whole flat buffers and of single parameters."""
+    import mirotrain.optim.bf16_adamw as bf16_adamw
+
+    for chunk in (bf16_adamw.CHUNK_ELEMENTS, 1):
+        monkeypatch.setattr(bf16_adamw, "CHUNK_ELEMENTS", chunk)
+        (resident, ref), (offloaded, opt) = _train_bf16(False), _train_bf16(True)
+        for p, q in zip(resident, offloaded):
+            assert torch.equal(p, q)
+            assert ref.state[p].keys() == opt.state[q].keys()
+            for name, value in ref.state[p].items():
+                assert opt.state[q][name].dtype == value.dtype and torch.equal(opt.state[q][name], value), name
+    assert not torch.equal(opt.state[offloaded[0]]["compensation"], torch.zeros(7, 5, dtype=torch.bfloat16))
+
+
+def test_loading_offloaded_state_copies_into_the_host_tensors():
+    """torch's Optimizer.load_state_dict moves state to the parameter's device; with offload_state the loaded
+    values are copied into the live host tensors instead (DCP's in-place load hands those same tensors back),
+    and the run goes on as the uninterrupted one."""
+    params, opt = _train_bf16(True, steps=3)
+    live = {id(p): {k: v for k, v in opt.state[p].items() if k != "step"} for p in params}
+    saved = {pid: {k: v.clone() for k, v in values.items()} for pid, values in opt.state_dict()["state"].items()}
+    for values in opt.state.values():  # scribble: the load must bring the saved values back
+        for name in ("exp_avg", "exp_avg_sq", "compensation"):
+            values[name].fill_(3.0)
+    opt.load_state_dict({"state": saved, "param_groups": opt.state_dict()["param_groups"]})
+    for pid, p in enumerate(params):
+        for name, tensor in live[id(p)].items():
+            assert opt.state[p][name] is tensor and torch.equal(tensor, saved[pid][name]), name
+        assert torch.equal(opt.state[p]["step"], saved[pid]["step"])
