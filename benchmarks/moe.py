@@ -5,7 +5,9 @@ What runs (one `torchrun`, every rank one GPU, one row of --seq random tokens pe
      of 768, top-8, 32/4 heads) with --layers layers ("auto": the deepest model that fits, below), the
      trainer's path: expert sharding -> activation checkpointing (--ac: full, or none) -> FSDP2 (bf16
      compute; --master-weights fp32: fp32 master weights and reduce, torch's fused AdamW; bf16: bf16 weights
-     and reduce with the compensated AdamW; bf16_plain: bf16 with torch's AdamW, mirotrain/optim/precision.py;
+     and reduce with the compensated AdamW, with --optimizer-offload its moments and compensation in pinned host
+     memory, streamed through the GPU at each step (optimizer_state_offload, mirotrain/optim/host_state.py);
+     bf16_plain: bf16 with torch's AdamW, mirotrain/optim/precision.py;
      experts over "edp" with the DP-size divide factor), fused chunked linear CE + router aux loss (coef 0.001, statistics over
      all ranks), global-norm clipping. Once with the grouped expert backend (torch._grouped_mm) at that
      depth, then grouped_mm and the per-expert loop at --hf-layers layers (same depth as the HF row; the
@@ -18,7 +20,9 @@ What runs (one `torchrun`, every rank one GPU, one row of --seq random tokens pe
 every expert to the same load in both systems alike (benchmarks/moe_routing.py: the gate's logits become a
 round-robin pattern, Megatron's forced load balancing). Each row reports its busiest expert's load over the
 mean ("load max/mean", the worst layer; 1.00 = balanced) and, for ours, the busiest EP rank's rows over the
-mean over the EP ranks ("rank max/mean": with EP the step waits for that rank).
+mean over the EP ranks ("rank max/mean": with EP the step waits for that rank). With --optimizer-offload a row also
+reports its optimizer step's median time (the state's copies to the GPU and back dominate it), the first step's
+(with the pinned host allocation) and the host memory of each rank's state.
 Reported per row: tokens/s/GPU, MFU over *active* parameters (Megatron-style causal FLOPs, the baseline's
 formula: 6 * active matmul params + 6 * L * H * hd * S per token; LM head counted, embedding not) against
 the measured bf16 matmul peak and against 989 TFLOP/s, the equivalent tokens/s/GPU of the 48-layer model
@@ -26,13 +30,16 @@ at that MFU (comparable with the public 30B-A3B anchors), peak memory and step t
 --layers auto is the deepest model whose `mirotrain validate` estimate (the shipped 2x H200 30B-A3B config
 at this layout: --seq tokens per GPU, SP 1, EP --ep, GA 1, --master-weights) plus the MoE dispatch copies
 the estimate leaves out (docs/moe.md) stays under 90% of this GPU; on 2x H200 at 16K tokens and EP=2:
-fp32 24 layers, bf16 39, bf16_plain 48 (docs/benchmarks.md, "Full-depth 30B-A3B on 2x H200 at 16K tokens").
+fp32 24 layers, bf16 39, bf16_plain 48, bf16 with --optimizer-offload 48 (docs/benchmarks.md, "Full-depth 30B-A3B
+on 2x H200 at 16K tokens").
 
 Usage:
   torchrun --nproc_per_node 4 benchmarks/moe.py [--layers auto] [--seq 4096] [--hf-layers 4] [--json $OUT/moe.json]
   torchrun --nproc_per_node 2 benchmarks/moe.py --seq 16384 --ep 2 --hf-layers 6 --skip-loop --routing balanced
   torchrun --nproc_per_node 2 benchmarks/moe.py --seq 16384 --ep 2 --layers auto --master-weights bf16 \
       --skip-hf --skip-loop --routing balanced --steps 10     # the deepest model that fits, 10 steps
+  torchrun --nproc_per_node 2 benchmarks/moe.py --seq 16384 --ep 2 --layers 48 --master-weights bf16 \
+      --optimizer-offload --skip-hf --skip-loop --routing balanced --steps 10   # full depth, state on the host
   torchrun --nproc_per_node 4 benchmarks/moe.py --skip-hf --skip-loop --layers 24    # ours only
   python benchmarks/moe.py --cpu-smoke [--routing balanced]   # tiny model, 1 CPU process (gloo), HF tiny in-process
 On the GPU machine the baseline travels as .baselines/ (see benchmarks/common.py).
@@ -90,10 +97,11 @@ def dispatch_saved_bytes(shape: dict, tokens: int, compute_bytes: int = 2) -> in
     return (3 * k * d + k * f) * compute_bytes * tokens
 
 
-def estimated_peak_bytes(layers: int, world: int, ep: int, seq: int, master_weights: str, ac: str = "full") -> int:
+def estimated_peak_bytes(layers: int, world: int, ep: int, seq: int, master_weights: str, ac: str = "full",
+                         optimizer_offload: bool = False) -> int:
     """`mirotrain validate`'s per-GPU estimate of our row (the shipped 2x H200 config at this layout, ``ac`` its
-    ``ac_mode``) plus the MoE dispatch copies: one layer's with full AC, and with none (every layer kept) each
-    other layer's saved part too."""
+    ``ac_mode``, ``optimizer_offload`` its ``optimizer_state_offload``) plus the MoE dispatch copies: one layer's
+    with full AC, and with none (every layer kept) each other layer's saved part too."""
     from mirotrain.commands.estimate import estimate_memory
     from mirotrain.config import instantiate, load_config
     from mirotrain.config.tree import TrainConfig
@@ -103,7 +111,7 @@ def estimated_peak_bytes(layers: int, world: int, ep: int, seq: int, master_weig
         f"model.n_layers={layers}", f"master_weights={master_weights}", f"moe_expert_parallel_size={ep}",
         "ulysses_sequence_parallel_size=1", f"dataset.packed_seq_len={seq}", f"tokenizer.max_seq_len={seq}",
         "gradient_accumulation_steps=1", f"loss_chunk_tokens={DEFAULT_CHUNK_TOKENS}",  # our LinearCrossEntropyLoss()
-        f"ac_mode={ac}"])
+        f"ac_mode={ac}", f"optimizer_state_offload={optimizer_offload}"])
     with torch.device("meta"):
         model = instantiate(raw["model"])
     estimate = estimate_memory(model, TrainConfig.from_dict(raw), world)
@@ -111,14 +119,16 @@ def estimated_peak_bytes(layers: int, world: int, ep: int, seq: int, master_weig
     return estimate.total + dispatch_copy_bytes(FULL, seq) + kept_dispatch
 
 
-def auto_layers(world: int, ep: int, seq: int, gpu_bytes: int, master_weights: str, ac: str) -> int:
+def auto_layers(world: int, ep: int, seq: int, gpu_bytes: int, master_weights: str, ac: str,
+                optimizer_offload: bool = False) -> int:
     """The deepest 30B-A3B (at most 48 layers) whose estimated peak stays under 90% of the GPU (at least 1)."""
     from mirotrain.commands.estimate import MEMORY_WARN_FRACTION
 
     low, high = 1, FULL["layers"]
     while low < high:  # the estimate grows with depth
         mid = (low + high + 1) // 2
-        if estimated_peak_bytes(mid, world, ep, seq, master_weights, ac) <= MEMORY_WARN_FRACTION * gpu_bytes:
+        if estimated_peak_bytes(mid, world, ep, seq, master_weights, ac, optimizer_offload) <= \
+                MEMORY_WARN_FRACTION * gpu_bytes:
             low = mid
         else:
             high = mid - 1
@@ -183,14 +193,14 @@ def run_ours(ns, shape: dict, layers: int, backend: str, device: torch.device) -
 
         install_balanced_routing(model, shape["experts"], shape["top_k"])
     loss_fn = LinearCrossEntropyLoss()
-    opt = build_optimizer(model, ns.master_weights, fused=device.type == "cuda")
+    opt = build_optimizer(model, ns.master_weights, fused=device.type == "cuda", offload_state=ns.optimizer_offload)
     gen = torch.Generator().manual_seed(1000 + rank)
     ids = torch.randint(0, shape["vocab"], (1, ns.seq), generator=gen).to(device)
     labels = torch.randint(0, shape["vocab"], (1, ns.seq), generator=gen).to(device)
     n_global = torch.tensor(float(ns.seq * world), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, opt_times = [], []
     for step in range(ns.warmup + ns.steps):
         _sync(device)
         t0 = time.perf_counter()
@@ -200,9 +210,14 @@ def run_ours(ns, shape: dict, layers: int, backend: str, device: torch.device) -
         loss = (loss_sum / n_global + model.moe_aux_loss(dist.group.WORLD)) * world
         loss.backward()
         clip_grad_norm_(model.parameters(), 1.0)
+        if ns.optimizer_offload:  # the optimizer step alone: the state's copies to the GPU and back
+            _sync(device)
+            t_opt = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
+        if ns.optimizer_offload:
+            opt_times.append(time.perf_counter() - t_opt)
         if step >= ns.warmup:
             times.append(time.perf_counter() - t0)
     ce = loss_sum.detach() / n_global
@@ -213,16 +228,19 @@ def run_ours(ns, shape: dict, layers: int, backend: str, device: torch.device) -
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else 0.0
     step_s = statistics.median(times)
+    offload = offload_figures(opt, opt_times[0], statistics.median(opt_times[ns.warmup:])) if ns.optimizer_offload else {}
     release_memory(model, opt)
     del model, opt, hidden, loss
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return dict(system="mirotrain", gpus=world, ep=ep, layers=layers, seq=ns.seq, experts=backend,
-                routing=ns.routing, master_weights=ns.master_weights, ac=ns.ac, step_s=step_s, tok_s_gpu=ns.seq / step_s,
+                routing=ns.routing, master_weights=ns.master_weights, ac=ns.ac, optimizer_offload=ns.optimizer_offload,
+                **offload, step_s=step_s, tok_s_gpu=ns.seq / step_s,
                 peak_gib=peak, reserved_gib=reserved, loss=loss_value,
                 max_over_mean_load=load["moe/max_over_mean_load"], rank_max_over_mean=rank_load,
-                estimated_gib=estimated_peak_bytes(layers, world, ep, ns.seq, ns.master_weights, ns.ac) / 2**30
+                estimated_gib=estimated_peak_bytes(layers, world, ep, ns.seq, ns.master_weights, ns.ac,
+                                                   ns.optimizer_offload) / 2**30
                 if device.type == "cuda" else 0.0)
 
 
@@ -253,16 +271,25 @@ def busiest_rank_load(model, ep: int) -> float:
     return float((per_rank.max(dim=1).values / per_rank.mean(dim=1).clamp_min(1e-9)).max())
 
 
-def build_optimizer(model, master_weights: str, fused: bool) -> torch.optim.Optimizer:
+def offload_figures(opt: torch.optim.Optimizer, first_s: float, median_s: float) -> dict:
+    """An offloaded optimizer's step times (the first one allocates and page-locks the host state) and the host
+    memory of this rank's state."""
+    host = sum((v.to_local() if hasattr(v, "to_local") else v).nbytes
+               for state in opt.state.values() for k, v in state.items() if k != "step")
+    return dict(opt_s=median_s, first_opt_s=first_s, host_state_gib=host / 2**30)
+
+
+def build_optimizer(model, master_weights: str, fused: bool, offload_state: bool = False) -> torch.optim.Optimizer:
     """AdamW as the trainer builds it for ``master_weights`` (mirotrain/training/builders.py), lr 1e-5, with one
-    param group per mesh: a fused kernel runs per group, never mixing dense and expert DTensors."""
+    param group per mesh: a fused kernel runs per group, never mixing dense and expert DTensors. ``offload_state``:
+    the compensated AdamW's state in host memory (``optimizer_state_offload``; bf16 only)."""
     from mirotrain.optim.bf16_adamw import CompensatedAdamW
 
     experts = [p for n, p in model.named_parameters() if ".experts." in n]
     others = [p for n, p in model.named_parameters() if ".experts." not in n]
     groups = [{"params": others}, {"params": experts}]
     if master_weights == "bf16":
-        return CompensatedAdamW(groups, lr=1e-5)
+        return CompensatedAdamW(groups, lr=1e-5, offload_state=offload_state)
     return torch.optim.AdamW(groups, lr=1e-5, fused=fused)
 
 
@@ -349,7 +376,8 @@ def format_table(rows: list[dict], peak_tflops: float) -> str:
         lines.append(" | ".join(str(v) for v in (
             r["system"], r["gpus"], r["ep"], r["layers"], r["seq"], r["experts"], r["routing"],
             f"{r['max_over_mean_load']:.2f}", f"{r['rank_max_over_mean']:.2f}" if "rank_max_over_mean" in r else "-",
-            r["master_weights"], r.get("ac", "full"), f"{r['tok_s_gpu']:.0f}",
+            r["master_weights"] + ("+offload" if r.get("optimizer_offload") else ""), r.get("ac", "full"),
+            f"{r['tok_s_gpu']:.0f}",
             f"{r['tflops']:.1f}", f"{100 * r['mfu_measured']:.1f}%", f"{100 * r['mfu_nominal']:.1f}%",
             f"{r['tok_s_gpu_48l']:.0f}", f"{r['peak_gib']:.1f}", f"{r.get('estimated_gib', 0.0):.1f}",
             f"{r['step_s']:.3f}")))
@@ -358,6 +386,11 @@ def format_table(rows: list[dict], peak_tflops: float) -> str:
         if backend == "loop" and (layers, "grouped_mm") in ours:
             lines.append(f"\ngrouped_mm vs loop at {layers} layers: "
                          f"{ours[(layers, 'grouped_mm')]['tok_s_gpu'] / r['tok_s_gpu']:.2f}x")
+    for r in rows:
+        if r.get("optimizer_offload") and "error" not in r:
+            lines.append(f"optimizer state offloaded ({r['layers']} layers): {r['host_state_gib']:.1f} GiB of host "
+                         f"memory per rank; optimizer step {r['opt_s']:.2f} s (the first, with the pinned allocation, "
+                         f"{r['first_opt_s']:.1f} s)")
     lines.append(f"matmul peak (measured bf16): {peak_tflops:.0f} TFLOP/s")
     return "\n".join(lines)
 
@@ -387,12 +420,17 @@ def main() -> None:
                         help="the routers' own choices, or every expert the same load (ours and HF alike)")
     parser.add_argument("--master-weights", choices=("fp32", "bf16", "bf16_plain"), default="fp32",
                         help="what our sharded weights and AdamW state are kept in (mirotrain/optim/precision.py)")
+    parser.add_argument("--optimizer-offload", action="store_true",
+                        help="--master-weights bf16 only: the compensated AdamW's moments and compensation in pinned "
+                             "host memory, streamed through the GPU at each step (optimizer_state_offload)")
     parser.add_argument("--ac", choices=("full", "none"), default="full",
                         help="our layers' activation checkpointing (ac_mode): full recomputes each layer's forward "
                              "in its backward; none keeps every layer's activations (shallow models at 16K fit)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, 1 CPU process (gloo)")
     ns = parser.parse_args()
+    if ns.optimizer_offload and ns.master_weights != "bf16":
+        parser.error("--optimizer-offload moves the compensated AdamW's state: it needs --master-weights bf16")
 
     if ns.cpu_smoke:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -416,7 +454,8 @@ def main() -> None:
     ep = ns.ep or world
     if ns.layers == "auto":
         layers = TINY["layers"] if ns.cpu_smoke else auto_layers(
-            world, ep, ns.seq, torch.cuda.get_device_properties(device).total_memory, ns.master_weights, ns.ac)
+            world, ep, ns.seq, torch.cuda.get_device_properties(device).total_memory, ns.master_weights, ns.ac,
+            ns.optimizer_offload)
         if rank == 0:
             print(f"--layers auto: {layers} layers (validate's estimate + dispatch copies under 90% of the GPU)",
                   flush=True)
