@@ -21,6 +21,7 @@ reads the state.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import weakref
@@ -37,13 +38,19 @@ log = logging.getLogger(__name__)
 def _page_lock(buffer: np.ndarray) -> None:
     """Page-lock ``buffer`` for asynchronous CUDA copies until it is freed; on failure it stays pageable (the
     copies are then synchronous and slower, the values the same) and a warning says so."""
-    ptr, nbytes = buffer.ctypes.data, buffer.nbytes
-    error = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+    ptr = buffer.ctypes.data
+    error = int(torch.cuda.cudart().cudaHostRegister(ptr, buffer.nbytes, 0))
     if error != 0:
-        log.warning("Page-locking %.0f MiB of offloaded optimizer state failed (cudaError %d): its copies to and "
-                    "from the GPU run from pageable memory (slower).", nbytes / 2**20, error)
+        _warn_pageable(error)
         return
     weakref.finalize(buffer, torch.cuda.cudart().cudaHostUnregister, ptr)
+
+
+@functools.cache
+def _warn_pageable(error: int) -> None:
+    """Once per error code (a model has thousands of state tensors)."""
+    log.warning("Page-locking offloaded optimizer state failed (cudaError %d): its copies to and from the GPU run "
+                "from pageable memory (slower, same values).", error)
 
 
 def host_zeros(shape: Sequence[int], dtype: torch.dtype, pin: bool) -> torch.Tensor:
@@ -58,13 +65,12 @@ def host_zeros(shape: Sequence[int], dtype: torch.dtype, pin: bool) -> torch.Ten
 
 
 def host_zeros_like(param: torch.Tensor, pin: bool) -> torch.Tensor:
-    """Host zeros shaped like ``param``'s local shard, in its dtype; a DTensor with ``param``'s mesh, placements
-    and global shape over that host shard when ``param`` is one."""
+    """Host zeros shaped like ``param``'s local shard, in its dtype; a DTensor with ``param``'s sharding spec
+    (mesh, placements, global shape) over that host shard when ``param`` is one. Built as FSDP2 builds its
+    offloaded shards: ``DTensor.from_local`` would move the shard to the mesh's device (the GPU)."""
     if not isinstance(param, DTensor):
         return host_zeros(param.shape, param.dtype, pin)
-    local = host_zeros(param.to_local().shape, param.dtype, pin)
-    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                              stride=param.stride())
+    return DTensor(host_zeros(param.to_local().shape, param.dtype, pin), param._spec, requires_grad=False)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
