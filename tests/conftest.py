@@ -1,8 +1,15 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread in every test process and every process a test starts (engine runs, torchrun, task
+# CLIs, the demo, which inherit this environment), set before torch is imported. CI runs four xdist workers
+# on two cores: a second OpenMP thread per process only spin-waits between the tiny models' short parallel
+# regions and takes the core from another worker. The training helpers (tests/training/sft_helpers.py) set
+# the same for their children explicitly; an OMP_NUM_THREADS already set wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # The Prefect-layer fixtures (prefect_api, api_env, demo_inputs, ...) are shared by tests/pipelines, tests/tasks,
 # tests/integration and tests/test_hub.py.
@@ -20,15 +27,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     everything under tests/integration/ is slow, and every test that uses the session's Prefect API (a
     server process started by ``prefect_api``) is slow and integration.
 
-    Slow tests are moved to the front (a stable sort), so under ``pytest -n N --dist loadscope`` (the CI
-    command) the longest modules start first instead of forming the tail of the run."""
+    The order is then: tests/integration/ (servers, workers and whole post-train flows: the longest modules),
+    the other slow tests, the fast ones (a stable sort). The CI command (README.md) runs ``pytest -n 4 --dist
+    loadscope --no-loadscope-reorder``, which hands modules to the workers in this order, so the longest
+    modules start first instead of forming the tail of the run. (xdist's default reorder would sort modules by
+    their number of tests, and send the one-test server modules last.)"""
+    tiers = {}
     for item in items:
-        if INTEGRATION_DIR in Path(str(item.fspath)).resolve().parents:
+        in_integration = INTEGRATION_DIR in Path(str(item.fspath)).resolve().parents
+        if in_integration:
             item.add_marker(pytest.mark.slow)
         if "prefect_api" in item.fixturenames:
             item.add_marker(pytest.mark.slow)
             item.add_marker(pytest.mark.integration)
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+        tiers[item.nodeid] = 0 if in_integration else 1 if item.get_closest_marker("slow") else 2
+    items.sort(key=lambda item: tiers[item.nodeid])
 
 
 @pytest.fixture(autouse=True)
