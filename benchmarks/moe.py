@@ -281,7 +281,8 @@ def offload_figures(opt: torch.optim.Optimizer, first_s: float, median_s: float)
 
 def build_optimizer(model, master_weights: str, fused: bool, offload_state: bool = False) -> torch.optim.Optimizer:
     """AdamW as the trainer builds it for ``master_weights`` (mirotrain/training/builders.py), lr 1e-5, with one
-    param group per mesh: a fused kernel runs per group, never mixing dense and expert DTensors. ``offload_state``:
+    param group per mesh: a fused kernel runs per group, never mixing dense and expert DTensors (``fused``: also the
+    compensated AdamW's compiled kernel, as the trainer compiles it on GPUs). ``offload_state``:
     the compensated AdamW's state in host memory (``optimizer_state_offload``; bf16 only)."""
     from mirotrain.optim.bf16_adamw import CompensatedAdamW
 
@@ -289,7 +290,7 @@ def build_optimizer(model, master_weights: str, fused: bool, offload_state: bool
     others = [p for n, p in model.named_parameters() if ".experts." not in n]
     groups = [{"params": others}, {"params": experts}]
     if master_weights == "bf16":
-        return CompensatedAdamW(groups, lr=1e-5, offload_state=offload_state)
+        return CompensatedAdamW(groups, lr=1e-5, offload_state=offload_state, compiled=fused)
     return torch.optim.AdamW(groups, lr=1e-5, fused=fused)
 
 

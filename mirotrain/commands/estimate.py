@@ -172,7 +172,7 @@ def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan: Memor
     tokens = row // sp
     mode = MODES[cfg.run.master_weights]
     compute = 2 if cfg.run.dtype == "bf16" else 4
-    compiled, _ = cfg.model.compile_flags("cuda")  # the estimate is of a GPU run
+    compiled, _, _ = cfg.model.compile_flags("cuda")  # the estimate is of a GPU run
     reference = BF16 * shapes.params // world_size if preference and cfg.dpo.reference == "live" else 0
     step = Step(
         tokens=tokens, compute_bytes=compute, grad_bytes=torch.empty((), dtype=mode.reduce_dtype).element_size(),

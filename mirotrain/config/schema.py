@@ -129,8 +129,9 @@ class RunConfig:
         return errors
 
 
-# ``compile`` as a mapping: which parts to compile (MiroTrain's configs also name optimizer_step and scale_grads,
-# which the engine accepts and leaves uncompiled).
+# ``compile`` as a mapping: which parts to compile (optimizer_step: the compensated AdamW of ``master_weights:
+# bf16``, mirotrain/optim/bf16_adamw.py; MiroTrain's configs also name scale_grads, which the engine accepts and
+# leaves uncompiled).
 COMPILE_PARTS = frozenset({"model", "loss", "optimizer_step", "scale_grads"})
 
 
@@ -147,8 +148,9 @@ class ModelConfig:
     loss_chunk_tokens: int | None = key(OPTIONAL_INT, None, "Tokens per chunk of the fused LM-head cross-entropy / "
                                         "log-prob computation (null: the loss's own default); excludes "
                                         "unembed_chunk_size.", low=1)
-    compile: bool | dict | None = key((bool, dict, type(None)), None, "torch.compile decoder layers and the loss "
-                                      "(default: on for CUDA).")
+    compile: bool | dict | None = key((bool, dict, type(None)), None, "torch.compile decoder layers, the loss and "
+                                      "(master_weights: bf16) the optimizer step (default: on for CUDA); a mapping "
+                                      "names the parts: model, loss, optimizer_step.")
     enable_activation_checkpointing: bool = key((bool,), True, "Recompute each decoder layer in backward.")
     ac_mode: str | None = key((str, type(None)), None, "Activation checkpointing mode: full | selective | none | "
                               "auto (as many leading layers keep their activations as the GPU's memory allows, by "
@@ -186,15 +188,16 @@ class ModelConfig:
             return max(1, -(-int(seq_len) // self.unembed_chunk_size))
         return None
 
-    def compile_flags(self, device_type: str) -> tuple[bool, bool]:
-        """(compile the decoder layers, compile the loss kernel) as ``compile`` says; default: both on CUDA. The
-        trainer builds by it and the memory estimate counts by it (compiled layers save fewer activations)."""
+    def compile_flags(self, device_type: str) -> tuple[bool, bool, bool]:
+        """(compile the decoder layers, the loss kernel, the bf16 mode's optimizer step) as ``compile`` says;
+        default: all on CUDA. The trainer builds by it and the memory estimate counts by it (compiled layers save
+        fewer activations)."""
         value = self.compile
         if value is None:
             value = device_type == "cuda"
         if isinstance(value, dict):  # its keys are checked by ``check``
-            return bool(value.get("model", False)), bool(value.get("loss", False))
-        return bool(value), bool(value)
+            return tuple(bool(value.get(part, False)) for part in ("model", "loss", "optimizer_step"))
+        return bool(value), bool(value), bool(value)
 
     def planned_mlp_tiles(self) -> int | str:
         """``mlp_tiles`` as the memory plan reads it: with FP8 training the MLPs stay untiled (``auto`` is 1; a

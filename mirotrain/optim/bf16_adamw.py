@@ -15,17 +15,27 @@ only grow (never decay after a spike); it is stochastically rounded instead (rou
 of the dropped fraction, so its expected value is exact), with random bits from the device's default
 generator, which step checkpoints save and restore per rank: a resumed run stays bitwise equal.
 
-The update runs on local shards (FSDP2 DTensors are updated through ``to_local()``), fused in Python: the
-shards of up to ``CHUNK_ELEMENTS`` parameters' elements are concatenated into flat fp32 buffers, updated with a
-few dozen kernels per chunk (not per parameter: a per-parameter loop launched ~20 kernels for each of a 0.6B
-model's ~300 tensors every step) and copied back with ``_foreach_copy_``. The extra memory is ~30 bytes per
-element of one chunk (about 2 GiB), never a copy of the model.
+The update runs on local shards (FSDP2 DTensors are updated through ``to_local()``); its arithmetic is one
+function, ``compensated_adamw_``, run one of two ways:
+
+- ``compiled`` (the trainer's default on GPUs, config ``compile``): torch.compile turns the function into one
+  kernel, called once per parameter shard: it reads the weight, gradient and state (10 bytes per element) and
+  writes them back (8 bytes), ~8 ms for 1.7B parameters on an H200. Eager, the same arithmetic is about twenty
+  memory-bound passes: 121 ms of a 0.62 s Qwen3-1.7B step (docs/benchmarks.md, sixth session). The compiled
+  kernel draws the stochastic rounding's bits from Inductor's generator (seeded from the device's default
+  generator, so still restored by step checkpoints) and rounds like eager code (``emulate_precision_casts``:
+  without it Inductor keeps the bf16-rounded weight in fp32 and the compensation comes out zero).
+- eager: the shards of up to ``CHUNK_ELEMENTS`` parameters' elements are concatenated into flat fp32 buffers,
+  updated with a few dozen kernels per chunk (a per-parameter loop would launch ~20 kernels for each of a 0.6B
+  model's ~300 tensors every step) and copied back with ``_foreach_copy_``. The extra memory is ~40 bytes per
+  element of one chunk (about 2.5 GiB), never a copy of the model.
 
 With ``offload_state`` (config key ``optimizer_state_offload``) the moments and the compensation buffer, 6 of the
 10 bytes per parameter, live in host memory and pass through the device chunk by chunk: each chunk's state is
 copied in before its update and back after it (mirotrain/optim/host_state.py), so the device holds the bf16
 weights and gradients and one or two chunks' state. The arithmetic is the same, on the same device, with the
-same random bits: a run with the state offloaded is bitwise equal to one without.
+same random bits: a run with the state offloaded is bitwise equal to one without. Offloaded chunks always take
+the flat buffers (compiled or not: the stream copies whole chunks).
 
 Why not a library: torchao 0.18 has stochastic rounding only in the private ``torchao.optim._AdamW`` (documented
 for its quantized training), compiles every parameter shape with torch.compile (59 s for a two-layer toy on
@@ -36,9 +46,10 @@ groups (which step checkpoints store as JSON) and applies weight decay outside t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -48,7 +59,7 @@ from mirotrain.optim.host_state import StateStream, StreamedState, host_zeros_li
 
 # fp32 bits below a bf16's mantissa
 _LOW_BITS = 16
-# elements updated together: the flat fp32 buffers of one chunk are ~30 bytes per element (2 GiB)
+# elements updated together: the flat fp32 buffers of one chunk are ~40 bytes per element (2.5 GiB)
 CHUNK_ELEMENTS = 1 << 26
 
 
@@ -63,6 +74,39 @@ def stochastic_round_bf16(value: torch.Tensor) -> torch.Tensor:
     bits = value.view(torch.int32)
     bits = (bits + torch.randint_like(bits, 1 << _LOW_BITS)).bitwise_and_(-(1 << _LOW_BITS))
     return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
+
+
+def compensated_adamw_(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                        compensation: torch.Tensor, coefficients: torch.Tensor, beta1: float, beta2: float,
+                        eps: float, dtype: torch.dtype) -> None:
+    """One compensated AdamW step, in place, of tensors of one shape (a parameter's shards, or flat fp32 buffers
+    of a chunk's shards), computed in fp32; ``dtype`` is what the weights are kept in (their rounding, and
+    stochastic rounding of the second moment when it is bf16). ``coefficients`` holds the step's scalars that
+    change from step to step, as a tensor on the weights' device so the compiled kernel is built once:
+    ``-lr / (1 - beta1^t)``, ``sqrt(1 - beta2^t)`` and ``lr · weight_decay``.
+
+        update = -lr · (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) - lr · wd · weight
+        weight + compensation + update  ->  rounded to ``dtype``, and what that rounding dropped
+    """
+    step_size, bias2_sqrt, decay = coefficients[0], coefficients[1], coefficients[2]
+    g = grad.float()
+    m = exp_avg.float().lerp(g, 1 - beta1)
+    v = exp_avg_sq.float().mul(beta2).addcmul(g, g, value=1 - beta2)
+    exp_avg.copy_(m)  # rounded to nearest
+    exp_avg_sq.copy_(stochastic_round_bf16(v) if dtype == torch.bfloat16 else v)
+    old = weight.float()
+    update = m / (v.sqrt() / bias2_sqrt + eps) * step_size - decay * old + compensation.float()
+    total = old + update  # the exact new weights, in fp32
+    rounded = total.to(dtype)
+    weight.copy_(rounded)
+    compensation.copy_(total - rounded)  # what the rounding dropped, carried to the next step
+
+
+@functools.cache
+def compiled_compensated_adamw() -> Callable[..., None]:
+    """``compensated_adamw_`` as one kernel for shards of any length (built at the first call)."""
+    return torch.compile(compensated_adamw_, dynamic=True, fullgraph=True,
+                         options={"emulate_precision_casts": True})
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -117,15 +161,19 @@ class CompensatedAdamW(torch.optim.Optimizer):
 
     ``offload_state``: the three state tensors live in host memory (page-locked where the parameter is on a
     GPU) and each step streams them through the parameter's device chunk by chunk
-    (mirotrain/optim/host_state.py); the results are bitwise those of the resident state."""
+    (mirotrain/optim/host_state.py); the results are bitwise those of the resident state.
+
+    ``compiled``: the update is one torch.compile'd kernel per parameter shard (see the module docstring)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, offload_state: bool = False):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, offload_state: bool = False, compiled: bool = False):
         if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"CompensatedAdamW: invalid lr={lr}, betas={betas}, eps={eps} or "
                              f"weight_decay={weight_decay}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self.offload_state = offload_state
+        self.compiled = compiled
+        self._step_fn = compiled_compensated_adamw() if compiled else compensated_adamw_
         self._streams: dict[torch.device, StateStream] = {}
 
     def _zeros_like(self, p: torch.Tensor) -> torch.Tensor:
@@ -159,7 +207,10 @@ class CompensatedAdamW(torch.optim.Optimizer):
             self._update_streamed(work)
         else:
             for chunk, group, t in work:
-                self._update(chunk, group, t, _ResidentState([self.state[p] for p in chunk]))
+                if self.compiled:
+                    self._update_shards(chunk, group, t)
+                else:
+                    self._update(chunk, group, t, _ResidentState([self.state[p] for p in chunk]))
         return loss
 
     def _update_streamed(self, work: list[tuple[list[torch.Tensor], dict, int]]) -> None:
@@ -204,23 +255,30 @@ class CompensatedAdamW(torch.optim.Optimizer):
                 state: _ResidentState | StreamedState) -> None:
         """One AdamW step of ``params`` (their ``t``-th) on flat fp32 copies of their shards and of their state
         (``state``: where it lives, on their device or streamed from the host)."""
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-
-        grad = _flat([p.grad for p in params])
-        m = state.flat("exp_avg").lerp_(grad, 1 - beta1)
-        state.store("exp_avg", m)  # rounded to nearest
-        v = state.flat("exp_avg_sq").mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        weights, grad = _flat(params), _flat([p.grad for p in params])
+        flats = {name: state.flat(name) for name in STATE_NAMES}
+        self._step_fn(weights, grad, *flats.values(), _coefficients(group, t, weights.device), *group["betas"],
+                      group["eps"], local_shard(params[0]).dtype)
         del grad
-        dtype = local_shard(params[0]).dtype  # the state's too
-        state.store("exp_avg_sq", stochastic_round_bf16(v) if dtype == torch.bfloat16 else v)
-        # update = -lr · (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) - lr · wd · weight
-        update = m.div_(v.sqrt_().div_(math.sqrt(1 - beta2**t)).add_(eps)).mul_(-lr / (1 - beta1**t))
-        del v
-        old = _flat(params)
-        if wd:
-            update.add_(old, alpha=-lr * wd)
-        update.add_(state.flat("compensation"))
-        total = old.add_(update)                 # the exact new weights, in fp32
-        rounded = total.to(dtype)
-        _write_back(params, rounded)
-        state.store("compensation", total.sub_(rounded))  # what the rounding dropped, carried to the next step
+        for name, flat in flats.items():
+            state.store(name, flat)
+        _write_back(params, weights)
+
+    def _update_shards(self, params: list[torch.Tensor], group: dict, t: int) -> None:
+        """One AdamW step of ``params`` (their ``t``-th), the compiled kernel once per parameter on its shard and
+        its state in place."""
+        coefficients = _coefficients(group, t, local_shard(params[0]).device)
+        for p in params:
+            weight = local_shard(p)
+            if weight.numel() == 0:  # an uneven dim-0 split can leave a rank no rows
+                continue
+            state = [local_shard(self.state[p][name]).view(-1) for name in STATE_NAMES]
+            self._step_fn(weight.view(-1), local_shard(p.grad).view(-1), *state, coefficients, *group["betas"],
+                          group["eps"], weight.dtype)
+
+
+def _coefficients(group: dict, t: int, device: torch.device) -> torch.Tensor:
+    """``compensated_adamw_``'s per-step scalars for a parameter group at its ``t``-th step."""
+    lr, (beta1, beta2) = float(group["lr"]), group["betas"]
+    return torch.tensor([-lr / (1 - beta1**t), math.sqrt(1 - beta2**t), lr * group["weight_decay"]],
+                        dtype=torch.float32, device=device)

@@ -61,15 +61,16 @@ def runs_fused(node: dict) -> bool:
     return (name.endswith("AdamW") or name.endswith("Adam")) and not node.get("foreach")
 
 
-def build_compensated_adamw(node: dict, params: Iterable[nn.Parameter], offload_state: bool = False
-                            ) -> torch.optim.Optimizer:
+def build_compensated_adamw(node: dict, params: Iterable[nn.Parameter], offload_state: bool = False,
+                            compiled: bool = False) -> torch.optim.Optimizer:
     """The ``bf16`` mode's optimizer with the section's hyper-parameters (torch AdamW's defaults otherwise; the
     section's other keys are refused by the config check, ``OptimConfig.check``); ``offload_state``: its moments
-    and compensation in host memory (config key ``optimizer_state_offload``)."""
+    and compensation in host memory (config key ``optimizer_state_offload``); ``compiled``: its update as one
+    compiled kernel per parameter (``compile``'s optimizer_step)."""
     kwargs = {k: node[k] for k in COMPENSATED_ADAMW_KEYS if k in node}
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    return CompensatedAdamW(params, offload_state=offload_state, **kwargs)
+    return CompensatedAdamW(params, offload_state=offload_state, compiled=compiled, **kwargs)
 
 
 def measured_bytes_per_param(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:

@@ -203,7 +203,8 @@ def finish_run(cfg: TrainConfig, env: RunEnv, recipe: str, model: nn.Module, tra
                val_loader: Any) -> RunParts:
     """The optimizer, the schedule over the run's steps, the loop's cadences, checkpoint meta and exports."""
     optim = cfg.optim
-    optimizer = build_optimizer(optim.optimizer, model, cfg.run.master_weights, cfg.run.optimizer_state_offload)
+    optimizer = build_optimizer(optim.optimizer, model, cfg.run.master_weights, cfg.run.optimizer_state_offload,
+                                env.model_spec.compile_optimizer)
     if env.model_spec.fp8_recipe is not None:
         from mirotrain.parallel.float8 import attach_scale_precompute
 

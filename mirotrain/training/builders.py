@@ -38,6 +38,7 @@ class ModelSpec:
     ac_option: int | str | None
     compile_model: bool
     compile_loss: bool
+    compile_optimizer: bool  # the bf16 mode's optimizer step (mirotrain/optim/bf16_adamw.py)
     dtype_name: str
     master_weights: str  # what the sharded weights and optimizer state are kept in (mirotrain/optim/precision.py)
     cpu_offload: bool
@@ -50,7 +51,7 @@ class ModelSpec:
     def from_config(cls, cfg: TrainConfig, device: torch.device, world_size: int) -> "ModelSpec":
         m = cfg.model
         plan = _memory_plan(cfg, device, world_size)
-        compile_model, compile_loss = m.compile_flags(device.type)
+        compile_model, compile_loss, compile_optimizer = m.compile_flags(device.type)
         if compile_loss and cfg.run.cudnn_deterministic_mode:
             # The loss kernel is compiled with dynamic shapes, whose launch configuration (and with it the order
             # of the vocabulary sums) follows the first chunk length it saw: a resumed run sees another one
@@ -59,6 +60,7 @@ class ModelSpec:
         fp8_recipe = _fp8_recipe(cfg, device)
         return cls(component=dict(m.component), attention_backend=m.attention_backend, ac_mode=plan.ac_mode,
                    ac_option=plan.ac_option, compile_model=compile_model, compile_loss=compile_loss,
+                   compile_optimizer=compile_optimizer,
                    dtype_name=cfg.run.dtype, master_weights=cfg.run.master_weights,
                    cpu_offload=cfg.parallel.fsdp_cpu_offload,
                    reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
@@ -225,13 +227,13 @@ def init_random(model: nn.Module, seed: int) -> None:
 # ------------------------------------------------------------------------------------------------ optim
 
 
-def build_optimizer(node: dict, model: nn.Module, master_weights: str, state_offload: bool = False
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(node: dict, model: nn.Module, master_weights: str, state_offload: bool = False,
+                    compiled: bool = False) -> torch.optim.Optimizer:
     """The configured optimizer over all parameters; Adam(W) is fused by default (torch has fused CPU and
     CUDA kernels; CPU-resident parameters under fsdp_cpu_offload use the CPU kernel). ``master_weights: bf16``
     runs the compensated AdamW with the section's hyper-parameters instead (mirotrain/optim/precision.py), its
     state in host memory with ``state_offload`` (``optimizer_state_offload``, which the config check allows
-    only in that mode)."""
+    only in that mode), its update one compiled kernel per parameter with ``compiled``."""
     node = dict(node)
     node.pop("params", None)
     if master_weights == "bf16":
@@ -241,7 +243,7 @@ def build_optimizer(node: dict, model: nn.Module, master_weights: str, state_off
             log.info("optimizer_state_offload: the AdamW moments and compensation (%.1f GiB on this rank) live in "
                      "host memory, allocated at the first step and streamed through the GPU at every step",
                      host / 2**30)
-        return build_compensated_adamw(node, params, state_offload)
+        return build_compensated_adamw(node, params, state_offload, compiled)
     if node.get("fused") is None and runs_fused(node):
         node["fused"] = True
     return instantiate(node, params=[p for p in model.parameters() if p.requires_grad])

@@ -8,6 +8,7 @@ not move them at all.
 
 import math
 
+import pytest
 import torch
 
 from mirotrain.optim.bf16_adamw import CompensatedAdamW, stochastic_round_bf16
@@ -48,7 +49,9 @@ def _train(optimizer_cls, p0: torch.Tensor, grads: list[torch.Tensor], **kwargs)
     return p.detach(), opt.state[p]
 
 
-def test_compensated_adamw_follows_float64_where_plain_bf16_stays_stuck():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_compensated_adamw_follows_float64_where_plain_bf16_stays_stuck(compiled: bool):
+    """Eager (flat buffers) and compiled (one kernel per shard) alike."""
     torch.manual_seed(0)
     p0 = (1 + 0.5 * torch.rand(N, generator=torch.Generator().manual_seed(1))).bfloat16()
     grads = _gradients()
@@ -56,7 +59,7 @@ def test_compensated_adamw_follows_float64_where_plain_bf16_stays_stuck():
     moved = (ref - p0.double()).abs().mean().item()
     assert moved > 10 * 2**-8  # the reference travels many half-ulps (2^-8 for weights in [1, 2))
 
-    compensated, state = _train(CompensatedAdamW, p0, grads)
+    compensated, state = _train(CompensatedAdamW, p0, grads, compiled=compiled)
     assert {k: v.dtype for k, v in state.items()} == {"step": torch.float32, "exp_avg": torch.bfloat16,
                                                      "exp_avg_sq": torch.bfloat16, "compensation": torch.bfloat16}
     error = ((compensated.double() + state["compensation"].double()) - ref).abs().mean().item()
@@ -105,13 +108,14 @@ def test_parameters_split_into_chunks_update_as_one_flat_buffer(monkeypatch):
     assert not torch.equal(together[0], start[0])
 
 
-def _train_bf16(offload_state: bool, steps: int = 6) -> tuple[list[torch.nn.Parameter], CompensatedAdamW]:
+def _train_bf16(offload_state: bool, steps: int = 6, compiled: bool = False
+                ) -> tuple[list[torch.nn.Parameter], CompensatedAdamW]:
     """Two parameter groups of bf16 shards (one empty) updated ``steps`` times with fixed gradients."""
     gen = torch.Generator().manual_seed(4)
     shapes = [(7, 5), (3,), (0, 4), (4, 2, 3)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in shapes]
     opt = CompensatedAdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], lr=1e-2,
-                           weight_decay=0.1, offload_state=offload_state)
+                           weight_decay=0.1, offload_state=offload_state, compiled=compiled)
     torch.manual_seed(0)  # the stochastic rounding's bits
     for _ in range(steps):
         for p in params:
@@ -152,3 +156,22 @@ def test_loading_offloaded_state_copies_into_the_host_tensors():
         for name, tensor in live[id(p)].items():
             assert opt.state[p][name] is tensor and torch.equal(tensor, saved[pid][name]), name
         assert torch.equal(opt.state[p]["step"], saved[pid]["step"])
+
+
+def test_compiled_update_agrees_with_the_eager_one():
+    """The compiled kernel per shard (two groups, one with no weight decay, an empty shard) against the eager flat
+    buffers: the same arithmetic but for the stochastic rounding's random bits. A second moment a few bf16 steps
+    (2^-7 each) apart moves a step's update (~lr) by ~lr·2^-8 per step, so after 6 steps the weights plus their compensation
+    agree within 6·lr·2^-8 (2.3e-4), below the bf16 ulp of most weights; a compensation lost to Inductor keeping
+    the rounded weight in fp32 would be off by up to half an ulp."""
+    (eager, ref), (compiled, opt) = _train_bf16(False), _train_bf16(False, compiled=True)
+    for p, q in zip(eager, compiled):
+        assert opt.state[q].keys() == ref.state[p].keys() and q.dtype == torch.bfloat16
+        exact_p = p.double() + ref.state[p]["compensation"].double()
+        exact_q = q.double() + opt.state[q]["compensation"].double()
+        assert torch.allclose(exact_q, exact_p, rtol=0, atol=6 * 1e-2 * 2**-8), (exact_q - exact_p).abs().max()
+        assert torch.equal(opt.state[q]["exp_avg"], ref.state[p]["exp_avg"])
+        v_p, v_q = ref.state[p]["exp_avg_sq"].double(), opt.state[q]["exp_avg_sq"].double()
+        # each step's stochastic rounding may land one bf16 step (2^-7) apart, and v keeps ~all of its past
+        assert torch.allclose(v_q, v_p, rtol=6 * 2**-7, atol=0)
+    assert opt.state[compiled[0]]["compensation"].abs().max() > 0
