@@ -278,7 +278,12 @@ class CompensatedAdamW(torch.optim.Optimizer):
 
 
 def _coefficients(group: dict, t: int, device: torch.device) -> torch.Tensor:
-    """``compensated_adamw_``'s per-step scalars for a parameter group at its ``t``-th step."""
+    """``compensated_adamw_``'s per-step scalars for a parameter group at its ``t``-th step, on ``device``. To a
+    GPU they go from page-locked memory without blocking: a blocking copy would wait for the queued backward,
+    and the optimizer's launches could no longer overlap it."""
     lr, (beta1, beta2) = float(group["lr"]), group["betas"]
-    return torch.tensor([-lr / (1 - beta1**t), math.sqrt(1 - beta2**t), lr * group["weight_decay"]],
-                        dtype=torch.float32, device=device)
+    values = torch.tensor([-lr / (1 - beta1**t), math.sqrt(1 - beta2**t), lr * group["weight_decay"]],
+                          dtype=torch.float32)
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
