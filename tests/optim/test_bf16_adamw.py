@@ -158,13 +158,14 @@ def test_loading_offloaded_state_copies_into_the_host_tensors():
         assert torch.equal(opt.state[p]["step"], saved[pid]["step"])
 
 
-def test_compiled_update_agrees_with_the_eager_one():
-    """The compiled kernel per shard (two groups, one with no weight decay, an empty shard) against the eager flat
-    buffers: the same arithmetic but for the stochastic rounding's random bits. A second moment a few bf16 steps
+@pytest.mark.parametrize("offload_state", [False, True], ids=["per-shard", "offloaded-flat"])
+def test_compiled_update_agrees_with_the_eager_one(offload_state: bool):
+    """The compiled kernel (per shard; with offload_state on each streamed chunk's flat buffers) over two groups,
+    one with no weight decay, and an empty shard, against the eager flat buffers: the same arithmetic but for the stochastic rounding's random bits. A second moment a few bf16 steps
     (2^-7 each) apart moves a step's update (~lr) by ~lr·2^-8 per step, so after 6 steps the weights plus their compensation
     agree within 6·lr·2^-8 (2.3e-4), below the bf16 ulp of most weights; a compensation lost to Inductor keeping
     the rounded weight in fp32 would be off by up to half an ulp."""
-    (eager, ref), (compiled, opt) = _train_bf16(False), _train_bf16(False, compiled=True)
+    (eager, ref), (compiled, opt) = _train_bf16(False), _train_bf16(offload_state, compiled=True)
     for p, q in zip(eager, compiled):
         assert opt.state[q].keys() == ref.state[p].keys() and q.dtype == torch.bfloat16
         exact_p = p.double() + ref.state[p]["compensation"].double()
