@@ -90,13 +90,22 @@ dataset:
     return cfg
 
 
+# Traces and preference pairs in the tests' demo data (the demo itself writes 200 of each). Packed by the tiny
+# configs they are 39 SFT rows and 9 DPO rows: room for every test's steps on up to two ranks (at most 6 SFT
+# and 4 DPO steps per rank), while packing and the DPO reference pass, which cover the whole set, take a
+# third of the demo's time.
+DEMO_TEST_SAMPLES = 60
+
+
 @pytest.fixture(scope="session")
 def demo_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The embedded default's inputs (tiny Qwen3 + demo data), written once per session."""
+    """The embedded default's inputs (tiny Qwen3 + ``DEMO_TEST_SAMPLES`` of demo data), written once per session."""
+    from mirotrain.data.demo import write_demo
     from pipelines.demo import prepare_demo_inputs
 
     work = tmp_path_factory.mktemp("demo-inputs")
-    inputs = prepare_demo_inputs(work)
+    write_demo(str(work / "data"), num_samples=DEMO_TEST_SAMPLES)
+    inputs = prepare_demo_inputs(work)  # keeps the data written above, adds the tiny checkpoint
     inputs["workdir"] = str(work)
     inputs["model_dir"] = str(work / "hub" / "tiny-qwen3")
     return inputs

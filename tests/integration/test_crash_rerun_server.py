@@ -56,8 +56,8 @@ def _subflow_runs(stack: PrefectStack, root: str) -> list[dict]:
     return found
 
 
-def test_crashed_post_train_is_rerun_once_and_resumes(tmp_path: Path) -> None:
-    from pipelines.demo import demo_parameters, prepare_demo_inputs
+def test_crashed_post_train_is_rerun_once_and_resumes(demo_inputs: dict, tmp_path: Path) -> None:
+    from pipelines.demo import demo_parameters
 
     with PrefectStack(tmp_path) as stack:
         stack.cli("work-pool", "create", "mirotrain-process", "--type", "process")
@@ -65,7 +65,7 @@ def test_crashed_post_train_is_rerun_once_and_resumes(tmp_path: Path) -> None:
         stack.cli("automation", "create", "--from-file", "deployments/automation-rerun-crashed.yaml")
         stack.background("worker", ["worker", "start", "--pool", "mirotrain-process", "--limit", "1"])
         work = tmp_path / "work"
-        params = demo_parameters(work, prepare_demo_inputs(work))
+        params = demo_parameters(work, demo_inputs)
         params["sft_stage"]["overrides"] += [f"max_steps_per_epoch={SFT_STEPS}", "checkpoint_steps_for_auto_resume=2"]
         params["dpo_stage"]["overrides"] += ["max_steps_per_epoch=2", "checkpoint_steps_for_auto_resume=2"]
         run_id = stack.run_deployment("post-train/adhoc", params)

@@ -1,7 +1,7 @@
 """Integration: a real Prefect server, deployments from deployments/prefect.yaml (created with the commands of
 docs/pipeline.md's setup block), a process worker, and `prefect deployment run 'post-train/adhoc'` of the
-embedded default three times: two new runs, each training all its steps into run directories of its own,
-then a run with ``resume_from`` that continues the first.
+embedded default (on the tests' demo inputs, tests/prefect_fixtures.py) three times: two new runs, each
+training all its steps into run directories of its own, then a run with ``resume_from`` that continues the first.
 
 Marked ``integration`` (10 to 18 minutes on the shared 2-core development machine, by its load). Everything
 runs in a temporary PREFECT_HOME on 127.0.0.1 (tests/integration/prefect_stack.py) and every process it starts is
@@ -31,8 +31,8 @@ def _planned(stage: dict) -> int:
     return int(values["epochs"]) * int(values["max_steps_per_epoch"])
 
 
-def test_deployment_run_post_train(tmp_path: Path) -> None:
-    from pipelines.demo import demo_parameters, prepare_demo_inputs
+def test_deployment_run_post_train(demo_inputs: dict, tmp_path: Path) -> None:
+    from pipelines.demo import demo_parameters
 
     with PrefectStack(tmp_path) as stack:
         block_env = {**stack.env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
@@ -47,7 +47,7 @@ def test_deployment_run_post_train(tmp_path: Path) -> None:
         stack.background("worker", ["worker", "start", "--pool", "mirotrain-process", "--limit", "1"])
 
         work = tmp_path / "work"
-        params = demo_parameters(work, prepare_demo_inputs(work))
+        params = demo_parameters(work, demo_inputs)
         for stage in ("sft_stage", "dpo_stage"):  # the claims are about runs, their directories and resume,
             params[stage]["overrides"] += ["max_steps_per_epoch=4"]  # not about how long each stage trains
         planned = {"sft": _planned(params["sft_stage"]), "dpo": _planned(params["dpo_stage"])}
