@@ -81,10 +81,11 @@ def test_offloaded_state_trains_bitwise_as_the_resident_state(mesh, monkeypatch,
         ref.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     n_params = sum(p.numel() for p in offloaded.parameters())
-    # both models' bf16 weights (2 + 2 B/param) and the resident state (6); the offloaded state (6 more) is not
-    # there, nor are the streaming buffers of its last step
+    # both models' bf16 weights (2 + 2 B/param) and the resident state (6), plus what else the step left allocated
+    # (measured on an H200: 13.64 B/param in all, 32 MiB of it cuBLAS's workspace); the offloaded state would add
+    # its 6 B/param
     allocated = torch.cuda.memory_allocated(cuda)
-    assert 10 * n_params <= allocated < 12 * n_params, (n_params, allocated, allocated / n_params)
+    assert 10 * n_params <= allocated < 16 * n_params, (n_params, allocated, allocated / n_params)
     for (name, p), q in zip(offloaded.named_parameters(), resident.parameters()):
         assert torch.equal(p.to_local(), q.to_local()), name
         for key in STATE_NAMES:
