@@ -4,7 +4,10 @@ bit. That needs the bf16 moments and the compensation buffer in the step checkpo
 and each rank's RNG state restored, since the second moment's stochastic rounding draws from it. With
 ``optimizer_state_offload`` in the killed run only (moments and compensation in host tensors, DTensors like the
 weights' shards, streamed through the update: mirotrain/optim/host_state.py) it must equal the uninterrupted run
-that keeps them beside the weights: offloading changes no bit, and its state survives the checkpoint."""
+that keeps them beside the weights: offloading changes no bit, and its state survives the checkpoint. With the
+optimizer step compiled (``compile: {optimizer_step: true}``, Inductor's C++ kernels on CPU) in both runs, the
+killed run compiles again after the restart: the kernel's stochastic rounding takes its seed from the restored
+default generator, so the resumed run is still bitwise the uninterrupted one."""
 
 import sys
 from pathlib import Path
@@ -26,17 +29,26 @@ def _config(tmp: Path, shards: str, name: str, **keys) -> Path:
     return write_config(cfg, tmp / f"{name}.yaml")
 
 
-@pytest.mark.parametrize("faulted_keys", [{}, {"optimizer_state_offload": True}], ids=["resident", "offloaded"])
-def test_bf16_mode_killed_and_resumed_equals_uninterrupted(tmp_path, faulted_keys):
+COMPILED = {"compile": {"optimizer_step": True}}
+
+
+# (keys of both runs, keys of the killed run only)
+@pytest.mark.parametrize("shared_keys, faulted_keys", [({}, {}), ({}, {"optimizer_state_offload": True}),
+                                                      (COMPILED, {})], ids=["resident", "offloaded", "compiled"])
+def test_bf16_mode_killed_and_resumed_equals_uninterrupted(tmp_path, shared_keys, faulted_keys):
     from torch.distributed.checkpoint import FileSystemReader
 
     shards = write_shards(tmp_path / "shards", n_rows=2 * STEPS, seq_len=64, seed=3)
-    clean = run_sft(_config(tmp_path, shards, "clean"), nproc=2)
+    # each case compiles into its own cache, so its generated kernels show that the compiled step ran
+    inductor_cache = tmp_path / "inductor"
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
+    clean = run_sft(_config(tmp_path, shards, "clean", **shared_keys), nproc=2, env=env)
     assert_ok(clean)
+    assert any(inductor_cache.rglob("*.py")) == bool(shared_keys)
 
-    faulted = _config(tmp_path, shards, "faulted", **faulted_keys)
+    faulted = _config(tmp_path, shards, "faulted", **shared_keys, **faulted_keys)
     marker = tmp_path / "fault.marker"
-    first = run_sft(faulted, nproc=2, env={"MIROTRAIN_FAULT_AFTER_STEP": str(KILL_AFTER),
+    first = run_sft(faulted, nproc=2, env={**env, "MIROTRAIN_FAULT_AFTER_STEP": str(KILL_AFTER),
                                            "MIROTRAIN_FAULT_MARKER": str(marker)})
     assert first.returncode != 0 and marker.exists(), first.stderr[-3000:]
     ckpt = tmp_path / "faulted" / "checkpoints" / f"step_{EVERY}"
@@ -45,9 +57,10 @@ def test_bf16_mode_killed_and_resumed_equals_uninterrupted(tmp_path, faulted_key
     assert "optim.layers.0.attention.wq.weight.compensation" in compensation
     assert stored["optim.layers.0.attention.wq.weight.exp_avg_sq"].properties.dtype == torch.bfloat16
 
-    resumed = run_sft(faulted, nproc=2)
+    resumed = run_sft(faulted, nproc=2, env=env)
     assert_ok(resumed)
-    assert ("optimizer_state_offload: the AdamW moments" in resumed.stdout + resumed.stderr) == bool(faulted_keys)
+    offloaded = "optimizer_state_offload" in faulted_keys
+    assert ("optimizer_state_offload: the AdamW moments" in resumed.stdout + resumed.stderr) == offloaded
     assert f"step_{EVERY}: step {EVERY}" in resumed.stdout + resumed.stderr
 
     want, got = read_metrics(tmp_path / "clean"), read_metrics(tmp_path / "faulted")
