@@ -108,15 +108,16 @@ def test_parameters_split_into_chunks_update_as_one_flat_buffer(monkeypatch):
     assert not torch.equal(together[0], start[0])
 
 
-def _train_bf16(offload_state: bool, steps: int = 6, compiled: bool = False
+def _train_bf16(offload_state: bool, steps: int = 6, compiled: bool = False, seed: int = 0
                 ) -> tuple[list[torch.nn.Parameter], CompensatedAdamW]:
-    """Two parameter groups of bf16 shards (one empty) updated ``steps`` times with fixed gradients."""
+    """Two parameter groups of bf16 shards (one empty) updated ``steps`` times with fixed gradients, the default
+    generator seeded with ``seed``."""
     gen = torch.Generator().manual_seed(4)
     shapes = [(7, 5), (3,), (0, 4), (4, 2, 3)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in shapes]
     opt = CompensatedAdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], lr=1e-2,
                            weight_decay=0.1, offload_state=offload_state, compiled=compiled)
-    torch.manual_seed(0)  # the stochastic rounding's bits
+    torch.manual_seed(seed)  # the stochastic rounding's bits
     for _ in range(steps):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen).bfloat16()
@@ -176,3 +177,37 @@ def test_compiled_update_agrees_with_the_eager_one(offload_state: bool):
         # each step's stochastic rounding may land one bf16 step (2^-7) apart, and v keeps ~all of its past
         assert torch.allclose(v_q, v_p, rtol=6 * 2**-7, atol=0)
     assert opt.state[compiled[0]]["compensation"].abs().max() > 0
+
+
+def test_compiled_step_takes_its_random_bits_from_the_default_generator():
+    """The compiled kernel seeds its stochastic rounding from torch's default generator at every call (none of it
+    fixed when the kernel is built), so the generator state that step checkpoints restore decides the bits: the
+    same seed repeats the second moment bit for bit, another seed changes it."""
+    (first, a), (again, b), (other, c) = (_train_bf16(False, compiled=True, seed=seed) for seed in (0, 0, 1))
+    for p, q, r in zip(first, again, other):
+        assert torch.equal(p, q)
+        assert all(torch.equal(a.state[p][name], b.state[q][name]) for name in a.state[p])
+    assert not torch.equal(a.state[first[0]]["exp_avg_sq"], c.state[other[0]]["exp_avg_sq"])
+
+
+def test_compiled_step_builds_one_kernel_for_shards_of_every_length():
+    """One graph with a symbolic length serves every shard of two elements or more (a Qwen3 layer's norms,
+    projections and embedding alike). A graph per length would soon reach Dynamo's recompile limit (8 per
+    function), past which the update silently runs eager, slower and with other random bits."""
+    from torch._dynamo.utils import counters
+
+    from mirotrain.optim.bf16_adamw import compiled_compensated_adamw
+
+    step = compiled_compensated_adamw()
+    coefficients = torch.tensor([-1e-3, 0.05, 1e-5])
+
+    def call(n: int) -> None:
+        weight, grad = torch.randn(n).bfloat16(), torch.randn(n).bfloat16()
+        step(weight, grad, *(torch.zeros(n, dtype=torch.bfloat16) for _ in range(3)), coefficients, 0.9, 0.999,
+             1e-8, torch.bfloat16)
+
+    call(16)  # builds the graph unless an earlier test did
+    built = counters["stats"]["unique_graphs"]
+    for n in (2, 3, 64, 128 * 3, 1024 * 2048 // 64, 151936 * 1024 // 1024):
+        call(n)
+    assert counters["stats"]["unique_graphs"] == built
