@@ -18,9 +18,10 @@
 #                                                      # random routing); ours at 20 and 6 layers with full AC
 #   bash benchmarks/gpu_session.sh p1fp8               # 2 GPUs: P1 with tensorwise FP8 beside HF (p1fp8row: rowwise)
 #   bash benchmarks/gpu_session.sh offload p2bf16 p2fp8  # 1 GPU: the offload test; P2 in the bf16 mode beside HF, FP8
+#   bash benchmarks/gpu_session.sh p2budget            # 1 GPU: P2 with ac_mode auto held to HF's peak, bf16 and FP8
 #   bash benchmarks/gpu_session.sh fp8loss             # 2 GPUs: FP8 vs bf16-matmul loss, 300 steps of 0.6B (issue 20)
 # Each stage's limit is overridable: CKPT_S, DPO_S, DPO40K_S, SFT14B_S, MOE_S, PROFILE_S, MIX_S, LONG_S, TESTS_S, P1_S, P2_S,
-# TILED_S, BF16_S, P2BF16_S, P2FP8_S, OFFLOAD_S, P1AUTO_S, MOE2_S (each of its two runs), MOEMFU_S (each run), MOE20_S, MOE10_S, MOE48_S, MOELAYER_S, P1FP8_S, P1FP8ROW_S,
+# TILED_S, BF16_S, P2BF16_S, P2FP8_S, P2BUDGET_S, OFFLOAD_S, P1AUTO_S, MOE2_S (each of its two runs), MOEMFU_S (each run), MOE20_S, MOE10_S, MOE48_S, MOELAYER_S, P1FP8_S, P1FP8ROW_S,
 # FP8LOSS_S (P1FP8_FLAGS: P1's flags at 2 GPUs)
 # (MOE2_LAYERS, MOE10_LAYERS: the depth of our deep row),
 # CALIB_S (CALIB_CASES and CALIB_ARGS pass --cases and further flags to benchmarks/memory_calibration.py).
@@ -101,6 +102,13 @@ for s in "$@"; do
       stage p2fp8 "${P2FP8_S:-120}" python3 benchmarks/sft.py --size 1.7B --seq 16384 --nproc 1 --ac selective \
         --ac-option attention --chunk 2048 --master-weights bf16 --fp8 tensorwise --no-baseline --steps 4 --warmup 2 \
         --json "$OUT/p2fp8.json" ;;
+    p2budget)  # 1 GPU: P2 with ac_mode auto held to HF's peak (memory_budget_gib 28.2: selective op and attention
+      # mixed), the bf16 mode, beside HF + Liger; then the same with tensorwise FP8, ours only (issue 20: 1.45x)
+      stage p2budget "${P2BUDGET_S:-200}" python3 benchmarks/sft.py --size 1.7B --seq 16384 --nproc 1 --ac auto \
+        --memory-budget-gib 28.2 --chunk 2048 --master-weights bf16 --steps 4 --warmup 2 --json "$OUT/p2budget.json"
+      stage p2budgetfp8 "${P2BUDGET_S:-200}" python3 benchmarks/sft.py --size 1.7B --seq 16384 --nproc 1 --ac auto \
+        --memory-budget-gib 28.2 --chunk 2048 --master-weights bf16 --fp8 tensorwise --no-baseline --steps 4 \
+        --warmup 2 --json "$OUT/p2budgetfp8.json" ;;
     offload)  # 1 GPU: optimizer_state_offload trains bitwise like the resident state (tests/gpu)
       TAIL=20 stage offload "${OFFLOAD_S:-120}" python3 -m pytest -p no:cacheprovider \
         tests/gpu/test_optimizer_offload_gpu.py -m gpu -o addopts="" -q -rs ;;

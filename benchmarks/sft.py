@@ -111,6 +111,7 @@ def base_config(ns: argparse.Namespace, work: Path, shard_dir: str) -> dict:
         "auto_resume": False, "log_every_n_steps": 1000, "log_peak_memory_stats": False,
         "ulysses_sequence_parallel_size": ns.sp, "master_weights": ns.master_weights,
         **({"enable_fp8_training": True, "fp8_recipe_name": ns.fp8} if ns.fp8 else {}),
+        **({"memory_budget_gib": ns.memory_budget_gib} if ns.memory_budget_gib else {}),
     }
 
 
@@ -205,7 +206,9 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=4096, help="tokens per LM-head chunk (loss_chunk_tokens)")
     p.add_argument("--loss", choices=("chunked", "liger"), default="chunked")
     p.add_argument("--ac", choices=("full", "selective", "auto"), default="full",
-                   help="auto: as many layers keep their activations as the GPU's memory allows (ac_mode: auto)")
+                   help="auto: per layer no recompute, selective or full, by the memory estimate (ac_mode: auto)")
+    p.add_argument("--memory-budget-gib", type=float,
+                   help="with --ac auto: plan for this many GiB per GPU (memory_budget_gib), e.g. the HF peak")
     p.add_argument("--master-weights", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: the 10-byte bf16 memory mode, which leaves room to recompute less")
     p.add_argument("--ac-option", default="op", help="selective AC: op | attention | N (every N-th layer)")
@@ -254,7 +257,8 @@ def main() -> None:
                  "--chunk", str(ns.chunk), "--loss", ns.loss, "--ac", ns.ac, "--ac-option", ns.ac_option,
                  "--sp", str(ns.sp), "--master-weights", ns.master_weights]
     forwarded += (["--cpu-smoke"] if ns.cpu_smoke else []) + (["--no-compile"] if ns.no_compile else []) + \
-        (["--tokenizer", ns.tokenizer] if ns.tokenizer else []) + (["--fp8", ns.fp8] if ns.fp8 else [])
+        (["--tokenizer", ns.tokenizer] if ns.tokenizer else []) + (["--fp8", ns.fp8] if ns.fp8 else []) + \
+        (["--memory-budget-gib", str(ns.memory_budget_gib)] if ns.memory_budget_gib else [])
     cmd = ["torchrun", "--standalone", f"--nproc_per_node={ns.nproc}", str(Path(__file__).resolve()), "--worker",
            "--work", str(work), *forwarded]
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)

@@ -33,6 +33,7 @@ keeps the reserved bytes close to the allocated ones. Left out: compiled-kernel 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -45,7 +46,7 @@ from mirotrain.config.validation import is_preference_builder
 from mirotrain.modules.loss.linear_ce import DEFAULT_CHUNK_TOKENS
 from mirotrain.modules.loss.logprobs import DEFAULT_CHUNK_SIZE
 from mirotrain.optim.precision import MODES
-from mirotrain.parallel.activation_checkpoint import resolve_ac
+from mirotrain.parallel.activation_checkpoint import LEVELS, layer_levels, resolve_ac
 
 GIB = 2**30
 BF16 = 2
@@ -87,16 +88,26 @@ def row_tokens(cfg: TrainConfig, preference: bool) -> int:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """What a run keeps of its activations, as applied: the AC mode and option (``auto`` decided: ``("auto", K)``
-    keeps the first K layers' activations and recomputes the others) and the dense MLP's tiles."""
+    """What a run keeps of its activations, as applied: the AC mode and option (``auto`` decided: ``("auto",
+    (keep, op, attention))``, how many layers run at each level before the rest, recomputed in full:
+    mirotrain/parallel/activation_checkpoint.py) and the dense MLP's tiles."""
 
     ac_mode: str
-    ac_option: int | str | None
+    ac_option: int | str | tuple[int, int, int] | None
     mlp_tiles: int
 
-    def layers_kept(self, n_layers: int) -> int:
-        """How many decoder layers keep their activations under ``ac_mode: auto``'s decision."""
-        return {"none": n_layers, "full": 0}.get(self.ac_mode, self.ac_option)
+    def layer_counts(self, n_layers: int) -> dict[str, int]:
+        """How many of the ``n_layers`` decoder layers run at each of ``LEVELS``."""
+        levels = layer_levels(self.ac_mode, self.ac_option, n_layers)
+        return {level: levels.count(level) for level in LEVELS}
+
+    def describe(self, n_layers: int) -> str:
+        """The levels in words, as validate and the trainer's log print ``ac_mode: auto``'s decision."""
+        words = {"none": "keep all their activations", "op": "keep their matmul and attention outputs (selective "
+                 "op)", "attention": "keep their attention outputs (selective attention)",
+                 "full": "keep only their input (full recompute)"}
+        counts = self.layer_counts(n_layers)
+        return ", ".join(f"{counts[level]} of {n_layers} layers {words[level]}" for level in LEVELS if counts[level])
 
 
 @dataclass(frozen=True)
@@ -172,7 +183,7 @@ def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan: Memor
     tokens = row // sp
     mode = MODES[cfg.run.master_weights]
     compute = 2 if cfg.run.dtype == "bf16" else 4
-    compiled, _, _ = cfg.model.compile_flags("cuda")  # the estimate is of a GPU run
+    compiled, _, compiled_optimizer = cfg.model.compile_flags("cuda")  # the estimate is of a GPU run
     reference = BF16 * shapes.params // world_size if preference and cfg.dpo.reference == "live" else 0
     step = Step(
         tokens=tokens, compute_bytes=compute, grad_bytes=torch.empty((), dtype=mode.reduce_dtype).element_size(),
@@ -185,7 +196,7 @@ def _step(model: torch.nn.Module, cfg: TrainConfig, world_size: int, plan: Memor
         kept=kept_per_layer(shapes, compute, plan.ac_mode, plan.ac_option, plan.mlp_tiles, compiled),
         loss=loss_transient(shapes, compute, tokens, loss_kind(cfg, preference), loss_chunk(cfg, tokens, preference)),
         optimizer=optimizer_transient(shapes, cfg.optim.optimizer, mode.name, world_size,
-                                      cfg.run.optimizer_state_offload),
+                                      cfg.run.optimizer_state_offload, compiled_optimizer),
         host_state_bytes=mode.optimizer_bytes if cfg.run.optimizer_state_offload else 0)
     return shapes, step, row, "dpo" if preference else "sft"
 
@@ -220,33 +231,48 @@ def settled_plan(cfg: TrainConfig, gpu_known: bool) -> MemoryPlan | None:
     return MemoryPlan(mode, option, int(tiles))
 
 
+def memory_limit(cfg: TrainConfig, gpu_bytes: int) -> float:
+    """The bytes the ``auto`` settings plan for on GPUs of ``gpu_bytes``: ``MEMORY_WARN_FRACTION`` of the card,
+    or ``memory_budget_gib`` where it is set and smaller (a run sharing its GPUs, or matching another's peak)."""
+    limit = MEMORY_WARN_FRACTION * gpu_bytes
+    budget = cfg.model.memory_budget_gib
+    return limit if budget is None else min(limit, budget * GIB)
+
+
+def describe_limit(cfg: TrainConfig, gpu_bytes: int) -> str:
+    """``memory_limit`` in words, for the plan's log line and validate."""
+    if memory_limit(cfg, gpu_bytes) < MEMORY_WARN_FRACTION * gpu_bytes:
+        return f"memory_budget_gib ({cfg.model.memory_budget_gib:g} GiB)"
+    return f"{MEMORY_WARN_FRACTION:.0%} of a {gpu_bytes / GIB:.3g} GiB GPU"
+
+
 def memory_plan(model: torch.nn.Module, cfg: TrainConfig, world_size: int, gpu_bytes: int | None) -> MemoryPlan:
     """The activation plan a run uses on GPUs of ``gpu_bytes`` (None: unknown, as on CPU), deciding the ``auto``
-    settings from the estimate against ``MEMORY_WARN_FRACTION`` of the GPU (``settled_plan`` gives the plans
-    that need no estimate):
+    settings from the estimate against ``memory_limit`` (``settled_plan`` gives the plans that need no
+    estimate):
 
     * ``mlp_tiles: auto``: the tile counts tried are ``MLP_TILE_CHOICES`` (1 alone for a model with no dense
       MLP, MoE); a set count is the only one tried.
     * ``ac_mode`` set (not ``auto``): the fewest tiles whose estimate is under the line; when none is, the
       fewest with the lowest estimate (the peak may be a moment tiling does not touch, like the loss).
-    * ``ac_mode: auto``: for each tile count, the most leading layers K that can keep their activations (no
-      recompute) with the others recomputed in full (``_most_layers_kept``; K = 0 is full AC, K = every layer
-      no AC). Of the plans that fit, the one that recomputes least (``_recompute_cost``): the n - K recomputed
-      layers, plus, with tiles, one more MLP forward in each of the n layers. So among tile counts the most
-      layers kept wins (on a tie, the fewest tiles), and tiling wins over the untiled plan only where it spares
-      more layers than its extra MLP forwards cost: a GPU with room does not tile, one that must tile keeps as
-      many layers as its tiles let it. Where nothing fits even with full AC: full AC with the tiles of the
-      lowest estimate.
+    * ``ac_mode: auto``: each layer runs at one of the ``LEVELS`` (no recompute, selective ``op``, selective
+      ``attention``, full recompute; MoE models and tiled MLPs skip the selective levels whose memory is not
+      modelled for them: ``_auto_levels``). For each tile count and each pair of levels, the most leading layers
+      K at the level that keeps more, with the others at the one that keeps less, whose estimate is under the
+      line (``_most_layers_at``). Of the plans that fit, the one that recomputes least (``_recompute_cost``;
+      on a tie, the fewest tiles): a GPU with room recomputes nothing, a tighter one mixes the levels that fill
+      it, one that must tile keeps as much as its tiles let it. Where nothing fits even with full AC: full AC
+      with the tiles of the lowest estimate.
     """
     settled = settled_plan(cfg, gpu_bytes is not None)
     if settled is not None:
         return settled
-    limit = MEMORY_WARN_FRACTION * gpu_bytes
+    limit = memory_limit(cfg, gpu_bytes)
     mode, option = resolve_ac(cfg.model.enable_activation_checkpointing, cfg.model.ac_mode, cfg.model.ac_option)
     tiles = cfg.model.planned_mlp_tiles()
     choices = (1,) if model.args.is_moe else MLP_TILE_CHOICES if tiles == "auto" else (int(tiles),)
     if mode == "auto":
-        return _most_layers_plan(model, cfg, world_size, choices, limit)
+        return _auto_plan(model, cfg, world_size, choices, limit)
     return MemoryPlan(mode, option, _fewest_tiles(model, cfg, world_size, MemoryPlan(mode, option, 1), choices,
                                                   limit))
 
@@ -262,50 +288,90 @@ def _fewest_tiles(model: torch.nn.Module, cfg: TrainConfig, world_size: int, pla
     return fitting[0] if fitting else min(peaks, key=lambda t: (peaks[t], t))
 
 
-def _most_layers_plan(model: torch.nn.Module, cfg: TrainConfig, world_size: int, choices: tuple[int, ...],
-                      limit: float) -> MemoryPlan:
+def _auto_plan(model: torch.nn.Module, cfg: TrainConfig, world_size: int, choices: tuple[int, ...],
+               limit: float) -> MemoryPlan:
     """``ac_mode: auto`` with the tile counts ``choices``, by the rule in ``memory_plan``'s docstring."""
     n = model.args.n_layers
-
-    def keeping(kept: int, tiles: int) -> MemoryPlan:
-        mode, option = ("full", None) if kept == 0 else ("none", None) if kept == n else ("auto", kept)
-        return MemoryPlan(mode, option, tiles)
-
-    plans = [keeping(_most_layers_kept(model, cfg, world_size, tiles, limit), tiles) for tiles in choices]
-    fitting = [p for p in plans if _peak_bytes(model, cfg, world_size, p) <= limit]
-    if fitting:
-        return min(fitting, key=lambda p: (_recompute_cost(model.args, p), p.mlp_tiles))
-    full = keeping(0, 1)
+    plans = []
+    for tiles in choices:
+        for more, less in itertools.combinations(_auto_levels(model.args, tiles), 2):
+            kept = _most_layers_at(model, cfg, world_size, tiles, limit, more, less)
+            if kept is not None:
+                plans.append(mixed_plan({more: kept, less: n - kept}, n, tiles))
+    if plans:
+        doc_tokens = row_tokens(cfg, is_preference(cfg))
+        return min(plans, key=lambda p: (_recompute_cost(model.args, p, doc_tokens), p.mlp_tiles))
+    full = MemoryPlan("full", None, 1)
     return replace(full, mlp_tiles=_fewest_tiles(model, cfg, world_size, full, choices, limit))
 
 
-def _recompute_cost(args: Any, plan: MemoryPlan) -> float:
-    """What ``plan`` adds to a step's forward, in decoder-layer forwards: each recomputed layer one, and with
-    tiles each layer's MLP once more, at ``_mlp_share`` of a layer."""
-    n = args.n_layers
-    return n - plan.layers_kept(n) + (n * _mlp_share(args) if plan.mlp_tiles > 1 else 0.0)
+def _auto_levels(args: Any, tiles: int) -> tuple[str, ...]:
+    """The levels ``auto`` mixes: all of ``LEVELS`` for dense layers with untiled MLPs; no selective ``op``
+    with tiles (its memory with tiles is not modelled); no selective level for MoE layers (``op`` would recompute
+    the experts' grouped GEMMs it does not list, and neither is modelled for experts)."""
+    if args.is_moe:
+        return ("none", "full")
+    return ("none", "attention", "full") if tiles > 1 else LEVELS
 
 
-def _mlp_share(args: Any) -> float:
-    """The dense MLP's part of a decoder layer's forward, by matmul FLOPs per token: its three projections
-    (3·D·F) against those plus attention's four (D·head_dim·(2·heads + 2·kv_heads)); 0.78 for Qwen3-8B. The
-    attention scores, which grow with the document length, are left out: that overstates the share, so tiling
-    is chosen for speed only where it clearly spares more recompute than it adds."""
-    mlp = 3 * args.dim * args.hidden_dim
-    return mlp / (mlp + args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads))
+def mixed_plan(counts: dict[str, int], n_layers: int, tiles: int) -> MemoryPlan:
+    """The plan with ``counts`` layers at each named level (the rest recomputed in full), in the form the
+    trainer applies: every layer at one level is that mode (``none``, ``full``), anything else ``auto`` with
+    its ``(keep, op, attention)`` counts."""
+    keep, op, attention = (counts.get(level, 0) for level in ("none", "op", "attention"))
+    if keep == n_layers:
+        return MemoryPlan("none", None, tiles)
+    if keep + op + attention == 0:
+        return MemoryPlan("full", None, tiles)
+    return MemoryPlan("auto", (keep, op, attention), tiles)
 
 
-def _most_layers_kept(model: torch.nn.Module, cfg: TrainConfig, world_size: int, tiles: int, limit: float) -> int:
-    """The largest K whose plan ``("auto", K)`` with ``tiles`` is estimated under ``limit`` (0 when none is);
-    the estimate grows with K, so a binary search."""
-    low, high = 0, model.args.n_layers
+def _most_layers_at(model: torch.nn.Module, cfg: TrainConfig, world_size: int, tiles: int, limit: float,
+                    more: str, less: str) -> int | None:
+    """The largest K whose plan, K leading layers at level ``more`` and the others at ``less``, is estimated
+    under ``limit`` (None when even K = 0 is not); the estimate grows with K, so a binary search."""
+    n = model.args.n_layers
+
+    def fits(kept: int) -> bool:
+        return _peak_bytes(model, cfg, world_size, mixed_plan({more: kept, less: n - kept}, n, tiles)) <= limit
+
+    if not fits(0):
+        return None
+    low, high = 0, n
     while low < high:
         mid = (low + high + 1) // 2
-        if _peak_bytes(model, cfg, world_size, MemoryPlan("auto", mid, tiles)) <= limit:
+        if fits(mid):
             low = mid
         else:
             high = mid - 1
     return low
+
+
+# The element-wise work a layer's forward recomputes (norms, RoPE, SiLU and products, residual adds, casts), as
+# a share of its forward matmul FLOPs: it is memory-bound, so counted by the time it took against the matmuls on
+# Qwen3-1.7B at 16K tokens on an H200 (docs/benchmarks.md, seventh session: selective ``op`` recomputes only
+# it, 19 ms a step over no AC, against 66 ms of forward matmuls).
+ELEMENTWISE_SHARE = 0.3
+
+
+def level_costs(args: Any, doc_tokens: int) -> dict[str, float]:
+    """Forward FLOPs per token one layer's backward recomputes at each of ``LEVELS``: ``full`` its whole
+    forward, the matmuls (2·D·(hd·(2·H + 2·KV) + 3·F)), causal attention over a document of ``doc_tokens``
+    (2·H·hd·L) and the element-wise work (``ELEMENTWISE_SHARE`` of the matmuls); ``attention`` all but the
+    attention; ``op`` the element-wise work only; ``none`` nothing. ``doc_tokens`` is the row's length: for
+    rows packed with shorter documents it overstates what ``full`` adds over ``attention``."""
+    matmul = 2 * args.dim * (args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads) + 3 * args.hidden_dim)
+    elementwise = ELEMENTWISE_SHARE * matmul
+    return {"none": 0.0, "op": elementwise, "attention": matmul + elementwise,
+            "full": matmul + 2 * args.n_heads * args.head_dim * doc_tokens + elementwise}
+
+
+def _recompute_cost(args: Any, plan: MemoryPlan, doc_tokens: int) -> float:
+    """What ``plan`` adds to a step's forward, in FLOPs per token: each layer's ``level_costs``, and with
+    tiles each layer's MLP matmuls (6·D·F) once more."""
+    costs = level_costs(args, doc_tokens)
+    tiles = 6 * args.dim * args.hidden_dim * args.n_layers if plan.mlp_tiles > 1 else 0.0
+    return sum(costs[level] * count for level, count in plan.layer_counts(args.n_layers).items()) + tiles
 
 
 def estimate_memory(model: torch.nn.Module, cfg: TrainConfig, world_size: int,

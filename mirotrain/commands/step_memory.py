@@ -49,6 +49,7 @@ import torch
 
 from mirotrain.optim.bf16_adamw import CHUNK_ELEMENTS
 from mirotrain.optim.precision import runs_fused
+from mirotrain.parallel.activation_checkpoint import layer_levels
 
 FP32 = 4
 
@@ -133,28 +134,19 @@ def layer_activation_bytes(s: Shapes, c: int, mlp_tiles: int = 1, compiled: bool
     return attention * c, (2 * s.dim + 5 * -(-s.ffn // mlp_tiles)) * c + FP32 * s.dim
 
 
-def kept_per_layer(s: Shapes, c: int, ac_mode: str, ac_option: int | str | None, mlp_tiles: int = 1,
-                   compiled: bool = True) -> list[int]:
-    """Bytes per token each layer keeps from its forward to its backward (mirotrain/parallel/
-    activation_checkpoint.py): full AC its input only; none its input and everything it saves; selective
-    ``op`` also the matmul and attention outputs (q, k, v, the attention output, wo's, gate, up and w2's);
-    selective ``attention`` the attention's inputs and output; selective every k-th layer: those in full,
-    the others not at all; ``auto`` with option K: the first K layers not at all, the others in full. Tiled MLPs
-    (``mlp_tiles`` > 1) keep none of their activations."""
+def kept_per_layer(s: Shapes, c: int, ac_mode: str, ac_option: int | str | tuple[int, int, int] | None,
+                   mlp_tiles: int = 1, compiled: bool = True) -> list[int]:
+    """Bytes per token each layer keeps from its forward to its backward, by its level (mirotrain/parallel/
+    activation_checkpoint.py: ``layer_levels``): ``full`` its input only; ``none`` its input and everything it
+    saves; selective ``op`` also the matmul and attention outputs (q, k, v, the attention output, wo's, gate, up
+    and w2's); selective ``attention`` the attention's inputs and output. Tiled MLPs (``mlp_tiles`` > 1) keep
+    none of their activations."""
     saved, _ = layer_activation_bytes(s, c, mlp_tiles, compiled)
     inp = s.dim * c
     qkvo = (2 * s.n_heads + 2 * s.n_kv_heads) * s.head_dim * c
-    if ac_mode == "none":
-        return [inp + saved] * s.n_layers
-    if ac_mode == "full":
-        return [inp] * s.n_layers
-    if ac_mode == "auto":
-        return [inp + saved] * int(ac_option) + [inp] * (s.n_layers - int(ac_option))
-    if ac_option == "op":
-        return [inp + qkvo + (2 * s.dim + 2 * s.ffn) * c] * s.n_layers
-    if ac_option == "attention":
-        return [inp + qkvo] * s.n_layers
-    return [inp if i % int(ac_option) == 0 else inp + saved for i in range(s.n_layers)]
+    by_level = {"none": inp + saved, "op": inp + qkvo + (2 * s.dim + 2 * s.ffn) * c, "attention": inp + qkvo,
+                "full": inp}
+    return [by_level[level] for level in layer_levels(ac_mode, ac_option, s.n_layers)]
 
 
 # ------------------------------------------------------------------------------------------- the loss head
@@ -185,21 +177,41 @@ def loss_transient(s: Shapes, c: int, tokens: int, kind: str, chunk: int) -> int
     return max(forward, backward) + tokens * (s.dim * c + 2 * FP32)
 
 
+def compensated_bytes_per_element(compiled: bool, state_offload: bool) -> int:
+    """Bytes the compensated AdamW's step allocates per element of its largest chunk, beyond the state, as
+    measured (tests/optim/test_optimizer_transient.py), rounded up a little:
+
+    * compiled, state resident: 0. One kernel per parameter shard reads the weight, gradient and state and
+      writes them back in place (a few scalars besides: the step's coefficients, the random seed).
+    * eager, state resident: 48. The chunk's flat fp32 copies of the weights, gradients, both moments and the
+      compensation (``_update``: 5 x 4 = 20); inside ``compensated_adamw_`` the fp32 new moments ``m`` and
+      ``v`` (8) and ``update`` (4), still live while the new weights ``total`` (4), their bf16 rounding (2) and
+      what it dropped, ``total - rounded`` (4), are computed: 42 on a GPU. On the CPU (the test) 46: its binary
+      ops cast a bf16 operand to an fp32 copy first (``rounded``, 4).
+    * compiled, state offloaded: 30. The flat fp32 buffers (20: offloaded chunks always take them), the next
+      chunk's bf16 moments and compensation, copied in from the host meanwhile (6, counted at this chunk's
+      size: the largest), and the bf16 copy of one new state buffer on its way back to the host (2): 28.
+    * eager, state offloaded: 54. The eager 42 (46 on the CPU) and the next chunk's state (6): 48 (52)."""
+    if compiled:
+        return 30 if state_offload else 0
+    return 54 if state_offload else 48
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
 def optimizer_transient(s: Shapes, optimizer: dict, master_weights: str, world_size: int,
-                        state_offload: bool = False) -> int:
+                        state_offload: bool = False, compiled: bool = False) -> int:
     """What the optimizer step allocates beyond the state: fused torch Adam(W) (the engine's default for them:
-    ``runs_fused``) nothing; foreach one copy of the second moments (its sqrt); the compensated AdamW of ``master_weights: bf16``
-    (mirotrain/optim/bf16_adamw.py) 16 bytes per element of its largest flat chunk (fp32 first and second
-    moments plus the stochastic rounding's random bits and sum), a chunk being at most CHUNK_ELEMENTS or the
-    largest parameter's local shard (the embedding and LM head are updated alone). With ``state_offload``
-    (``optimizer_state_offload``) 12 more: the chunk's bf16 moments and compensation copied in from the host
-    (6) and the next chunk's, copied in meanwhile (6, at most the size of this one's)."""
+    ``runs_fused``) nothing; foreach one copy of the second moments (its sqrt); the compensated AdamW of
+    ``master_weights: bf16`` (mirotrain/optim/bf16_adamw.py) ``compensated_bytes_per_element`` per element of
+    its largest flat chunk, a chunk being at most CHUNK_ELEMENTS or the largest parameter's local shard (the
+    embedding and LM head are updated alone). ``compiled``: its step is compiled (``compile``'s optimizer_step);
+    ``state_offload``: ``optimizer_state_offload``."""
     if master_weights == "bf16":
-        return (28 if state_offload else 16) * max(min(CHUNK_ELEMENTS, s.params // world_size), s.largest_local)
+        per_element = compensated_bytes_per_element(compiled, state_offload)
+        return per_element * max(min(CHUNK_ELEMENTS, s.params // world_size), s.largest_local)
     if runs_fused(optimizer):
         return 0
     moment = FP32 if master_weights == "fp32" else 2

@@ -17,7 +17,7 @@ import torch
 
 from mirotrain.checkpoint.host_memory import HOST_MEMORY_FRACTION, available_host_bytes, plan_host_memory
 from mirotrain.commands.errors import add_debug_flag, reports_user_errors
-from mirotrain.commands.estimate import (GIB, MEMORY_WARN_FRACTION, MemoryEstimate, checkpoint_footprint,
+from mirotrain.commands.estimate import (GIB, MEMORY_WARN_FRACTION, MemoryEstimate, checkpoint_footprint, describe_limit,
                                          estimate_memory, step_terms)
 from mirotrain.config import ConfigError, instantiate, load_config
 from mirotrain.config.compat import master_weights_notice
@@ -173,10 +173,8 @@ def _print_memory_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Na
     what either costs."""
     plan, n = estimate.plan, model.args.n_layers
     if cfg.model.ac_mode == "auto":
-        kept = plan.layers_kept(n)
-        print(f"plan:        ac_mode: auto: {kept} of {n} layers keep their activations (not recomputed), the other "
-              f"{n - kept} are recomputed in backward (full AC), by the estimate against {MEMORY_WARN_FRACTION:.0%} "
-              f"of a {ns.gpu_memory_gib:g} GiB GPU")
+        print(f"plan:        ac_mode: auto: {plan.describe(n)}; by the estimate against "
+              f"{describe_limit(cfg, int(ns.gpu_memory_gib * GIB))}")
     if plan.mlp_tiles == 1:
         return
     untiled = max(t.total for t in step_terms(model, cfg, ns.world_size, replace(plan, mlp_tiles=1)).values())

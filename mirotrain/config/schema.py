@@ -153,9 +153,14 @@ class ModelConfig:
                                       "names the parts: model, loss, optimizer_step.")
     enable_activation_checkpointing: bool = key((bool,), True, "Recompute each decoder layer in backward.")
     ac_mode: str | None = key((str, type(None)), None, "Activation checkpointing mode: full | selective | none | "
-                              "auto (as many leading layers keep their activations as the GPU's memory allows, by "
-                              "the memory estimate; the others are recomputed in full).",
+                              "auto (per layer, by the memory estimate against the GPU: no recompute where it fits, "
+                              "else a mix of no recompute, selective op, selective attention and full recompute "
+                              "that recomputes least).",
                               choices=("full", "selective", "none", "auto", None))
+    memory_budget_gib: int | float | None = key(NUMBER + (type(None),), None, "GiB per GPU that ac_mode: auto and "
+                                                "mlp_tiles: auto plan for, when less than 90% of the GPU (null: "
+                                                "90%): for GPUs shared with another process, or to match a peak.",
+                                                low=0, low_open=True)
     ac_option: int | str | None = key((int, str, type(None)), None, "selective: checkpoint every N-th layer (int) or "
                                       "'op' (keep matmul outputs).")
     enable_activation_offloading: bool = key((bool,), False, "Offload checkpointed activations to CPU (CUDA).")
@@ -230,6 +235,9 @@ class ModelConfig:
         if self.ac_mode == "auto" and self.ac_option is not None:
             errors.append(ConfigError("ac_option", f"ac_mode: auto decides per layer itself; remove ac_option "
                                       f"({self.ac_option!r})"))
+        if self.memory_budget_gib is not None and "auto" not in (self.ac_mode, self.planned_mlp_tiles()):
+            errors.append(ConfigError("memory_budget_gib", "is read only by ac_mode: auto and mlp_tiles: auto, and "
+                                      "neither is set"))
         if self.unembed_chunk_size and self.loss_chunk_tokens:
             errors.append(ConfigError("loss_chunk_tokens", "set either loss_chunk_tokens (tokens per chunk) or "
                                       "unembed_chunk_size (number of chunks), not both"))

@@ -27,8 +27,9 @@ function, ``compensated_adamw_``, run one of two ways:
   without it Inductor keeps the bf16-rounded weight in fp32 and the compensation comes out zero).
 - eager: the shards of up to ``CHUNK_ELEMENTS`` parameters' elements are concatenated into flat fp32 buffers,
   updated with a few dozen kernels per chunk (a per-parameter loop would launch ~20 kernels for each of a 0.6B
-  model's ~300 tensors every step) and copied back with ``_foreach_copy_``. The extra memory is ~40 bytes per
-  element of one chunk (about 2.5 GiB), never a copy of the model.
+  model's ~300 tensors every step) and copied back with ``_foreach_copy_``. The extra memory is ~42 bytes per
+  element of one chunk on a GPU (about 2.6 GiB; mirotrain/commands/step_memory.py:
+  ``compensated_bytes_per_element``), never a copy of the model.
 
 With ``offload_state`` (config key ``optimizer_state_offload``) the moments and the compensation buffer, 6 of the
 10 bytes per parameter, live in host memory and pass through the device chunk by chunk: each chunk's state is
@@ -59,7 +60,8 @@ from mirotrain.optim.host_state import StateStream, StreamedState, host_zeros_li
 
 # fp32 bits below a bf16's mantissa
 _LOW_BITS = 16
-# elements updated together: the flat fp32 buffers of one chunk are ~40 bytes per element (2.5 GiB)
+# elements updated together: the flat fp32 buffers of one chunk and the update's temporaries are ~42 bytes per
+# element (2.6 GiB)
 CHUNK_ELEMENTS = 1 << 26
 
 

@@ -8,9 +8,10 @@ Modes:
   ``selective``  with an int option N: checkpoint every N-th layer; with option ``op``: per-operator policy that
                  keeps matmul and attention outputs and recomputes the cheap element-wise ops; with option
                  ``attention``: keeps only the attention outputs (recompute skips the attention forward).
-  ``auto``       decided from the memory estimate against the GPU (mirotrain/commands/estimate.py:
-                 ``memory_plan``): applied as option K, the first K layers keep their activations and the
-                 others are recomputed in full (K = 0 is ``full``, K = every layer is ``none``).
+  ``auto``       decided per layer from the memory estimate against the GPU (mirotrain/commands/estimate.py:
+                 ``memory_plan``): applied as option ``(keep, op, attention)``, layer counts in that order, the
+                 first ``keep`` layers keep all their activations, the next ``op`` are selective ``op``, the next
+                 ``attention`` selective ``attention``, the rest recomputed in full (``layer_levels``).
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 AC_MODES = ("full", "selective", "none", "auto")
+# What one decoder layer keeps for its backward, from the most memory (and the least recompute) to the least:
+# everything, the selective options' saved outputs, its input only.
+LEVELS = ("none", "op", "attention", "full")
 
 _ATTENTION_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
 }
 # Outputs kept under per-op selective AC: the expensive ones to recompute. ``op`` keeps matmul and attention
 # outputs (fast, memory-hungry); ``attention`` keeps only attention outputs (T·H·hd per layer): recompute skips
@@ -67,19 +72,23 @@ def resolve_ac(enabled: bool, mode: str | None, option: int | str | None) -> tup
     return mode, option
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, option: int | str | None = None) -> None:
-    """Wrap decoder layers of ``model.layers`` in place according to ``mode``/``option``."""
-    if mode == "none":
-        return
-    for i, layer in enumerate(list(model.layers)):
-        if mode == "full" or (mode == "auto" and i >= int(option)):
-            wrapped = _checkpoint(layer, save=None)
-        elif mode == "auto":
-            continue
-        elif option in _SAVE_OPS:
-            wrapped = _checkpoint(layer, save=option)
-        elif i % int(option) == 0:
-            wrapped = _checkpoint(layer, save=None)
-        else:
-            continue
-        model.layers[i] = wrapped
+def layer_levels(mode: str, option: int | str | tuple[int, int, int] | None, n_layers: int) -> list[str]:
+    """The ``LEVELS`` entry of each decoder layer under ``mode``/``option`` as ``resolve_ac`` returns them
+    (``auto`` decided: option ``(keep, op, attention)``, see the module docstring). The memory estimate counts
+    each layer by it (mirotrain/commands/step_memory.py), so it and the wrapping below cannot disagree."""
+    if mode in ("none", "full"):
+        return [mode] * n_layers
+    if mode == "auto":
+        keep, op, attention = option
+        return ["none"] * keep + ["op"] * op + ["attention"] * attention + ["full"] * (n_layers - keep - op - attention)
+    if option in _SAVE_OPS:
+        return [option] * n_layers
+    return ["full" if i % int(option) == 0 else "none" for i in range(n_layers)]
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str,
+                                   option: int | str | tuple[int, int, int] | None = None) -> None:
+    """Wrap decoder layers of ``model.layers`` in place according to ``mode``/``option`` (``layer_levels``)."""
+    for i, level in enumerate(layer_levels(mode, option, len(model.layers))):
+        if level != "none":
+            model.layers[i] = _checkpoint(model.layers[i], save=None if level == "full" else level)

@@ -110,7 +110,7 @@ def _memory_plan(cfg: TrainConfig, device: torch.device, world_size: int) -> Mem
     as it is: no meta model, no estimate, no all-reduce."""
     import torch.distributed as dist
 
-    from mirotrain.commands.estimate import MEMORY_WARN_FRACTION, memory_plan, settled_plan
+    from mirotrain.commands.estimate import describe_limit, memory_plan, settled_plan
 
     settled = settled_plan(cfg, gpu_known=device.type == "cuda")
     if settled is not None:
@@ -124,16 +124,14 @@ def _memory_plan(cfg: TrainConfig, device: torch.device, world_size: int) -> Mem
     plan = memory_plan(model, cfg, world_size, gpu_bytes)
     decided = []
     if cfg.model.ac_mode == "auto":
-        kept = plan.layers_kept(model.args.n_layers)
-        decided.append(f"ac_mode: auto: {kept} of {model.args.n_layers} layers keep their activations, the others "
-                       "are recomputed")
+        decided.append(f"ac_mode: auto: {plan.describe(model.args.n_layers)}")
     if cfg.model.mlp_tiles == "auto" and plan.mlp_tiles > 1:
         decided.append(f"mlp_tiles: auto: each MLP runs in {plan.mlp_tiles} tiles, recomputed in backward "
                        "(mlp_tiles: 1 turns it off)")
     if decided:
-        log.info("%s; by the memory estimate against %.0f%% of the GPU (`mirotrain validate --world-size %d "
-                 "--gpu-memory-gib %.3f` prints the same plan)", "; ".join(decided), 100 * MEMORY_WARN_FRACTION,
-                 world_size, gpu_bytes / 2**30)
+        log.info("%s; by the memory estimate against %s (`mirotrain validate --world-size %d --gpu-memory-gib %.3f` "
+                 "prints the same plan)", "; ".join(decided), describe_limit(cfg, gpu_bytes), world_size,
+                 gpu_bytes / 2**30)
     return plan
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from mirotrain.commands.cuda_alloc import ALLOC_CONF, GENERIC_ALLOC_CONF, alloc_conf_default
 from mirotrain.commands.recipe import run_recipe
+from mirotrain.data.demo import write_demo
 
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "mirotrain" / "configs"
 
@@ -34,6 +35,8 @@ def test_the_recipe_sets_it_before_the_run_starts(monkeypatch, tmp_path):
     monkeypatch.delenv(ALLOC_CONF)
     monkeypatch.delenv(GENERIC_ALLOC_CONF, raising=False)
     seen = []
-    args = argparse.Namespace(config=str(CONFIG_ROOT / "tiny" / "sft.yaml"), overrides=[f"output_dir={tmp_path}"])
+    traces = write_demo(str(tmp_path / "data"), num_samples=4, num_pairs=1)["sft"]
+    args = argparse.Namespace(config=str(CONFIG_ROOT / "tiny" / "sft.yaml"),
+                              overrides=[f"output_dir={tmp_path}", f"dataset.data_files={traces}"])
     assert run_recipe(args, lambda cfg: seen.append(os.environ.get(ALLOC_CONF))) == 0
     assert seen == ["expandable_segments:True"]

@@ -92,10 +92,14 @@ def test_state_bytes_per_param_sets_the_sharded_state(model, mode, state, checkp
 
 
 def test_the_compensated_adamw_step_counts_its_largest_flat_chunk(model):
-    """master_weights: bf16 updates the embedding's and the LM head's shards alone in fp32 buffers
-    (mirotrain/optim/bf16_adamw.py); fused torch AdamW allocates nothing beyond its state."""
+    """master_weights: bf16 eager (``compile``'s optimizer_step off) updates the embedding's and the LM head's
+    shards alone in fp32 buffers, 48 bytes per element (mirotrain/optim/bf16_adamw.py); compiled (the config's
+    ``compile: True``) its kernel updates every shard in place, as fused torch AdamW allocates nothing beyond
+    its state. The bytes per element are measured in tests/optim/test_optimizer_transient.py."""
     local_head = 151936 * 4096 // WORLD
-    assert step_terms(model, _cfg(SFT_8B, "master_weights=bf16"), WORLD)["optimizer step"].buffers == 16 * local_head
+    eager = _cfg(SFT_8B, "master_weights=bf16", "compile={model: true, loss: true, optimizer_step: false}")
+    assert step_terms(model, eager, WORLD)["optimizer step"].buffers == 48 * local_head
+    assert step_terms(model, _cfg(SFT_8B, "master_weights=bf16"), WORLD)["optimizer step"].buffers == 0
     assert step_terms(model, _cfg(SFT_8B), WORLD)["optimizer step"].buffers == 0
 
 
@@ -221,96 +225,133 @@ def test_mlp_tiles_with_per_op_selective_ac_is_refused(ac, capsys):
         assert validate(["--config", str(SFT_8B), "--no-file-check", "mlp_tiles=4", *fine]) == 0
 
 
-def test_ac_mode_auto_keeps_as_many_layers_as_the_gpu_holds(model):
-    """``ac_mode: auto``: the most leading layers keep their activations (no recompute) with the estimate under
-    90% of the GPU, one more would not fit; a card with room recomputes less; no GPU size (CPU) or too small a
-    card: full AC, where ``mlp_tiles: auto`` then may tile."""
+def _peak(model: torch.nn.Module, cfg: TrainConfig, world: int):
+    return lambda plan: max(t.total for t in step_terms(model, cfg, world, plan).values())
+
+
+def _cost(model: torch.nn.Module, cfg: TrainConfig):
+    from mirotrain.commands.estimate import _recompute_cost
+
+    return lambda plan: _recompute_cost(model.args, plan, row_tokens(cfg, False))
+
+
+def _two_level_plans(n: int, tiles: int) -> list:
+    """Every plan of two levels, K leading layers at the one that keeps more and the rest at the other."""
+    from mirotrain.commands.estimate import mixed_plan
+
+    levels = ("none", "op", "attention", "full") if tiles == 1 else ("none", "attention", "full")
+    return [mixed_plan({more: k, less: n - k}, n, tiles) for i, more in enumerate(levels) for less in levels[i + 1:]
+            for k in range(n + 1)]
+
+
+def test_ac_mode_auto_recomputes_least_of_the_plans_that_fit(model):
+    """``ac_mode: auto`` with untiled MLPs: of every two-level plan (no recompute, selective op, selective
+    attention, full; K leading layers at one, the rest at the other), the one that recomputes least with the
+    estimate under 90% of the GPU, found by trying them all; a card with room recomputes less; no GPU size (CPU):
+    full AC; a card with room for everything: none."""
     from mirotrain.commands.estimate import GIB, MemoryPlan, memory_plan
 
-    cfg = _cfg(SFT_8B, "ac_mode=auto", "master_weights=bf16", "loss_chunk_tokens=2048")
-    world, n = 2, model.args.n_layers
-
-    def peak(plan: MemoryPlan) -> int:
-        return max(t.total for t in step_terms(model, cfg, world, plan).values())
-
+    cfg, world, n = _cfg(SFT_8B, "ac_mode=auto", "master_weights=bf16", "loss_chunk_tokens=2048", "mlp_tiles=1"), 2, 36
+    peak, cost = _peak(model, cfg, world), _cost(model, cfg)
+    peaks = {plan: peak(plan) for plan in set(_two_level_plans(n, 1))}
     assert memory_plan(model, cfg, world, None) == MemoryPlan("full", None, 1)
-    plans = {gib: memory_plan(model, cfg, world, int(gib * GIB)) for gib in (79.2, 100, 139.8, 400)}
-    assert plans[400] == MemoryPlan("none", None, 1)
-    kept = {gib: p.layers_kept(n) for gib, p in plans.items()}
-    assert kept[79.2] < kept[100] < kept[139.8] <= n and plans[79.2].ac_mode == "auto"
-    for gib in (79.2, 100):
-        k = kept[gib]
-        assert peak(MemoryPlan("auto", k, 1)) <= 0.9 * gib * GIB < peak(MemoryPlan("auto", k + 1, 1))
-    cfg = _cfg(SFT_8B, "ac_mode=auto", "master_weights=bf16", "dataset.packed_seq_len=40960", "loss_chunk_tokens=1024")
-    untiled, tiled = peak(MemoryPlan("full", None, 1)), peak(MemoryPlan("full", None, 16))
-    assert tiled < untiled
-    short = memory_plan(model, cfg, world, int((untiled + tiled) / 2 / 0.9))
-    assert short.ac_mode == "full" and short.mlp_tiles > 1
+    assert memory_plan(model, cfg, world, 400 * GIB) == MemoryPlan("none", None, 1)
+    costs = []
+    for gib in (60, 79.2, 100):
+        limit = 0.9 * int(gib * GIB)
+        plan = memory_plan(model, cfg, world, int(gib * GIB))
+        best = min(cost(p) for p, b in peaks.items() if b <= limit)
+        assert peaks[plan] <= limit and cost(plan) == best, gib
+        costs.append(best)
+    assert costs[0] > costs[1] > costs[2] > 0
+    assert memory_plan(model, cfg, world, int(79.2 * GIB)).layer_counts(n)["op"] > 0  # the levels are mixed
 
 
 SFT_14B_40K = ["ac_mode=auto", "master_weights=bf16", "ulysses_sequence_parallel_size=1", "dataset.packed_seq_len=40960",
                "loss_chunk_tokens=1024"]
 
 
-def _fits(model: torch.nn.Module, cfg: TrainConfig, world: int, gib: float):
-    """Whether a plan's estimate is under 90% of a ``gib`` card."""
-    from mirotrain.commands.estimate import GIB
-
-    return lambda plan: max(t.total for t in step_terms(model, cfg, world, plan).values()) <= 0.9 * int(gib * GIB)
-
-
-def _most_kept(fits, n: int, tiles: int) -> int:
-    from mirotrain.commands.estimate import MemoryPlan
-
-    return max([k for k in range(n + 1) if fits(MemoryPlan("auto", k, tiles))], default=0)
-
-
 def test_ac_mode_auto_and_mlp_tiles_auto_are_chosen_together(capsys):
     """Qwen3-14B at 40K tokens per GPU on 8 cards just too small for the untiled MLP even with full AC. Choosing
-    the kept layers first (untiled: none) and the tiles after gave full AC with the fewest tiles that fit;
-    chosen together, the tiles let leading layers keep their activations too: the most any tile count allows,
-    with the fewest tiles that allow it."""
-    from mirotrain.commands.estimate import GIB, MLP_TILE_CHOICES, MemoryPlan
+    the AC first (untiled: nothing fits, so full AC) and the tiles after gave full AC with the fewest tiles that
+    fit; chosen together, the tiles let layers keep more than their input too, recomputing less."""
+    from mirotrain.commands.estimate import GIB, MLP_TILE_CHOICES, MemoryPlan, memory_plan
 
     config, world = CONFIG_ROOT / "qwen3" / "14B_full_sft.yaml", 8
     with torch.device("meta"):
         model = instantiate(load_config(str(config), [])["model"])
     cfg, n = _cfg(config, *SFT_14B_40K), model.args.n_layers
-    untiled_full = max(t.total for t in step_terms(model, cfg, world, MemoryPlan("full", None, 1)).values())
-    gib = int((untiled_full - 1) / 0.9 / GIB * 4) / 4  # the largest quarter GiB it does not fit on
-    fits = _fits(model, cfg, world, gib)
-    assert not fits(MemoryPlan("full", None, 1))
-    old_tiles = next(t for t in MLP_TILE_CHOICES if fits(MemoryPlan("full", None, t)))  # the old choice fits
-    kept = {t: _most_kept(fits, n, t) for t in MLP_TILE_CHOICES[1:]}
-    most = max(kept.values())
-    tiles = next(t for t in MLP_TILE_CHOICES[1:] if kept[t] == most)
-    assert old_tiles > 1 and most >= 1
+    peak, cost = _peak(model, cfg, world), _cost(model, cfg)
+    gib = int((peak(MemoryPlan("full", None, 1)) - 1) / 0.9 / GIB * 4) / 4  # the largest quarter GiB it does not fit
+    limit = 0.9 * int(gib * GIB)
+    old_tiles = next(t for t in MLP_TILE_CHOICES if peak(MemoryPlan("full", None, t)) <= limit)
+    plan = memory_plan(model, cfg, world, int(gib * GIB))
+    assert old_tiles > 1 and plan.mlp_tiles > 1 and plan.ac_mode == "auto" and peak(plan) <= limit
+    assert cost(plan) < cost(MemoryPlan("full", None, old_tiles))
     assert validate(["--config", str(config), "--world-size", str(world), "--no-file-check", *SFT_14B_40K,
                      "--gpu-memory-gib", str(gib)]) == 0
     out = capsys.readouterr().out
-    assert f"plan:        ac_mode: auto: {most} of {n} layers keep their activations (not recomputed)" in out
-    assert f"plan:        mlp_tiles: auto: each MLP runs in {tiles} tiles" in out
+    assert f"plan:        ac_mode: auto: {plan.describe(n)}; by the estimate against 90% of a" in out
+    assert f"plan:        mlp_tiles: auto: each MLP runs in {plan.mlp_tiles} tiles" in out
 
 
-def test_a_card_where_the_untiled_plan_fits_does_not_tile_to_keep_a_few_more_layers(model):
-    """Qwen3-8B at 40K tokens per GPU on 2 cards of 79.2 GiB: tiles would let more layers keep their activations
-    than the untiled plan does, but cost one more MLP forward in each of the 36 layers (0.78 of a layer's
-    forward matmuls: 28 layer forwards), more than the recomputes they spare: untiled."""
+def test_a_card_where_the_untiled_plan_fits_does_not_tile_to_keep_more(model):
+    """Qwen3-8B at 40K tokens per GPU on 2 cards of 79.2 GiB: tiles would let the layers keep more (less to
+    recompute), but cost one more MLP forward in each of the 36 layers, more than the recompute they spare:
+    untiled."""
+    from mirotrain.commands.estimate import GIB, memory_plan
+
+    base = ["ac_mode=auto", "master_weights=bf16", "dataset.packed_seq_len=40960", "loss_chunk_tokens=1024"]
+    cfg, n = _cfg(SFT_8B, *base), model.args.n_layers
+    cost = _cost(model, cfg)
+    untiled = memory_plan(model, cfg, 2, int(79.2 * GIB))
+    tiled = memory_plan(model, _cfg(SFT_8B, *base, "mlp_tiles=2"), 2, int(79.2 * GIB))  # the best with 2 tiles
+    tiles_cost = 6 * model.args.dim * model.args.hidden_dim * n
+    assert untiled.mlp_tiles == 1 and tiled.mlp_tiles == 2
+    assert cost(tiled) - tiles_cost < cost(untiled) < cost(tiled)
+
+
+def test_memory_budget_gib_plans_for_less_than_the_card(capsys):
+    """P2's shapes (Qwen3-1.7B, one 16K row, one GPU) in the bf16 mode: an H200 holds them without recompute;
+    with ``memory_budget_gib`` at the HF baseline's peak (28.2 GiB), auto mixes selective op with selective
+    attention up to the budget; a budget above 90% of the card changes nothing."""
     from mirotrain.commands.estimate import GIB, MemoryPlan, memory_plan
 
-    cfg, n = _cfg(SFT_8B, "ac_mode=auto", "master_weights=bf16", "dataset.packed_seq_len=40960",
-                  "loss_chunk_tokens=1024"), model.args.n_layers
-    fits = _fits(model, cfg, 2, 79.2)
-    untiled, tiled = _most_kept(fits, n, 1), _most_kept(fits, n, 2)
-    assert untiled < tiled < untiled + 0.78 * n and fits(MemoryPlan("auto", untiled, 1))
-    assert memory_plan(model, cfg, 2, int(79.2 * GIB)) == MemoryPlan("auto", untiled, 1)
+    config = CONFIG_ROOT / "qwen3" / "1.7B_full_sft.yaml"
+    with torch.device("meta"):
+        model = instantiate(load_config(str(config), [])["model"])
+    base = ["ac_mode=auto", "master_weights=bf16", "dataset.packed_seq_len=16384", "loss_chunk_tokens=2048"]
+    n, h200 = model.args.n_layers, int(139.8 * GIB)
+    assert memory_plan(model, _cfg(config, *base), 1, h200) == MemoryPlan("none", None, 1)
+    assert memory_plan(model, _cfg(config, *base, "memory_budget_gib=200"), 1, h200) == MemoryPlan("none", None, 1)
+    cfg = _cfg(config, *base, "memory_budget_gib=28.2")
+    peak = _peak(model, cfg, 1)
+    plan = memory_plan(model, cfg, 1, h200)
+    op = plan.layer_counts(n)["op"]
+    assert plan == MemoryPlan("auto", (0, op, n - op), 1) and 0 < op < n
+    assert peak(plan) <= 28.2 * GIB < peak(MemoryPlan("auto", (0, op + 1, n - op - 1), 1))
+    assert validate(["--config", str(config), "--world-size", "1", "--no-file-check", *base, "memory_budget_gib=28.2",
+                     "--gpu-memory-gib", "139.8"]) == 0
+    assert (f"plan:        ac_mode: auto: {op} of {n} layers keep their matmul and attention outputs (selective op), "
+            f"{n - op} of {n} layers keep their attention outputs (selective attention); by the estimate against "
+            "memory_budget_gib (28.2 GiB)") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["ac_mode=full", "mlp_tiles=1", "memory_budget_gib=40"],
+     "config key 'memory_budget_gib': is read only by ac_mode: auto and mlp_tiles: auto, and neither is set"),
+    (["ac_mode=auto", "memory_budget_gib=0"], "config key 'memory_budget_gib': must be > 0, got 0"),
+])
+def test_a_memory_budget_nothing_reads_or_below_zero_is_refused(overrides, message, capsys):
+    assert validate(["--config", str(SFT_8B), "--no-file-check", *overrides]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_validate_prints_the_auto_plan(capsys):
     assert validate(["--config", str(SFT_8B), "--world-size", "2", "--no-file-check", "ac_mode=auto",
                      "master_weights=bf16", "--gpu-memory-gib", "79.2"]) == 0
     out = capsys.readouterr().out
-    assert "plan:        ac_mode: auto: " in out and " of 36 layers keep their activations (not recomputed)" in out
+    assert "plan:        ac_mode: auto: " in out and "; by the estimate against 90% of a 79.2 GiB GPU" in out
 
 
 def test_ac_option_or_activation_offloading_with_ac_mode_auto_is_refused(capsys):
@@ -335,14 +376,14 @@ def test_mlp_tiles_the_model_cannot_take_are_refused(config, tiles, message, cap
 def test_optimizer_state_offload_keeps_weights_and_gradients_on_the_gpu(model):
     """master_weights: bf16 with optimizer_state_offload: of the 10 bytes/param, the weights and gradients (4)
     stay sharded on the GPU and the moments and compensation (6) are in host memory; the optimizer step streams
-    them through the GPU, 12 bytes per element of its largest chunk more (this chunk's state and the next's)."""
+    them through the GPU in flat buffers (compiled too), 30 bytes per element of its largest chunk."""
     n_params = sum(p.numel() for p in model.parameters())
     resident = step_terms(model, _cfg(SFT_8B, "master_weights=bf16"), WORLD)
     cfg = _cfg(SFT_8B, "master_weights=bf16", "optimizer_state_offload=True")
     offloaded = step_terms(model, cfg, WORLD)
     assert offloaded["optimizer step"].sharded_state == 4 * n_params // WORLD
     assert offloaded["loss in the forward"].sharded_state == 2 * n_params // WORLD
-    assert offloaded["optimizer step"].buffers == 28 * (151936 * 4096 // WORLD)
+    assert offloaded["optimizer step"].buffers == 30 * (151936 * 4096 // WORLD)
     for moment, terms in offloaded.items():
         assert terms.activations == resident[moment].activations and terms.loss == resident[moment].loss
         assert resident[moment].sharded_state - terms.sharded_state == 6 * n_params // WORLD

@@ -1,42 +1,92 @@
-"""``ac_mode: auto`` as applied (mirotrain/parallel/activation_checkpoint.py, option K from the memory plan): the
-first K decoder layers keep their activations, the others are recomputed; gradients equal a model without
+"""Activation checkpointing as applied per layer (mirotrain/parallel/activation_checkpoint.py: ``layer_levels``).
+``ac_mode: auto``'s decided option ``(keep, op, attention)`` puts each decoder layer at one level; what a level
+recomputes is seen in the ops its backward runs: ``full`` reruns the layer's forward matmuls and attention,
+``attention`` the matmuls but not the attention, ``op`` and ``none`` neither. Gradients equal a model without
 activation checkpointing (fp32, so any difference is a recompute bug)."""
+
+from collections import Counter
 
 import pytest
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mirotrain.models import build_model
 from mirotrain.models.qwen3.model import Qwen3Args
-from mirotrain.parallel.activation_checkpoint import apply_activation_checkpointing, resolve_ac
+from mirotrain.parallel.activation_checkpoint import apply_activation_checkpointing, layer_levels, resolve_ac
 
-ARGS = dict(vocab_size=97, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
+ARGS = dict(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
             tie_word_embeddings=False)
+ATTENTION = "aten._scaled_dot_product_flash_attention_for_cpu.default"  # SDPA's forward on CPU
+MATMUL = "aten.mm.default"
 
 
-def _model() -> torch.nn.Module:
-    model = build_model(Qwen3Args(**ARGS), device="cpu")
+def _model(n_layers: int = ARGS["n_layers"]) -> torch.nn.Module:
+    model = build_model(Qwen3Args(**{**ARGS, "n_layers": n_layers}), device="cpu")
     model.init_weights(seed=5)
     return model
 
 
-def _grads(model: torch.nn.Module, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    model(tokens).float().pow(2).mean().backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
+class _BackwardOps(TorchDispatchMode):
+    """Counts the ops run while ``backward`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backward, self.ops = False, Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.backward:
+            self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("kept", [1, 2])
-def test_auto_keeps_the_first_k_layers_and_recomputes_the_rest(kept):
-    tokens = torch.randint(0, ARGS["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
-    want = _grads(_model(), tokens)
+def _grads(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor], Counter]:
+    with _BackwardOps() as ops:
+        loss = model(tokens).float().pow(2).mean()
+        ops.backward = True
+        loss.backward()
+    grads = {name.replace("._checkpoint_wrapped_module", ""): p.grad.clone() for name, p in model.named_parameters()}
+    return grads, ops.ops
+
+
+TOKENS = torch.randint(0, ARGS["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("option", [(1, 1, 1), (0, 2, 0), (2, 0, 1), (0, 0, 3), (3, 0, 0)])
+def test_auto_puts_each_layer_at_its_level_with_the_gradients_of_no_recompute(option):
+    want, _ = _grads(_model(), TOKENS)
     model = _model()
-    apply_activation_checkpointing(model, "auto", kept)
-    wrapped = [isinstance(layer, CheckpointWrapper) for layer in model.layers]
-    assert wrapped == [False] * kept + [True] * (ARGS["n_layers"] - kept)
-    got = {name.replace("._checkpoint_wrapped_module", ""): g for name, g in _grads(model, tokens).items()}
+    apply_activation_checkpointing(model, "auto", option)
+    levels = layer_levels("auto", option, ARGS["n_layers"])
+    assert [isinstance(layer, CheckpointWrapper) for layer in model.layers] == [lv != "none" for lv in levels]
+    got, _ = _grads(model, TOKENS)
     assert got.keys() == want.keys()
     for name, g in got.items():
         torch.testing.assert_close(g, want[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_each_level_recomputes_what_it_does_not_keep():
+    """One layer at each level: the matmuls and attention forwards its backward reruns beyond no recompute's."""
+    _, plain = _grads(_model(1), TOKENS)
+    extra = {}
+    for option, level in (((0, 1, 0), "op"), ((0, 0, 1), "attention"), ((0, 0, 0), "full")):
+        model = _model(1)
+        apply_activation_checkpointing(model, "auto", option)
+        assert layer_levels("auto", option, 1) == [level]
+        _, ops = _grads(model, TOKENS)
+        extra[level] = (ops[MATMUL] - plain[MATMUL], ops[ATTENTION] - plain[ATTENTION])
+    # q, k, v, o, gate, up: the down projection's output is saved by nothing, and non-reentrant checkpointing
+    # stops recomputing once every saved tensor is back
+    matmuls = 6
+    assert extra == {"op": (0, 0), "attention": (matmuls, 0), "full": (matmuls, 1)}
+
+
+def test_layer_levels_of_the_set_modes():
+    assert layer_levels("none", None, 3) == ["none"] * 3
+    assert layer_levels("full", None, 3) == ["full"] * 3
+    assert layer_levels("selective", "attention", 2) == ["attention"] * 2
+    assert layer_levels("selective", 2, 4) == ["full", "none", "full", "none"]
+    assert layer_levels("auto", (1, 0, 2), 5) == ["none", "attention", "attention", "full", "full"]
 
 
 def test_auto_is_left_for_the_memory_plan_to_decide():
