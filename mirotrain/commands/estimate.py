@@ -243,7 +243,7 @@ def describe_limit(cfg: TrainConfig, gpu_bytes: int) -> str:
     """``memory_limit`` in words, for the plan's log line and validate."""
     if memory_limit(cfg, gpu_bytes) < MEMORY_WARN_FRACTION * gpu_bytes:
         return f"memory_budget_gib ({cfg.model.memory_budget_gib:g} GiB)"
-    return f"{MEMORY_WARN_FRACTION:.0%} of a {gpu_bytes / GIB:.3g} GiB GPU"
+    return f"{MEMORY_WARN_FRACTION:.0%} of a {gpu_bytes / GIB:.4g} GiB GPU"
 
 
 def memory_plan(model: torch.nn.Module, cfg: TrainConfig, world_size: int, gpu_bytes: int | None) -> MemoryPlan:

@@ -137,15 +137,19 @@ def layer_activation_bytes(s: Shapes, c: int, mlp_tiles: int = 1, compiled: bool
 def kept_per_layer(s: Shapes, c: int, ac_mode: str, ac_option: int | str | tuple[int, int, int] | None,
                    mlp_tiles: int = 1, compiled: bool = True) -> list[int]:
     """Bytes per token each layer keeps from its forward to its backward, by its level (mirotrain/parallel/
-    activation_checkpoint.py: ``layer_levels``): ``full`` its input only; ``none`` its input and everything it
-    saves; selective ``op`` also the matmul and attention outputs (q, k, v, the attention output, wo's, gate, up
-    and w2's); selective ``attention`` the attention's inputs and output. Tiled MLPs (``mlp_tiles`` > 1) keep
+    activation_checkpoint.py: ``layer_levels``), as measured on a real layer (tests/commands/
+    test_layer_activations.py): ``full`` its input only; ``none`` its input and everything it saves; selective
+    ``op`` also the outputs of its matmuls and attention: q, k, v, the attention output, gate, up, and the down
+    and output projections' (eager; compiled layers keep one D-wide of the two); selective ``attention`` only
+    the attention output besides the input (the attention's inputs come back with the recomputed projections).
+    The attention's log-sum-exp (a number per token and head) is left out. Tiled MLPs (``mlp_tiles`` > 1) keep
     none of their activations."""
     saved, _ = layer_activation_bytes(s, c, mlp_tiles, compiled)
     inp = s.dim * c
     qkvo = (2 * s.n_heads + 2 * s.n_kv_heads) * s.head_dim * c
-    by_level = {"none": inp + saved, "op": inp + qkvo + (2 * s.dim + 2 * s.ffn) * c, "attention": inp + qkvo,
-                "full": inp}
+    projections = (1 if compiled else 2) * s.dim
+    by_level = {"none": inp + saved, "op": inp + qkvo + (projections + 2 * s.ffn) * c,
+                "attention": inp + s.n_heads * s.head_dim * c, "full": inp}
     return [by_level[level] for level in layer_levels(ac_mode, ac_option, s.n_layers)]
 
 

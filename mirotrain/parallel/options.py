@@ -13,7 +13,8 @@ class ParallelizeOptions:
 
     Attributes:
         device_type: ``cuda`` or ``cpu``; decides which attention backends sequence parallelism accepts.
-        ac_mode, ac_option: activation checkpointing (``parallel/activation_checkpoint.py``: ``resolve_ac``).
+        ac_mode, ac_option: activation checkpointing (``parallel/activation_checkpoint.py``: ``resolve_ac``; ``auto``
+            decided: the ``(keep, op, attention)`` layer counts of ``layer_levels``).
         compile: torch.compile each decoder layer.
         param_dtype: dtype FSDP gathers parameters in for compute.
         reduce_dtype: dtype gradients are reduce-scattered in (fp32 for fp32 master weights, bf16 for bf16 ones).
@@ -26,7 +27,7 @@ class ParallelizeOptions:
 
     device_type: str
     ac_mode: str = "none"
-    ac_option: int | str | None = None
+    ac_option: int | str | tuple[int, int, int] | None = None
     compile: bool = False
     param_dtype: torch.dtype = torch.bfloat16
     reduce_dtype: torch.dtype = torch.float32

@@ -35,7 +35,7 @@ class ModelSpec:
     component: dict
     attention_backend: str
     ac_mode: str
-    ac_option: int | str | None
+    ac_option: int | str | tuple[int, int, int] | None  # auto decided: (keep, op, attention) layer counts
     compile_model: bool
     compile_loss: bool
     compile_optimizer: bool  # the bf16 mode's optimizer step (mirotrain/optim/bf16_adamw.py)

@@ -3,21 +3,27 @@
 in bf16: compiled, and eager as the trainer runs it (norms recomputed: mirotrain/parallel/norm_recompute.py).
 Every width differs (D, H·hd, KV·hd, F), so a tensor counted at the wrong width fails the comparison; the
 per-token statistics the estimate leaves out (norm rsqrt, attention log-sum-exp: at most H numbers a token) are
-left out of the count too."""
+left out of the count too.
+
+Under activation checkpointing a layer keeps what its level saves (``kept_per_layer``): counted as the bytes the
+CPU allocator still holds when the layer's forward returns (tests/allocations.py), less its output."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mirotrain.commands.step_memory import Shapes, layer_activation_bytes
+from mirotrain.commands.step_memory import Shapes, kept_per_layer, layer_activation_bytes
 from mirotrain.models.qwen3.model import Qwen3Args, TransformerBlock
 from mirotrain.modules.mlp import FeedForward
 from mirotrain.modules.rope import RotaryEmbedding
+from mirotrain.parallel.activation_checkpoint import apply_activation_checkpointing
 from mirotrain.parallel.norm_recompute import apply_norm_recompute
 
+from allocations import allocation_sizes
+
 ARGS = Qwen3Args(vocab_size=256, dim=96, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=224,
-                 max_seq_len=64)
+                 max_seq_len=2048)
 TOKENS = 32
 
 
@@ -68,3 +74,40 @@ def test_recomputed_norms_spare_their_fp32_copies():
 @pytest.mark.slow
 def test_compiled_layer_saves_what_the_estimate_counts():
     assert _saved_bytes_per_token(compiled=True) == layer_activation_bytes(_shapes(), 2, compiled=True)[0]
+
+
+LEVEL_OPTIONS = {"op": (0, 1, 0), "attention": (0, 0, 1), "full": (0, 0, 0)}  # ac_mode: auto, one layer
+CKPT_TOKENS = 2048  # enough that what a compiled checkpoint keeps besides (a few KiB, any length) is < 4 B a token
+
+
+def _kept_bytes_per_token(level: str, compiled: bool) -> float:
+    """What one checkpointed bf16 layer at ``level`` holds between its forward and backward, less its input
+    (created outside) and output, per token; the second of two steps (the first compiles)."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([TransformerBlock(ARGS, FeedForward(ARGS.dim, ARGS.hidden_dim)).bfloat16()])
+    if not compiled:
+        apply_norm_recompute(model)
+    apply_activation_checkpointing(model, "auto", LEVEL_OPTIONS[level])
+    forward = torch.compile(model.layers[0]) if compiled else model.layers[0]
+    cos, sin = RotaryEmbedding(ARGS.head_dim, ARGS.rope_theta, None)(torch.arange(CKPT_TOKENS)[None],
+                                                                     torch.bfloat16)
+    for _ in range(2):
+        x = torch.randn(1, CKPT_TOKENS, ARGS.dim, dtype=torch.bfloat16, requires_grad=True)
+        sizes, out = allocation_sizes(lambda: forward(x, cos, sin))
+        out.float().sum().backward()
+    return (sum(sizes) - out.untyped_storage().nbytes()) / CKPT_TOKENS
+
+
+@pytest.mark.parametrize("level, compiled", [("op", False), ("attention", False), ("full", False),
+                                             pytest.param("op", True, marks=pytest.mark.slow)],
+                         ids=["op-eager", "attention-eager", "full-eager", "op-compiled"])
+def test_a_checkpointed_layer_keeps_what_the_estimate_counts(level, compiled):
+    """Selective ``op`` keeps its matmul and attention outputs (compiled, one D-wide projection output fewer:
+    the only level where compiling changes what is kept), selective ``attention`` only the attention output (its
+    inputs come back with the recomputed projections), full nothing but the input. The attention's log-sum-exp,
+    fp32 per token and head, is the only thing besides (the estimate leaves it out)."""
+    mode, option = ("full", None) if level == "full" else ("selective", level)
+    counted = kept_per_layer(_shapes(), 2, mode, option, compiled=compiled)[0] - 2 * ARGS.dim  # less the input
+    lse = 4 * ARGS.n_heads if level != "full" else 0
+    assert _kept_bytes_per_token(level, compiled) == pytest.approx(counted + lse, abs=4.0)

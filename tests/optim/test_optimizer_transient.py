@@ -2,22 +2,17 @@
 ``compensated_bytes_per_element``) against what one step of the compensated AdamW really allocates on the CPU,
 eager and compiled, with the state resident and offloaded.
 
-How it is measured: the CPU allocator reports every allocation and free to the profiler (``profile_memory``),
-with its size and time; their running sum over one step, from zero at its start, peaks at what the step holds
-beyond the state it started with. This sees the buffers of Inductor's compiled code (its wrapper allocates
-through the allocator but outside the dispatcher, so a ``TorchDispatchMode`` summing op outputs would miss
-them) and the copies made inside an op (the CPU's binary ops cast a narrower operand to a temporary first).
-The process's RSS would not do: glibc keeps freed memory (tests/conftest.py) and the state is allocated at
-the first step. The public ``prof.events()`` folds an op's allocations into the op, losing their order, so the
-events come from the profiler's event tree (what ``torch.profiler._memory_profiler`` reads).
+How it is measured: the CPU allocator reports every allocation and free to the profiler
+(tests/allocations.py); their running sum over one step, from zero at its start, peaks at what the step holds
+beyond the state it started with. The process's RSS would not do: glibc keeps freed memory (tests/conftest.py)
+and the state is allocated at the first step.
 
 The transient scales with the largest chunk's elements, so 1M-element parameters in chunks of one parameter
 are enough; two of them, so the offloaded step holds the next chunk's state copied in while it updates one."""
 
 import pytest
 import torch
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
+from allocations import peak_allocated
 
 import mirotrain.optim.bf16_adamw as bf16_adamw
 from mirotrain.commands import step_memory
@@ -26,26 +21,6 @@ from mirotrain.optim.bf16_adamw import CompensatedAdamW
 
 N = 1 << 20  # elements of each parameter, and of a chunk
 SCALARS = 4096  # bytes not per element: the step's coefficients, the compiled kernel's random seed
-
-
-def _peak_allocated(fn) -> int:
-    """The most bytes the CPU allocator held during ``fn()`` beyond what it held when ``fn`` started."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-
-    def walk(nodes):
-        for node in nodes:
-            yield node
-            yield from walk(node.children)
-
-    allocations = sorted((n for n in walk(prof.profiler.kineto_results.experimental_event_tree())
-                          if n.tag == _EventType.Allocation), key=lambda n: n.start_time_ns)
-    assert allocations, "the profiler reported no allocations"
-    live = peak = 0
-    for event in allocations:
-        live += event.extra_fields.alloc_size  # negative for a free
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.parametrize("offload_state", [False, True], ids=["resident", "offloaded"])
@@ -63,7 +38,7 @@ def test_optimizer_transient_covers_the_measured_step(monkeypatch, compiled: boo
             p.grad = torch.randn(N, generator=gen).bfloat16()
         if step == 0:
             opt.step()  # allocates the state (and compiles): the second step is the one measured
-    measured = _peak_allocated(opt.step)
+    measured = peak_allocated(opt.step)
 
     shapes = Shapes(params=2 * N, root_params=0, layer_params=N, largest_local=N, n_layers=1, dim=1, n_heads=1,
                     n_kv_heads=1, head_dim=1, ffn=1, vocab=1, tied=False)
