@@ -100,8 +100,8 @@ def dispatch_saved_bytes(shape: dict, tokens: int, compute_bytes: int = 2) -> in
 def estimated_peak_bytes(layers: int, world: int, ep: int, seq: int, master_weights: str, ac: str = "full",
                          optimizer_offload: bool = False) -> int:
     """`mirotrain validate`'s per-GPU estimate of our row (the shipped 2x H200 config at this layout, ``ac`` its
-    ``ac_mode``, ``optimizer_offload`` its ``optimizer_state_offload``) plus the MoE dispatch copies: one layer's
-    with full AC, and with none (every layer kept) each other layer's saved part too."""
+    ``ac_mode``, ``optimizer_offload`` its ``optimizer_state_offload``) plus the running layer's MoE dispatch
+    copies (with no AC the estimate counts every layer's saved part: mirotrain/commands/step_memory.py)."""
     from mirotrain.commands.estimate import estimate_memory
     from mirotrain.config import instantiate, load_config
     from mirotrain.config.tree import TrainConfig
@@ -115,8 +115,10 @@ def estimated_peak_bytes(layers: int, world: int, ep: int, seq: int, master_weig
     with torch.device("meta"):
         model = instantiate(raw["model"])
     estimate = estimate_memory(model, TrainConfig.from_dict(raw), world)
-    kept_dispatch = (layers - 1) * dispatch_saved_bytes(FULL, seq) if ac == "none" else 0
-    return estimate.total + dispatch_copy_bytes(FULL, seq) + kept_dispatch
+    # with no AC the estimate counts every kept layer's dispatch saves, the running layer's among them, which
+    # dispatch_copy_bytes counts too
+    counted = dispatch_saved_bytes(FULL, seq) if ac == "none" else 0
+    return estimate.total + dispatch_copy_bytes(FULL, seq) - counted
 
 
 def auto_layers(world: int, ep: int, seq: int, gpu_bytes: int, master_weights: str, ac: str,

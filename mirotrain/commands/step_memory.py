@@ -70,6 +70,7 @@ class Shapes:
     ffn: int                   # the MLP width a token runs through (top-k experts' for MoE)
     vocab: int
     tied: bool
+    moe_dispatch: int = 0      # MoE: elements per token a layer's dispatch saves beyond a dense MLP of width ffn
 
     @classmethod
     def of(cls, model: torch.nn.Module, world_size: int, ep: int) -> "Shapes":
@@ -83,10 +84,12 @@ class Shapes:
         largest = max(-(-p.shape[0] // world_size) * (p.numel() // max(p.shape[0], 1)) if p.dim() else 1
                       for p in model.parameters())
         ffn = args.moe_hidden_dim * args.num_experts_per_tok if args.is_moe else args.hidden_dim
+        # docs/moe.md, "What validate's estimate leaves out for MoE": three k·D rows and one more k·F row
+        dispatch = args.num_experts_per_tok * (3 * args.dim + args.moe_hidden_dim) if args.is_moe else 0
         return cls(params=params, root_params=params - all_layers, layer_params=layer_params,
                    largest_local=largest, n_layers=args.n_layers, dim=args.dim, n_heads=args.n_heads,
                    n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, ffn=ffn, vocab=args.vocab_size,
-                   tied=bool(args.tie_word_embeddings))
+                   tied=bool(args.tie_word_embeddings), moe_dispatch=dispatch)
 
     @property
     def lm_head_params(self) -> int:
@@ -143,12 +146,14 @@ def kept_per_layer(s: Shapes, c: int, ac_mode: str, ac_option: int | str | tuple
     and output projections' (eager; compiled layers keep one D-wide of the two); selective ``attention`` only
     the attention output besides the input (the attention's inputs come back with the recomputed projections).
     The attention's log-sum-exp (a number per token and head) is left out. Tiled MLPs (``mlp_tiles`` > 1) keep
-    none of their activations."""
+    none of their activations. An MoE layer kept whole (``none``) also keeps its dispatch's rows
+    (``Shapes.moe_dispatch``), so ``ac_mode: auto`` counts them for every layer it keeps; the recomputed layer's
+    are left out (docs/moe.md)."""
     saved, _ = layer_activation_bytes(s, c, mlp_tiles, compiled)
     inp = s.dim * c
     qkvo = (2 * s.n_heads + 2 * s.n_kv_heads) * s.head_dim * c
     projections = (1 if compiled else 2) * s.dim
-    by_level = {"none": inp + saved, "op": inp + qkvo + (projections + 2 * s.ffn) * c,
+    by_level = {"none": inp + saved + s.moe_dispatch * c, "op": inp + qkvo + (projections + 2 * s.ffn) * c,
                 "attention": inp + s.n_heads * s.head_dim * c, "full": inp}
     return [by_level[level] for level in layer_levels(ac_mode, ac_option, s.n_layers)]
 

@@ -165,6 +165,9 @@ def _print_memory(estimate: MemoryEstimate, cfg: TrainConfig, ns: argparse.Names
         print(f"warning:     that is above {MEMORY_WARN_FRACTION:.0%} of a {ns.gpu_memory_gib:g} GiB GPU "
               "(--gpu-memory-gib): expect an out-of-memory error; raise ulysses_sequence_parallel_size (splits "
               "the activations), use more GPUs (splits the state) or shorten dataset.packed_seq_len")
+    elif cfg.model.memory_budget_gib is not None and mem["total"] > cfg.model.memory_budget_gib:
+        print(f"warning:     that is above memory_budget_gib ({cfg.model.memory_budget_gib:g} GiB): no plan of the auto "
+              "settings fits it; the run goes ahead with the plan of the lowest estimate")
 
 
 def _print_memory_plan(model: torch.nn.Module, cfg: TrainConfig, ns: argparse.Namespace,

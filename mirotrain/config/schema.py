@@ -216,6 +216,12 @@ class ModelConfig:
             return False
         return self.ac_mode == "selective" and self.ac_option in (None, "op")
 
+    def _plans_against_memory(self) -> bool:
+        """Whether an ``auto`` setting is decided against the GPU's memory (the rules of mirotrain/commands/
+        estimate.py: ``settled_plan``, for a known GPU)."""
+        tiles = self.planned_mlp_tiles()
+        return self.ac_mode == "auto" or (tiles == "auto" and not self.keeps_matmul_outputs())
+
     def check(self, device: str) -> list[ConfigError]:
         errors = self._fp8_errors(device)
         if isinstance(self.compile, dict) and set(self.compile) - COMPILE_PARTS:
@@ -235,9 +241,10 @@ class ModelConfig:
         if self.ac_mode == "auto" and self.ac_option is not None:
             errors.append(ConfigError("ac_option", f"ac_mode: auto decides per layer itself; remove ac_option "
                                       f"({self.ac_option!r})"))
-        if self.memory_budget_gib is not None and "auto" not in (self.ac_mode, self.planned_mlp_tiles()):
-            errors.append(ConfigError("memory_budget_gib", "is read only by ac_mode: auto and mlp_tiles: auto, and "
-                                      "neither is set"))
+        if self.memory_budget_gib is not None and not self._plans_against_memory():
+            errors.append(ConfigError("memory_budget_gib", "is read only where ac_mode: auto or mlp_tiles: auto has "
+                                      "something to decide, and here neither has (mlp_tiles: auto stays 1 with FP8 "
+                                      "training and under per-op selective AC)"))
         if self.unembed_chunk_size and self.loss_chunk_tokens:
             errors.append(ConfigError("loss_chunk_tokens", "set either loss_chunk_tokens (tokens per chunk) or "
                                       "unembed_chunk_size (number of chunks), not both"))

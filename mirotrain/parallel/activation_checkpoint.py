@@ -29,23 +29,31 @@ AC_MODES = ("full", "selective", "none", "auto")
 # everything, the selective options' saved outputs, its input only.
 LEVELS = ("none", "op", "attention", "full")
 
-_ATTENTION_OPS = {
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-}
+# The attention forwards, by qualified name, so that packages not imported (flash-attn) need not be: SDPA's
+# kernels (cuDNN for one document on GPUs, flash on the CPU), torch's varlen custom op and flash-attn's custom ops
+# (packed rows: mirotrain/modules/attention.py).
+_ATTENTION_OPS = frozenset({
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "torch_attn::_varlen_attn",
+    "flash_attn::_flash_attn_varlen_forward",
+    "flash_attn::_flash_attn_forward",
+})
 # Outputs kept under per-op selective AC: the expensive ones to recompute. ``op`` keeps matmul and attention
-# outputs (fast, memory-hungry); ``attention`` keeps only attention outputs (T·H·hd per layer): recompute skips
-# the attention forward, the costliest op at long context, for ~1/20 of the memory of ``op``.
+# outputs (fast, memory-hungry; FP8 Linears call aten::mm on float8 tensors, which this policy sees before their
+# subclass turns it into a scaled matmul); ``attention`` keeps only attention outputs (T·H·hd per layer):
+# recompute skips the attention forward, the costliest op at long context, for ~1/10 of the memory of ``op``.
 _SAVE_OPS = {
-    "op": _ATTENTION_OPS | {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default},
+    "op": _ATTENTION_OPS | {"aten::mm", "aten::addmm", "aten::bmm"},
     "attention": _ATTENTION_OPS,
 }
 
 
-def _policy(saved: set, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+def _policy(saved: frozenset, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    name = op.name() if isinstance(op, torch._ops.OpOverload) else None
+    return CheckpointPolicy.MUST_SAVE if name in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _checkpoint(layer: nn.Module, save: str | None) -> nn.Module:
@@ -80,6 +88,9 @@ def layer_levels(mode: str, option: int | str | tuple[int, int, int] | None, n_l
         return [mode] * n_layers
     if mode == "auto":
         keep, op, attention = option
+        if min(option) < 0 or keep + op + attention > n_layers:
+            raise ValueError(f"ac_mode auto's layer counts (keep, op, attention) = {option} do not fit {n_layers} "
+                             "layers")
         return ["none"] * keep + ["op"] * op + ["attention"] * attention + ["full"] * (n_layers - keep - op - attention)
     if option in _SAVE_OPS:
         return [option] * n_layers

@@ -110,7 +110,7 @@ def _memory_plan(cfg: TrainConfig, device: torch.device, world_size: int) -> Mem
     as it is: no meta model, no estimate, no all-reduce."""
     import torch.distributed as dist
 
-    from mirotrain.commands.estimate import describe_limit, memory_plan, settled_plan
+    from mirotrain.commands.estimate import describe_limit, estimate_memory, memory_limit, settled_plan
 
     settled = settled_plan(cfg, gpu_known=device.type == "cuda")
     if settled is not None:
@@ -121,7 +121,11 @@ def _memory_plan(cfg: TrainConfig, device: torch.device, world_size: int) -> Mem
         dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
     gpu_bytes = int(smallest.item())
     model = build_meta_model(cfg.model.component, cfg.model.attention_backend)
-    plan = memory_plan(model, cfg, world_size, gpu_bytes)
+    estimate = estimate_memory(model, cfg, world_size, gpu_bytes)
+    plan = estimate.plan
+    if estimate.total > memory_limit(cfg, gpu_bytes):
+        log.warning("no plan of the auto settings fits %s (the lowest estimate: %.1f GiB per GPU); the run goes "
+                    "ahead with it", describe_limit(cfg, gpu_bytes), estimate.total / 2**30)
     decided = []
     if cfg.model.ac_mode == "auto":
         decided.append(f"ac_mode: auto: {plan.describe(model.args.n_layers)}")

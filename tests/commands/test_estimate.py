@@ -339,12 +339,22 @@ def test_memory_budget_gib_plans_for_less_than_the_card(capsys):
 
 @pytest.mark.parametrize("overrides, message", [
     (["ac_mode=full", "mlp_tiles=1", "memory_budget_gib=40"],
-     "config key 'memory_budget_gib': is read only by ac_mode: auto and mlp_tiles: auto, and neither is set"),
+     "config key 'memory_budget_gib': is read only where ac_mode: auto or mlp_tiles: auto has something to decide"),
+    (["ac_mode=selective", "ac_option=op", "memory_budget_gib=40"],  # mlp_tiles: auto, 1 under per-op selective AC
+     "config key 'memory_budget_gib': is read only where ac_mode: auto or mlp_tiles: auto has something to decide"),
     (["ac_mode=auto", "memory_budget_gib=0"], "config key 'memory_budget_gib': must be > 0, got 0"),
 ])
 def test_a_memory_budget_nothing_reads_or_below_zero_is_refused(overrides, message, capsys):
     assert validate(["--config", str(SFT_8B), "--no-file-check", *overrides]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_budget_nothing_fits_is_warned_of(capsys):
+    """Qwen3-8B at 16K on 2 GPUs cannot come under 20 GiB: the plan of the lowest estimate, and a warning."""
+    assert validate(["--config", str(SFT_8B), "--world-size", "2", "--no-file-check", "ac_mode=auto",
+                     "master_weights=bf16", "memory_budget_gib=20", "--gpu-memory-gib", "79.2"]) == 0
+    out = capsys.readouterr().out
+    assert "warning:     that is above memory_budget_gib (20 GiB): no plan of the auto settings fits it" in out
 
 
 def test_validate_prints_the_auto_plan(capsys):

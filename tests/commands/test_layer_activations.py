@@ -34,9 +34,10 @@ def _shapes() -> Shapes:
                   tied=True)
 
 
-def _saved_bytes_per_token(compiled: bool, recompute_norms: bool = True) -> float:
+def _saved_bytes_per_token(compiled: bool, recompute_norms: bool = True, block: torch.nn.Module | None = None) -> float:
+    """What one bf16 decoder layer (by default a dense one of ``ARGS``) saves for backward, per token."""
     torch.manual_seed(0)
-    block = TransformerBlock(ARGS, FeedForward(ARGS.dim, ARGS.hidden_dim)).to(torch.bfloat16)
+    block = block or TransformerBlock(ARGS, FeedForward(ARGS.dim, ARGS.hidden_dim)).to(torch.bfloat16)
     if recompute_norms and not compiled:
         model = torch.nn.Module()
         model.layers = torch.nn.ModuleList([block])
@@ -111,3 +112,23 @@ def test_a_checkpointed_layer_keeps_what_the_estimate_counts(level, compiled):
     counted = kept_per_layer(_shapes(), 2, mode, option, compiled=compiled)[0] - 2 * ARGS.dim  # less the input
     lse = 4 * ARGS.n_heads if level != "full" else 0
     assert _kept_bytes_per_token(level, compiled) == pytest.approx(counted + lse, abs=4.0)
+
+
+def test_an_moe_layer_kept_whole_is_covered_by_its_dispatch_rows():
+    """An eager MoE layer (top-2 of 8 experts, grouped GEMMs) keeps, besides a dense layer's count, the expert
+    inputs in expert order, the outputs in slot order, a fourth row of the experts' width and the router's fp32
+    input (docs/moe.md): ``Shapes.moe_dispatch`` counts three k·D rows and one k·F row, an upper bound by one
+    k·D row (the reorderings keep no expert outputs). Without it the estimate counted 2/3 of what such a layer
+    keeps, for every layer ``ac_mode: auto`` keeps whole."""
+    from mirotrain.models.qwen3_moe.builders import qwen3_moe
+
+    k, experts, width = 2, 8, 80
+    model = qwen3_moe(vocab_size=ARGS.vocab_size, dim=ARGS.dim, n_layers=1, n_heads=ARGS.n_heads,
+                      n_kv_heads=ARGS.n_kv_heads, head_dim=ARGS.head_dim, hidden_dim=ARGS.hidden_dim,
+                      num_experts=experts, num_experts_per_tok=k, moe_hidden_dim=width, max_seq_len=64)
+    measured = _saved_bytes_per_token(compiled=False, block=model.layers[0].to(torch.bfloat16))
+    shapes = Shapes(params=0, root_params=0, layer_params=0, largest_local=0, n_layers=1, dim=ARGS.dim,
+                    n_heads=ARGS.n_heads, n_kv_heads=ARGS.n_kv_heads, head_dim=ARGS.head_dim, ffn=k * width,
+                    vocab=ARGS.vocab_size, tied=True, moe_dispatch=k * (3 * ARGS.dim + width))
+    counted = kept_per_layer(shapes, 2, "none", None, compiled=True)[0] - 2 * ARGS.dim  # less the input
+    assert 0.9 * counted <= measured <= counted

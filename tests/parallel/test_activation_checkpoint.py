@@ -92,3 +92,27 @@ def test_layer_levels_of_the_set_modes():
 def test_auto_is_left_for_the_memory_plan_to_decide():
     assert resolve_ac(True, "auto", None) == ("auto", None)
     assert resolve_ac(False, "auto", None) == ("auto", None)
+
+
+def test_the_selective_policies_keep_the_attention_of_every_backend():
+    """Packed rows on GPUs run torch's varlen custom op or flash-attn's (mirotrain/modules/attention.py), one
+    document cuDNN through SDPA: both selective options keep each one's output, ``op`` the matmuls' too."""
+    import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from mirotrain.parallel.activation_checkpoint import _SAVE_OPS, _policy
+
+    attention = [torch.ops.torch_attn._varlen_attn.default, torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+                 torch.ops.aten._scaled_dot_product_flash_attention.default]
+    for option in ("op", "attention"):
+        for op in attention:
+            assert _policy(_SAVE_OPS[option], None, op) == CheckpointPolicy.MUST_SAVE, (option, op)
+        assert {"flash_attn::_flash_attn_varlen_forward", "flash_attn::_flash_attn_forward"} <= _SAVE_OPS[option]
+    assert _policy(_SAVE_OPS["op"], None, torch.ops.aten.mm.default) == CheckpointPolicy.MUST_SAVE
+    assert _policy(_SAVE_OPS["attention"], None, torch.ops.aten.mm.default) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@pytest.mark.parametrize("option", [(2, 2, 1), (-1, 1, 0)])
+def test_auto_counts_that_do_not_fit_the_layers_are_refused(option):
+    with pytest.raises(ValueError, match="do not fit 4 layers"):
+        layer_levels("auto", option, 4)
