@@ -219,16 +219,14 @@ def settled_plan(cfg: TrainConfig, gpu_known: bool) -> MemoryPlan | None:
     (``gpu_known`` False, as on CPU), where ``ac_mode: auto`` is full AC and ``mlp_tiles: auto`` 1; and
     ``mlp_tiles: auto`` under per-op selective AC ``op`` (1: its memory with tiles is not modelled). The trainer
     asks this first, so a settled plan costs no meta model and no collective (mirotrain/training/builders.py);
-    ``memory_plan`` asks it too, so these rules live here only."""
+    ``memory_plan`` asks it too; what is decided against a card is ``ModelConfig.plans_against_memory``."""
+    if gpu_known and cfg.model.plans_against_memory():
+        return None
     mode, option = resolve_ac(cfg.model.enable_activation_checkpointing, cfg.model.ac_mode, cfg.model.ac_option)
     tiles = cfg.model.planned_mlp_tiles()
-    if mode == "auto" and not gpu_known:
+    if mode == "auto":  # no GPU size
         mode, option = "full", None
-    if tiles == "auto" and (not gpu_known or cfg.model.keeps_matmul_outputs()):
-        tiles = 1
-    if mode == "auto" or tiles == "auto":
-        return None
-    return MemoryPlan(mode, option, int(tiles))
+    return MemoryPlan(mode, option, 1 if tiles == "auto" else int(tiles))
 
 
 def memory_limit(cfg: TrainConfig, gpu_bytes: int) -> float:

@@ -216,9 +216,11 @@ class ModelConfig:
             return False
         return self.ac_mode == "selective" and self.ac_option in (None, "op")
 
-    def _plans_against_memory(self) -> bool:
-        """Whether an ``auto`` setting is decided against the GPU's memory (the rules of mirotrain/commands/
-        estimate.py: ``settled_plan``, for a known GPU)."""
+    def plans_against_memory(self) -> bool:
+        """Whether an ``auto`` setting is decided against a GPU's memory: ``ac_mode: auto``, or ``mlp_tiles:
+        auto`` where it is not settled at 1 (FP8 keeps MLPs untiled, ``planned_mlp_tiles``; per-op selective AC
+        ``op``, whose memory with tiles is not modelled). mirotrain/commands/estimate.py: ``settled_plan`` and
+        ``memory_budget_gib``'s check both ask it."""
         tiles = self.planned_mlp_tiles()
         return self.ac_mode == "auto" or (tiles == "auto" and not self.keeps_matmul_outputs())
 
@@ -241,7 +243,7 @@ class ModelConfig:
         if self.ac_mode == "auto" and self.ac_option is not None:
             errors.append(ConfigError("ac_option", f"ac_mode: auto decides per layer itself; remove ac_option "
                                       f"({self.ac_option!r})"))
-        if self.memory_budget_gib is not None and not self._plans_against_memory():
+        if self.memory_budget_gib is not None and not self.plans_against_memory():
             errors.append(ConfigError("memory_budget_gib", "is read only where ac_mode: auto or mlp_tiles: auto has "
                                       "something to decide, and here neither has (mlp_tiles: auto stays 1 with FP8 "
                                       "training and under per-op selective AC)"))
